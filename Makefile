@@ -1,0 +1,23 @@
+# The two commands a new user types: `make demo` and `make test`.
+# Both create .venv inside the checkout and install what they need.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: demo test setup bench-head clean
+
+$(STAMP): requirements.txt requirements-dev.txt scripts/setup_venv.sh
+	bash scripts/setup_venv.sh
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+bench-head: $(STAMP)
+	$(PY) bench/head.py
+
+clean:
+	rm -rf .venv demo_out .pytest_cache
