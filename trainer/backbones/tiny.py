@@ -1,0 +1,41 @@
+"""A tiny CNN for CPU-only runs (demo, tests, experiments on 2 cores).
+
+~45 MFLOPs per 112x112 image forward (torch.utils.flop_counter, 2 FLOPs per
+multiply-add; tests/trainer/test_backbones.py measures it), i.e. ~60x cheaper
+than iresnet18. Same interface as the insightface backbones: images
+[B,3,112,112] in [-1,1] -> embedding [B, num_features].
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _cbp(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.PReLU(cout),
+    )
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, num_features: int = 512, width: int = 16, dropout: float = 0.0) -> None:
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            _cbp(3, w, 2),            # 56x56
+            _cbp(w, 2 * w, 2),        # 28x28
+            _cbp(2 * w, 4 * w, 2),    # 14x14
+            _cbp(4 * w, 4 * w, 1),
+            _cbp(4 * w, 8 * w, 2),    # 7x7
+        )
+        self.bn2 = nn.BatchNorm2d(8 * w)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(8 * w * 7 * 7, num_features)
+        self.features = nn.BatchNorm1d(num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn2(self.body(x))
+        x = self.dropout(torch.flatten(x, 1))
+        return self.features(self.fc(x))
