@@ -92,7 +92,7 @@ class Config:
     max_skips: int = 10                # nan_policy=skip: give up after this many in a row
     verify_at_start: bool = True       # accuracy of the untrained/resumed model first
     image_grid: bool = True
-    progress_bar: str = "auto"         # auto (when a TTY) | on | off
+    progress_bar: Optional[bool] = None  # None: when stdout is a terminal
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -103,7 +103,6 @@ _CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "engine": ("ddp", "deepspeed"),
     "nan_policy": ("stop", "skip"),
-    "progress_bar": ("auto", "on", "off"),
     "zero_stage": (0, 1, 2),
     "loss.margin": ("arcface", "cosface", "combined"),
     "optim.optimizer": ("sgd", "adamw"),

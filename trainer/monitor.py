@@ -42,7 +42,7 @@ class Monitor:
     """No-op on ranks other than 0."""
 
     def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int,
-                 samples_per_step: int, progress_bar: str = "auto") -> None:
+                 samples_per_step: int, progress_bar: Optional[bool] = None) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.samples_per_step = samples_per_step
@@ -57,7 +57,7 @@ class Monitor:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(out_dir / "tensorboard"))
-        show = progress_bar == "on" or (progress_bar == "auto" and sys.stdout.isatty())
+        show = sys.stdout.isatty() if progress_bar is None else progress_bar
         if show:
             from tqdm import tqdm
 

@@ -184,6 +184,8 @@ class Trainer:
                 ds_torch_comm.build_shm_op = lambda: None
         import deepspeed
 
+        for k, v in (("LOCAL_RANK", d.local_rank), ("RANK", d.rank), ("WORLD_SIZE", d.world_size)):
+            os.environ.setdefault(k, str(v))  # DeepSpeed asserts these even for one process
         if not dist.is_initialized():  # single process: DeepSpeed still wants a group
             store = tempfile.mkdtemp(prefix="ds_store_")
             dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo",
@@ -207,6 +209,13 @@ class Trainer:
         engine, ds_opt, _, _ = deepspeed.initialize(model=fwd, optimizer=base_opt, config=ds_cfg)
         self.engine = engine
         self.backbone_opt = ds_opt
+        if self.precision in ("bf16", "fp16"):
+            # DeepSpeed casts parameters but not BatchNorm running stats; the CPU BN
+            # kernel wants one dtype, so bring float buffers along.
+            dt = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            for b in self.backbone.buffers():
+                if b.is_floating_point():
+                    b.data = b.data.to(dt)
         self.ds_dtype = torch.bfloat16 if self.precision == "bf16" else (
             torch.float16 if self.precision == "fp16" else None)
 
@@ -329,13 +338,26 @@ class Trainer:
 
     def _verify(self, monitor: Monitor) -> None:
         if self.verifier is not None:
-            accs = self.verifier.run(self.backbone)
+            accs = self.verifier.run(self._float_backbone())
             self.val_history.append({"step": self.step, "acc": dict(accs)})
             for name, acc in accs.items():
                 monitor.scalars(self.step, {f"val/{name}": acc, f"val/{name}_best": self.verifier.best[name]})
                 log.info("verification step %d %s accuracy %.4f (best %.4f)", self.step, name, acc,
                          self.verifier.best[name])
         barrier()
+
+    def _float_backbone(self) -> nn.Module:
+        """The backbone in float32 (a copy when DeepSpeed keeps it in bf16/fp16)."""
+        if all(p.dtype == torch.float32 for p in self.backbone.parameters()):
+            return self.backbone
+        import copy
+
+        return copy.deepcopy(self.backbone).float()
+
+    def export_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Backbone state_dict in float32 (insightface format: plain module keys)."""
+        return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+                for k, v in self.backbone.state_dict().items()}
 
     def train(self) -> Dict[str, Any]:
         cfg, d = self.cfg, self.d
@@ -389,7 +411,7 @@ class Trainer:
             if not ckpt_mod.checkpoint_dir(self.ckpt_root, self.step).joinpath(ckpt_mod.MARKER).exists():
                 self.save_checkpoint()
             if d.is_main:
-                atomic_torch_save(self.backbone.state_dict(), self.out / "model.pt")
+                atomic_torch_save(self.export_state_dict(), self.out / "model.pt")
                 log.info("wrote %s", self.out / "model.pt")
             barrier()
         finally:

@@ -1,0 +1,55 @@
+"""Module-level worker functions for tests/distributed.run_world."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from tests.trainer.synthetic import MemoryLoader, make_dataset
+from trainer.config import load_config
+from trainer.train import Trainer
+
+BASE = ["model.backbone=tiny", "model.embedding_size=32", "model.backbone_kwargs={width: 8}",
+        "loss.s=32", "loss.m=0.3", "optim.lr=0.1", "log_every=5", "verify_every=0", "save_every=0",
+        "image_grid=false", "progress_bar=off", "hist_every=5"]
+
+
+def tiny_config(out: Path, overrides: List[str], val: bool = False):
+    ov = [f"output={out}"] + BASE
+    if val:
+        ov += ["data.val_targets=[val]", f"data.val_dir={out.parent}"]
+    else:
+        ov += ["verify_at_start=false"]
+    return load_config(None, ov + list(overrides))
+
+
+def train_worker(rank: int, world: int, out: str, overrides: List[str], data: Dict[str, Any],
+                 val: bool = False, nan_at_batch: Optional[int] = None, return_weights: bool = False):
+    out = Path(out)
+    cfg = tiny_config(out, overrides, val)
+    imgs, labels = make_dataset(**data)
+
+    def factory(c, d):
+        return MemoryLoader(imgs, labels, c.data.batch_size, d.rank, d.world_size, c.seed,
+                            nan_at_batch=nan_at_batch)
+
+    t = Trainer(cfg, factory).setup()
+    start_step = t.step
+    res = t.train()
+    res["start_step"] = start_step
+    res["class_range"] = tuple(t.head.class_range)
+    if return_weights:
+        res["backbone"] = {k: v.detach().clone() for k, v in t.backbone.state_dict().items()}
+        res["head"] = t.head.weight.detach().clone()
+    return res
+
+
+def error_worker(rank: int, world: int, out: str, overrides: List[str], data: Dict[str, Any],
+                 nan_at_batch: Optional[int] = None):
+    """Runs training expecting an exception; returns its type name and message."""
+    try:
+        train_worker(rank, world, out, overrides, data, nan_at_batch=nan_at_batch)
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__, str(e)
+    return None, None
