@@ -25,7 +25,8 @@ def tiny_config(out: Path, overrides: List[str], val: bool = False):
 
 
 def train_worker(rank: int, world: int, out: str, overrides: List[str], data: Dict[str, Any],
-                 val: bool = False, nan_at_batch: Optional[int] = None, return_weights: bool = False):
+                 val: bool = False, nan_at_batch: Optional[int] = None, return_weights: bool = False,
+                 head_init_seed: Optional[int] = None):
     out = Path(out)
     cfg = tiny_config(out, overrides, val)
     imgs, labels = make_dataset(**data)
@@ -35,6 +36,12 @@ def train_worker(rank: int, world: int, out: str, overrides: List[str], data: Di
                             nan_at_batch=nan_at_batch)
 
     t = Trainer(cfg, factory).setup()
+    if head_init_seed is not None:  # identical class centres whatever the world size
+        g = torch.Generator().manual_seed(head_init_seed)
+        full = torch.randn(t.num_classes, cfg.model.embedding_size, generator=g) * 0.1
+        s, e = t.head.class_range
+        with torch.no_grad():
+            t.head.weight.copy_(full[s:e])
     start_step = t.step
     res = t.train()
     res["start_step"] = start_step
