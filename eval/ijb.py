@@ -247,6 +247,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--model", required=True, help="model.pt | checkpoint dir | TorchScript | model.onnx | module:factory")
     p.add_argument("--network", default=None)
     p.add_argument("--num-features", type=int, default=None)
+    p.add_argument("--unsafe-load", action="store_true", help="torch.load(weights_only=False): trusted files only")
     p.add_argument("--root", required=True, help="release folder, e.g. IJB_release/IJBC (holds loose_crop/ and meta/)")
     p.add_argument("--target", default=None, help="IJBB or IJBC (default: the root folder's name)")
     p.add_argument("--faceness-weight", action="store_true", help="weight image features by detector faceness score")
@@ -260,7 +261,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from eval.verify import default_device
 
     device = args.device or default_device()
-    model = load_model(args.model, network=args.network, num_features=args.num_features, device=device)
+    model = load_model(args.model, args.network, args.num_features, device, unsafe_load=args.unsafe_load)
     res = evaluate_ijb(model, args.root, args.target, args.faceness_weight, args.batch_size, device, args.workers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,12 @@ Accepted forms:
   ``r50``, or a ``package.module:factory`` spec). ``module.``/``backbone.`` prefixes from
   DDP/checkpoint wrappers are stripped; the embedding size is read from the weights.
 - a TorchScript archive (``torch.jit.save``): loaded as is, no ``--network`` needed.
-- a checkpoint directory: ``model.pt`` inside it (insightface's output layout), else the
-  newest ``*.pt``/``*.pth`` that holds backbone weights (a dict with one of the keys
-  ``backbone``, ``state_dict_backbone``, ``model``, ``state_dict``).
+- a run / checkpoint directory: ``model.pt`` inside it (insightface's output layout),
+  ``trainer.pt`` (a step directory), the newest complete ``checkpoints/step_*/trainer.pt``,
+  else the newest ``*.pt``/``*.pth``; backbone weights are found under one of the keys
+  ``backbone``, ``state_dict_backbone``, ``model``, ``state_dict``. Without ``--network``
+  the backbone name comes from the checkpoint's config (``model.backbone``) or a
+  ``config.yaml`` next to it.
 - ``model.onnx``: run with onnxruntime (wrapped in an ``nn.Module``).
 - ``package.module:factory``: call the factory (a model with built-in weights, tests).
 """
@@ -106,13 +109,61 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
 
 
-def _checkpoint_file(directory: Path) -> Path:
-    if (directory / "model.pt").is_file():
-        return directory / "model.pt"
-    cands = sorted(list(directory.glob("*.pt")) + list(directory.glob("*.pth")), key=lambda p: p.stat().st_mtime)
+def _newest_complete_step(checkpoints: Path) -> Optional[Path]:
+    steps = []
+    for p in checkpoints.glob("step_*"):
+        if p.is_dir() and (p / "COMPLETE").is_file() and (p / "trainer.pt").is_file():
+            try:
+                steps.append((int(p.name[len("step_"):]), p))
+            except ValueError:
+                continue
+    return max(steps)[1] / "trainer.pt" if steps else None
+
+
+def checkpoint_file(directory: Path) -> Path:
+    """The weights file of a run / checkpoint directory.
+
+    Order: ``model.pt`` (final backbone, insightface's layout), ``trainer.pt`` (a step
+    directory of this trainer), the newest complete ``checkpoints/step_*/trainer.pt``,
+    else the newest ``*.pt``/``*.pth`` that is not a Partial FC shard.
+    """
+    directory = Path(directory)
+    for name in ("model.pt", "trainer.pt"):
+        if (directory / name).is_file():
+            return directory / name
+    for sub in (directory / "checkpoints", directory):
+        found = _newest_complete_step(sub) if sub.is_dir() else None
+        if found is not None:
+            return found
+    cands = [p for p in list(directory.glob("*.pt")) + list(directory.glob("*.pth")) if not p.name.startswith("shard_")]
     if not cands:
-        raise FileNotFoundError(f"{directory}: checkpoint directory holds no model.pt / *.pt / *.pth")
-    return cands[-1]
+        raise FileNotFoundError(f"{directory}: no model.pt, trainer.pt, checkpoints/step_*/trainer.pt or *.pt/*.pth")
+    return max(cands, key=lambda p: p.stat().st_mtime)
+
+
+def _network_from_config(weights: Path, obj) -> Optional[str]:
+    """Backbone name from the checkpoint's resolved config (``model.backbone`` / ``network``)."""
+
+    def pick(cfg) -> Optional[str]:
+        if not isinstance(cfg, dict):
+            return None
+        model = cfg.get("model")
+        if isinstance(model, dict) and isinstance(model.get("backbone"), str):
+            return model["backbone"]
+        return cfg.get("network") if isinstance(cfg.get("network"), str) else None
+
+    if isinstance(obj, dict) and pick(obj.get("config")):
+        return pick(obj["config"])
+    for d in list(weights.parents)[:4]:  # <run>/checkpoints/step_X/trainer.pt -> <run>/config.yaml
+        cfg_path = d / "config.yaml"
+        if cfg_path.is_file():
+            import yaml
+
+            with open(cfg_path) as f:
+                name = pick(yaml.safe_load(f))
+            if name:
+                return name
+    return None
 
 
 def load_model(
@@ -120,8 +171,13 @@ def load_model(
     network: Optional[str] = None,
     num_features: Optional[int] = None,
     device: Union[str, torch.device, None] = None,
+    unsafe_load: bool = False,
 ) -> torch.nn.Module:
-    """Build the model named by ``spec`` (see the module docstring), in eval mode on ``device``."""
+    """Build the model named by ``spec`` (see the module docstring), in eval mode on ``device``.
+
+    ``network`` defaults to the checkpoint's config (``model.backbone``) when it has one.
+    ``unsafe_load`` allows ``torch.load(weights_only=False)`` (arbitrary pickles: trusted files only).
+    """
     device = torch.device(device) if device is not None else torch.device("cpu")
     spec_s = str(spec)
     path = Path(spec_s)
@@ -133,15 +189,19 @@ def load_model(
     if path.suffix == ".onnx":
         return OnnxModule(path)
     if path.is_dir():
-        path = _checkpoint_file(path)
+        path = checkpoint_file(path)
     if _is_torchscript(path):
         return torch.jit.load(str(path), map_location=device).eval()
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=not unsafe_load)
+    except Exception as e:
+        hint = "" if unsafe_load else " (a trusted file holding other objects loads with --unsafe-load)"
+        raise ValueError(f"{path}: cannot read weights with torch.load: {e}{hint}") from e
+    if isinstance(obj, torch.nn.Module):  # a whole pickled module (only with unsafe_load)
+        return obj.to(device).eval()
+    network = network or _network_from_config(path, obj)
     if network is None:
         raise ValueError(f"{path}: a state_dict needs --network (e.g. r50, or package.module:factory)")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read weights with torch.load(weights_only=True): {e}") from e
     sd = clean_state_dict(_extract_state_dict(obj, str(path)))
     nf = num_features or _infer_num_features(sd) or 512
     factory = resolve_factory(network)
