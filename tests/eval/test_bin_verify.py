@@ -192,3 +192,22 @@ def test_verify_cli_subprocess(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "| lfw | 100.00 ± 0.00 |" in r.stdout
+
+
+def test_verify_cli_on_bin_made_by_data_tools(tmp_path, capsys):
+    mb = pytest.importorskip("data_tools.make_bin", reason="data_tools make_bin has not landed")
+    # image files + a pairs list -> data_tools make_bin -> eval.verify
+    lines = []
+    rng = np.random.default_rng(5)
+    for k in range(20):
+        a, b = (k, k) if k % 2 == 0 else (k, k + 100)
+        for j, ident in enumerate((a, b)):
+            name = f"p{k}_{j}.{'png' if (k + j) % 3 == 0 else 'jpg'}"
+            (tmp_path / name).write_bytes(encode(aligned_face(ident, rng=rng), "PNG" if name.endswith("png") else "JPEG"))
+        lines.append(f"p{k}_0.{'png' if k % 3 == 0 else 'jpg'} p{k}_1.{'png' if (k + 1) % 3 == 0 else 'jpg'} {int(k % 2 == 0)}")
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    mb.make_bin(tmp_path / "pairs.txt", tmp_path / "tiny.bin", progress=False)
+    assert verify.main(["--model", "tests.eval.fixtures:patch_net", "--bin", str(tmp_path / "tiny.bin"),
+                        "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["tiny"]
+    assert res["num_pairs"] == 20 and res["auc"] == 1.0
