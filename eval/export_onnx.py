@@ -17,6 +17,7 @@ printed, a tolerance enforced).
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import sys
 from pathlib import Path
@@ -115,7 +116,8 @@ def export_onnx(
     the diff exceeds ``atol + rtol * max|output|`` (untrained nets output ~1e7, so a
     purely absolute bound would be meaningless there)."""
     out = Path(out)
-    model = model.cpu().eval()
+    # a CPU copy in eval mode: the caller's model (maybe training on a GPU) is left untouched
+    model = copy.deepcopy(model).cpu().eval()
     proto = onnx.load_from_string(_export_bytes(model, image_size, opset))
     sanitize_node_names(proto)
     onnx.checker.check_model(proto)

@@ -162,30 +162,40 @@ def aggregate_templates(
     templates: np.ndarray,
     medias: np.ndarray,
     faceness: Optional[np.ndarray] = None,
+    chunk: int = 65536,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Template features: mean of image features per (template, media), summed per template,
     L2-normalised. ``faceness`` (optional) multiplies each image feature first.
 
     Returns ``(template_ids sorted, features [T, D] float64)``.
     """
-    feats = np.asarray(feats, dtype=np.float64)
-    if faceness is not None:
-        feats = feats * np.asarray(faceness, dtype=np.float64)[:, None]
-    tm = np.stack([templates, medias], axis=1)
+    feats = np.asarray(feats)
+    w = None if faceness is None else np.asarray(faceness, dtype=np.float64)
+    n = feats.shape[0]
+    if len(templates) != n or len(medias) != n or (w is not None and w.shape != (n,)):
+        raise ValueError(f"{n} features but {len(templates)} template ids, {len(medias)} media ids"
+                         + ("" if w is None else f", {w.size} faceness scores"))
+    tm = np.stack([np.asarray(templates), np.asarray(medias)], axis=1)
     uniq_tm, tm_inv = np.unique(tm, axis=0, return_inverse=True)
-    tm_inv = tm_inv.reshape(-1)
-    media_sum = np.zeros((uniq_tm.shape[0], feats.shape[1]))
-    np.add.at(media_sum, tm_inv, feats)
-    media_cnt = np.bincount(tm_inv, minlength=uniq_tm.shape[0]).astype(np.float64)
+    tm_inv = torch.as_tensor(tm_inv.reshape(-1))
+    # scatter-sum with index_add_ (np.add.at is slow at IJB-C size), float64 accumulation,
+    # converting the (float32) features chunk by chunk so no float64 copy of all of them exists
+    media_sum = torch.zeros((uniq_tm.shape[0], feats.shape[1]), dtype=torch.float64)
+    for s in range(0, n, chunk):
+        part = torch.as_tensor(feats[s : s + chunk], dtype=torch.float64)
+        if w is not None:
+            part = part * torch.as_tensor(w[s : s + chunk])[:, None]
+        media_sum.index_add_(0, tm_inv[s : s + chunk], part)
+    media_cnt = torch.bincount(tm_inv, minlength=uniq_tm.shape[0]).to(torch.float64)
     media_feat = media_sum / media_cnt[:, None]
     tids, t_inv = np.unique(uniq_tm[:, 0], return_inverse=True)
-    tfeat = np.zeros((tids.size, feats.shape[1]))
-    np.add.at(tfeat, t_inv.reshape(-1), media_feat)
-    tfeat /= np.maximum(np.linalg.norm(tfeat, axis=1, keepdims=True), 1e-12)
+    tfeat = torch.zeros((tids.size, feats.shape[1]), dtype=torch.float64)
+    tfeat.index_add_(0, torch.as_tensor(t_inv.reshape(-1)), media_feat)
+    tfeat = torch.nn.functional.normalize(tfeat, dim=1, eps=1e-12).numpy()
     return tids, tfeat
 
 
-def score_pairs(template_ids: np.ndarray, template_feats: np.ndarray, pairs: np.ndarray, chunk: int = 100_000) -> np.ndarray:
+def score_pairs(template_ids: np.ndarray, template_feats: np.ndarray, pairs: np.ndarray, chunk: int = 20_000) -> np.ndarray:
     """Cosine score of every template pair (template ids in ``pairs``)."""
     idx = np.searchsorted(template_ids, pairs)
     idx = np.clip(idx, 0, template_ids.size - 1)
@@ -196,7 +206,7 @@ def score_pairs(template_ids: np.ndarray, template_feats: np.ndarray, pairs: np.
     for s in range(0, pairs.shape[0], chunk):
         a = template_feats[idx[s : s + chunk, 0]]
         b = template_feats[idx[s : s + chunk, 1]]
-        out[s : s + chunk] = np.sum(a * b, axis=1)
+        out[s : s + chunk] = np.einsum("ij,ij->i", a, b)
     return out
 
 

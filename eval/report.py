@@ -32,6 +32,9 @@ def plot_roc(curves: Mapping[str, Tuple[np.ndarray, np.ndarray]], path: Union[st
     for name, (fpr, tpr) in curves.items():
         fpr = np.asarray(fpr)
         tpr = np.asarray(tpr)
+        if fpr.size > 4000:  # IJB-C ROCs have millions of points: plot a log-spaced thinning
+            thin = downsample_curve(fpr, tpr, n=2000)
+            fpr, tpr = np.asarray(thin["far"]), np.asarray(thin["tar"])
         keep = fpr > 0  # log axis
         ax.plot(fpr[keep], tpr[keep], label=name, lw=1.5)
     ax.set_xscale("log")

@@ -106,11 +106,13 @@ def test_aggregation_and_scores_against_naive_loops(weighted):
     medias = rng.integers(0, 3, n) + 10 * templates  # medias nested in templates
     medias[:5] = 999  # one media shared by several templates: counted per (template, media)
     w = rng.uniform(0.3, 1.0, n)
-    tids, tf = ijb.aggregate_templates(feats, templates, medias, w if weighted else None)
+    tids, tf = ijb.aggregate_templates(feats.astype(np.float32), templates, medias, w if weighted else None, chunk=7)
     naive = _naive_templates(feats, templates, medias, w if weighted else np.ones(n))
     assert tids.tolist() == sorted(naive)
     for t, f in zip(tids, tf):
-        assert np.allclose(f, naive[int(t)])
+        assert np.allclose(f, naive[int(t)], atol=1e-6)
+    with pytest.raises(ValueError, match="40 features but 39 template ids"):
+        ijb.aggregate_templates(feats, templates[:-1], medias)
     pairs = np.array([[tids[0], tids[1]], [tids[2], tids[2]], [tids[-1], tids[0]]])
     s = ijb.score_pairs(tids, tf, pairs)
     assert np.allclose(s, [naive[int(a)] @ naive[int(b)] for a, b in pairs])

@@ -138,3 +138,11 @@ def test_export_trainer_backbone(tmp_path):
     assert ex.insightface_input_norm(onnx.load(str(tmp_path / "m.onnx"))) == (127.5, 127.5)
     diff, scale = ex.check_parity(net, tmp_path / "m.onnx")
     assert diff <= 1e-3 + 1e-4 * scale
+
+
+def test_export_leaves_callers_model_alone(tmp_path):
+    net = tiny_net(8).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    diff, _ = ex.export_onnx(net, tmp_path / "m.onnx")
+    assert diff < 1e-4 and net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
