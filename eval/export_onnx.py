@@ -20,6 +20,7 @@ import argparse
 import copy
 import io
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
@@ -76,11 +77,14 @@ def _export_bytes(model: torch.nn.Module, image_size: int, opset: int) -> bytes:
         do_constant_folding=True,
         dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
     )
-    try:
-        # TorchScript-based exporter: no onnxscript dependency, stable node naming
-        torch.onnx.export(model, (dummy,), buf, dynamo=False, **kwargs)
-    except TypeError:  # a torch without the dynamo switch
-        torch.onnx.export(model, (dummy,), buf, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no signature found for")  # ScriptModule inputs
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        try:
+            # TorchScript-based exporter: no onnxscript dependency, stable node naming
+            torch.onnx.export(model, (dummy,), buf, dynamo=False, **kwargs)
+        except TypeError:  # a torch without the dynamo switch
+            torch.onnx.export(model, (dummy,), buf, **kwargs)
     return buf.getvalue()
 
 
@@ -117,7 +121,10 @@ def export_onnx(
     purely absolute bound would be meaningless there)."""
     out = Path(out)
     # a CPU copy in eval mode: the caller's model (maybe training on a GPU) is left untouched
-    model = copy.deepcopy(model).cpu().eval()
+    with warnings.catch_warnings():
+        # TorchScript modules: .cpu() touches .grad of non-leaf script tensors (harmless)
+        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+        model = copy.deepcopy(model).cpu().eval()
     proto = onnx.load_from_string(_export_bytes(model, image_size, opset))
     sanitize_node_names(proto)
     onnx.checker.check_model(proto)
