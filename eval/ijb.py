@@ -34,6 +34,7 @@ from eval import report
 from eval.align import norm_crop
 from eval.images import decode_rgb
 from eval.metrics import DEFAULT_FARS, roc, tar_at_far
+from eval.models import load_model, parse_kwargs
 from eval.verification import embed_images
 
 IJB_FARS: Tuple[float, ...] = DEFAULT_FARS  # 1e-6 .. 1e-1
@@ -258,6 +259,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--network", default=None)
     p.add_argument("--num-features", type=int, default=None)
     p.add_argument("--unsafe-load", action="store_true", help="torch.load(weights_only=False): trusted files only")
+    p.add_argument("--network-kwargs", type=parse_kwargs, default=None,
+                   help="extra backbone constructor keywords, YAML/JSON mapping, e.g. '{width: 8}' (default: from the checkpoint's config)")
     p.add_argument("--root", required=True, help="release folder, e.g. IJB_release/IJBC (holds loose_crop/ and meta/)")
     p.add_argument("--target", default=None, help="IJBB or IJBC (default: the root folder's name)")
     p.add_argument("--faceness-weight", action="store_true", help="weight image features by detector faceness score")
@@ -267,11 +270,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default="ijb_out")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    from eval.models import load_model
     from eval.verify import default_device
 
     device = args.device or default_device()
-    model = load_model(args.model, args.network, args.num_features, device, unsafe_load=args.unsafe_load)
+    model = load_model(args.model, args.network, args.num_features, device, unsafe_load=args.unsafe_load,
+                       network_kwargs=args.network_kwargs)
     res = evaluate_ijb(model, args.root, args.target, args.faceness_weight, args.batch_size, device, args.workers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ Accepted forms:
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import zipfile
 from pathlib import Path
@@ -70,7 +71,22 @@ def resolve_factory(network: str) -> Callable[..., torch.nn.Module]:
             f"--network {network}: trainer.backbones.get_backbone is not available ({e}); "
             "pass a 'package.module:factory' spec instead"
         ) from e
-    return lambda num_features=512: get_backbone(network, num_features=num_features)
+    return lambda num_features=512, **kw: get_backbone(network, num_features=num_features, **kw)
+
+
+def parse_kwargs(text: str) -> dict:
+    """``--network-kwargs`` parser: a YAML/JSON mapping such as ``'{width: 8, dropout: 0.0}'``."""
+    import yaml
+
+    try:
+        val = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"not a YAML/JSON mapping: {text!r} ({e})") from e
+    if val is None:
+        return {}
+    if not isinstance(val, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping like '{{width: 8}}', got {text!r}")
+    return val
 
 
 def clean_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -141,28 +157,31 @@ def checkpoint_file(directory: Path) -> Path:
     return max(cands, key=lambda p: p.stat().st_mtime)
 
 
-def _network_from_config(weights: Path, obj) -> Optional[str]:
-    """Backbone name from the checkpoint's resolved config (``model.backbone`` / ``network``)."""
+def _model_config(weights: Path, obj) -> Optional[dict]:
+    """The ``model`` section of the checkpoint's resolved config: from the checkpoint itself
+    (``config``) or a ``config.yaml`` next to it or up to 3 folders above
+    (``<run>/checkpoints/step_X/trainer.pt`` -> ``<run>/config.yaml``)."""
 
-    def pick(cfg) -> Optional[str]:
+    def section(cfg) -> Optional[dict]:
         if not isinstance(cfg, dict):
             return None
-        model = cfg.get("model")
-        if isinstance(model, dict) and isinstance(model.get("backbone"), str):
-            return model["backbone"]
-        return cfg.get("network") if isinstance(cfg.get("network"), str) else None
+        if isinstance(cfg.get("model"), dict) and isinstance(cfg["model"].get("backbone"), str):
+            return cfg["model"]
+        if isinstance(cfg.get("network"), str):  # insightface-style flat config
+            return {"backbone": cfg["network"], "embedding_size": cfg.get("embedding_size")}
+        return None
 
-    if isinstance(obj, dict) and pick(obj.get("config")):
-        return pick(obj["config"])
-    for d in list(weights.parents)[:4]:  # <run>/checkpoints/step_X/trainer.pt -> <run>/config.yaml
+    if isinstance(obj, dict) and section(obj.get("config")):
+        return section(obj["config"])
+    for d in list(weights.parents)[:4]:
         cfg_path = d / "config.yaml"
         if cfg_path.is_file():
             import yaml
 
             with open(cfg_path) as f:
-                name = pick(yaml.safe_load(f))
-            if name:
-                return name
+                found = section(yaml.safe_load(f))
+            if found:
+                return found
     return None
 
 
@@ -172,10 +191,13 @@ def load_model(
     num_features: Optional[int] = None,
     device: Union[str, torch.device, None] = None,
     unsafe_load: bool = False,
+    network_kwargs: Optional[dict] = None,
 ) -> torch.nn.Module:
     """Build the model named by ``spec`` (see the module docstring), in eval mode on ``device``.
 
-    ``network`` defaults to the checkpoint's config (``model.backbone``) when it has one.
+    ``network`` defaults to the checkpoint's config (``model.backbone``) when it has one;
+    ``network_kwargs`` (extra constructor keywords, e.g. ``{"width": 8}`` for ``tiny``)
+    default to that config's ``model.backbone_kwargs`` when it names the same backbone.
     ``unsafe_load`` allows ``torch.load(weights_only=False)`` (arbitrary pickles: trusted files only).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -199,15 +221,22 @@ def load_model(
         raise ValueError(f"{path}: cannot read weights with torch.load: {e}{hint}") from e
     if isinstance(obj, torch.nn.Module):  # a whole pickled module (only with unsafe_load)
         return obj.to(device).eval()
-    network = network or _network_from_config(path, obj)
+    cfg = _model_config(path, obj)
+    if network is None and cfg is not None:
+        network = cfg["backbone"]
     if network is None:
         raise ValueError(f"{path}: a state_dict needs --network (e.g. r50, or package.module:factory)")
+    kwargs = dict(network_kwargs or {})
+    if network_kwargs is None and cfg is not None and cfg["backbone"] == network:
+        kwargs = dict(cfg.get("backbone_kwargs") or {})  # e.g. tiny's width, as trained
     sd = clean_state_dict(_extract_state_dict(obj, str(path)))
     nf = num_features or _infer_num_features(sd) or 512
     factory = resolve_factory(network)
     try:
-        model = factory(num_features=nf)
+        model = factory(num_features=nf, **kwargs)
     except TypeError:
+        if kwargs:
+            raise
         model = factory()
     try:
         model.load_state_dict(sd, strict=True)

@@ -97,13 +97,13 @@ def patch_net() -> torch.nn.Module:
 class TinyNet(torch.nn.Module):
     """A small conv net with BatchNorm (insightface-like tail: fc + BatchNorm1d ``features``)."""
 
-    def __init__(self, num_features: int = 32):
+    def __init__(self, num_features: int = 32, width: int = 8):
         super().__init__()
         self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False),
-            torch.nn.BatchNorm2d(8),
-            torch.nn.PReLU(8),
-            torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+            torch.nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False),
+            torch.nn.BatchNorm2d(width),
+            torch.nn.PReLU(width),
+            torch.nn.Conv2d(width, 16, 3, stride=2, padding=1, bias=False),
             torch.nn.BatchNorm2d(16),
             torch.nn.PReLU(16),
             torch.nn.AdaptiveAvgPool2d(4),

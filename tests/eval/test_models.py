@@ -1,10 +1,11 @@
 """--model resolution: state_dicts, run/checkpoint directories, TorchScript, module:factory, trainer backbones."""
+import argparse
 import json
 
 import pytest
 import torch
 
-from eval.models import checkpoint_file, load_model
+from eval.models import checkpoint_file, load_model, parse_kwargs
 from tests.eval.fixtures import TinyNet, tiny_net
 
 X = torch.rand(2, 3, 112, 112) * 2 - 1
@@ -48,6 +49,22 @@ def test_run_directory_layouts(tmp_path):
     torch.save(final.state_dict(), run / "model.pt")
     (run / "config.yaml").write_text("model:\n  backbone: tests.eval.fixtures:TinyNet\n")
     assert _same(load_model(run), final)
+
+
+def test_backbone_kwargs_from_config_or_flag(tmp_path):
+    torch.manual_seed(1)
+    net = TinyNet(24, width=4).eval()
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(net.state_dict(), run / "model.pt")
+    (run / "config.yaml").write_text("model:\n  backbone: tests.eval.fixtures:TinyNet\n  backbone_kwargs: {width: 4}\n")
+    assert _same(load_model(run), net)
+    torch.save(net.state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match="do not fit"):
+        load_model(tmp_path / "bare.pt", network="tests.eval.fixtures:TinyNet")  # default width 8
+    assert _same(load_model(tmp_path / "bare.pt", network="tests.eval.fixtures:TinyNet", network_kwargs=parse_kwargs("{width: 4}")), net)
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_kwargs("[1, 2]")
 
 
 def test_torchscript_factory_and_unsafe_pickle(tmp_path):
