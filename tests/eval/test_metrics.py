@@ -116,3 +116,37 @@ def test_verify_embeddings_contract_on_planted_embeddings():
     with pytest.raises(ValueError, match="NaN"):
         bad = emb.copy(); bad[0] = np.nan
         verify_embeddings(bad, issame)
+
+
+def _insightface_style_accuracy(emb1, emb2, issame, nfolds=10):
+    """Independent re-statement of insightface's verification protocol: squared L2 distance,
+    thresholds arange(0, 4, 0.01), sklearn KFold(shuffle=False), first best threshold,
+    'same' when dist < threshold."""
+    from sklearn.model_selection import KFold
+
+    dist = np.sum((emb1 - emb2) ** 2, axis=1)
+    thresholds = np.arange(0, 4, 0.01)
+    accs = []
+    for train, test in KFold(n_splits=nfolds, shuffle=False).split(np.arange(len(issame))):
+        acc_train = [np.mean((dist[train] < t) == issame[train]) for t in thresholds]
+        best = thresholds[int(np.argmax(acc_train))]
+        accs.append(np.mean((dist[test] < best) == issame[test]))
+    return float(np.mean(accs)), float(np.std(accs))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_accuracy_equals_insightface_protocol(seed):
+    rng = np.random.default_rng(seed)
+    P, D = 1200, 32
+    issame = rng.random(P) < 0.5
+    a = rng.normal(size=(P, D))
+    b = np.where(issame[:, None], a + rng.normal(0, 1.1, size=(P, D)), rng.normal(size=(P, D)))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    emb = np.empty((2 * P, D))
+    emb[0::2], emb[1::2] = a, b
+    res = verify_embeddings(emb, issame)
+    acc, std = _insightface_style_accuracy(a, b, issame)
+    assert 0.6 < acc < 0.99  # a non-trivial case
+    assert res["accuracy"] == pytest.approx(acc, abs=1e-12)
+    assert res["accuracy_std"] == pytest.approx(std, abs=1e-12)
