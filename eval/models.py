@@ -159,7 +159,7 @@ def checkpoint_file(directory: Path) -> Path:
 
 def _model_config(weights: Path, obj) -> Optional[dict]:
     """The ``model`` section of the checkpoint's resolved config: from the checkpoint itself
-    (``config``) or a ``config.yaml`` next to it or up to 3 folders above
+    (``config``), a ``config.yaml`` next to it, or the run's
     (``<run>/checkpoints/step_X/trainer.pt`` -> ``<run>/config.yaml``)."""
 
     def section(cfg) -> Optional[dict]:
@@ -173,7 +173,10 @@ def _model_config(weights: Path, obj) -> Optional[dict]:
 
     if isinstance(obj, dict) and section(obj.get("config")):
         return section(obj["config"])
-    for d in list(weights.parents)[:4]:
+    dirs = [weights.parent]
+    if weights.parent.parent.name == "checkpoints":  # <run>/checkpoints/step_X/trainer.pt
+        dirs.append(weights.parent.parent.parent)
+    for d in dirs:
         cfg_path = d / "config.yaml"
         if cfg_path.is_file():
             import yaml

@@ -49,6 +49,11 @@ def test_run_directory_layouts(tmp_path):
     torch.save(final.state_dict(), run / "model.pt")
     (run / "config.yaml").write_text("model:\n  backbone: tests.eval.fixtures:TinyNet\n")
     assert _same(load_model(run), final)
+    # a step whose trainer.pt carries no config: network from <run>/config.yaml
+    d = ck / "step_00000030"
+    d.mkdir()
+    torch.save({"backbone": final.state_dict()}, d / "trainer.pt")
+    assert _same(load_model(d), final)
 
 
 def test_backbone_kwargs_from_config_or_flag(tmp_path):
