@@ -128,7 +128,8 @@ class MarginSoftmaxParts(torch.autograd.Function):
         grad_w = None
         if need_w:
             n_used = weight.shape[0] if rows is None else rows.numel()
-            grad_w = torch.zeros((n_used, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+            # every row is written chunk by chunk below
+            grad_w = torch.empty((n_used, weight.shape[1]), dtype=weight.dtype, device=weight.device)
         owned = target_pos >= 0
         _, f_prime = margin.target(target_cos)
         # dL/dz at the target entry, excluding the softmax part added per chunk.
@@ -136,7 +137,10 @@ class MarginSoftmaxParts(torch.autograd.Function):
 
         for k0, k1, w_hat, w_norm in _Chunks(weight.detach(), rows, ctx.chunk, dtype):
             raw = x_hat @ w_hat.t()
-            inside = (raw >= -1.0) & (raw <= 1.0)  # torch.clamp passes gradient on [-1, 1]
+            # torch.clamp passes gradient on [-1, 1] only. Cosines of unit vectors leave
+            # that range by rounding at most: build the mask only when they do.
+            lo, hi = torch.aminmax(raw)
+            outside = ((raw < -1.0) | (raw > 1.0)) if (lo < -1.0 or hi > 1.0) else None
             t_rows, t_cols = _targets_in_chunk(target_pos, k0, k1)
             cos_t = target_cos[t_rows]
             logits = raw.clamp_(-1.0, 1.0).mul_(s)
@@ -146,7 +150,8 @@ class MarginSoftmaxParts(torch.autograd.Function):
             grad_z_t = grad_z[t_rows, t_cols] + grad_target[t_rows]
             grad_cos = grad_z.mul_(s)
             grad_cos[t_rows, t_cols] = s * f_prime[t_rows] * grad_z_t
-            grad_cos.mul_(inside)
+            if outside is not None:
+                grad_cos.masked_fill_(outside, 0.0)
             if need_x:
                 grad_x_hat.addmm_(grad_cos, w_hat)
             if need_w:
