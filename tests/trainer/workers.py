@@ -43,12 +43,16 @@ def train_worker(rank: int, world: int, out: str, overrides: List[str], data: Di
         with torch.no_grad():
             t.head.weight.copy_(full[s:e])
     start_step = t.step
+    if return_weights:
+        init_bb = {k: v.detach().clone() for k, v in t.backbone.state_dict().items()}
+        init_head = t.head.weight.detach().clone()
     res = t.train()
     res["start_step"] = start_step
     res["class_range"] = tuple(t.head.class_range)
     if return_weights:
         res["backbone"] = {k: v.detach().clone() for k, v in t.backbone.state_dict().items()}
         res["head"] = t.head.weight.detach().clone()
+        res["init_backbone"], res["init_head"] = init_bb, init_head
     return res
 
 
@@ -60,3 +64,24 @@ def error_worker(rank: int, world: int, out: str, overrides: List[str], data: Di
     except Exception as e:  # noqa: BLE001
         return type(e).__name__, str(e)
     return None, None
+
+
+def phases_worker(rank: int, world: int, root: str, phases: List[Dict[str, Any]], data: Dict[str, Any]):
+    """Several trainings in ONE process group (saves process start-up time): each phase
+    is {"out": subdir, "overrides": [...], "copy": (src_ckpt_dir, ...) or None}; a copy
+    is done by rank 0 before the phase starts."""
+    import shutil
+
+    import torch.distributed as dist
+
+    results = []
+    for ph in phases:
+        out = Path(root) / ph["out"]
+        if ph.get("copy") and rank == 0:
+            src = Path(root) / ph["copy"]
+            shutil.copytree(src, out / "checkpoints" / src.name)
+        dist.barrier()
+        results.append(train_worker(rank, world, str(out), ph["overrides"], data,
+                                    nan_at_batch=ph.get("nan_at_batch")))
+        dist.barrier()
+    return results
