@@ -339,8 +339,14 @@ class Trainer:
 
     def _verify(self, monitor: Monitor) -> None:
         if self.verifier is not None:
+            prev_best = dict(self.verifier.best)
             accs = self.verifier.run(self._float_backbone())
             self.val_history.append({"step": self.step, "acc": dict(accs)})
+            if self.step > 0 and (not prev_best or
+                                  sum(accs.values()) > sum(prev_best.get(k, 0.0) for k in accs)):
+                # keep the best model by the sum of accuracies over the configured sets
+                atomic_torch_save(self.export_state_dict(), self.out / "model_best.pt")
+                log.info("new best verification at step %d: wrote %s", self.step, self.out / "model_best.pt")
             for name, acc in accs.items():
                 monitor.scalars(self.step, {f"val/{name}": acc, f"val/{name}_best": self.verifier.best[name]})
                 log.info("verification step %d %s accuracy %.4f (best %.4f)", self.step, name, acc,
