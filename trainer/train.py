@@ -112,6 +112,9 @@ class Trainer:
 
         self.loader = self.loader_factory(cfg, d)
         self.num_classes = int(self.loader.num_classes)
+        if len(self.loader) == 0:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} x {d.world_size} ranks is larger than "
+                              f"the dataset ({self.loader.num_images} images): no full batch per epoch")
         if cfg.data.num_classes is not None and cfg.data.num_classes != self.num_classes:
             raise ConfigError(f"config key 'data.num_classes' = {cfg.data.num_classes} but the dataset "
                               f"{cfg.data.train_dir} has {self.num_classes} classes")
