@@ -1,0 +1,135 @@
+"""torch ``DataLoader`` fallback over the pure-Python RecordIO reader.
+
+Workers (``num_threads`` processes) each read a whole batch with positional
+reads, decode with simplejpeg (libjpeg-turbo; Pillow for non-JPEG), flip, and
+return uint8 NHWC; the main process moves it to the device and normalises
+there (``(x - 127.5) / 127.5``, CHW), as the DALI pipeline does.
+"""
+from __future__ import annotations
+
+import io
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import simplejpeg
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from trainer.data import plan
+from trainer.data.augment import AugmentConfig, apply_numpy
+from trainer.data.face_rec import FaceRecDataset
+from trainer.data.recordio import RecordIOError
+
+
+def decode_image(data: bytes, where: str, size: Tuple[int, int] = (112, 112)) -> np.ndarray:
+    """Decode to RGB uint8 HxWx3; errors name the record."""
+    if not data:
+        raise RecordIOError(f"{where}: empty image")
+    try:
+        if data[:2] == b"\xff\xd8":
+            img = simplejpeg.decode_jpeg(data, colorspace="RGB")
+        else:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as im:
+                img = np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise RecordIOError(f"{where}: undecodable image ({type(e).__name__}: {e})") from None
+    if img.shape[:2] != tuple(size):
+        raise RecordIOError(f"{where}: image is {img.shape[1]}x{img.shape[0]}, expected {size[1]}x{size[0]}")
+    return img
+
+
+class _BatchSet(Dataset):
+    """Item b = batch b of the epoch: (uint8 [B,H,W,3], int64 [B])."""
+
+    def __init__(self, ds: FaceRecDataset, batches: np.ndarray, flip: np.ndarray,
+                 augment: Optional[AugmentConfig], seed: int, epoch: int, start: int,
+                 size: Tuple[int, int]):
+        self.ds, self.batches, self.flip = ds, batches, flip
+        self.augment, self.seed, self.epoch, self.start, self.size = augment, seed, epoch, start, size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int):
+        idx = self.batches[b]
+        out = np.empty((len(idx), self.size[0], self.size[1], 3), np.uint8)
+        labels = np.empty(len(idx), np.int64)
+        keys = self.ds.image_keys
+        rng = None
+        if self.augment is not None and self.augment.active():
+            rng = np.random.default_rng([self.seed, self.epoch, self.start + b, 0xA06])
+        for j, i in enumerate(idx):
+            key = int(keys[i])
+            lab, data = self.ds.read_image(key)
+            img = decode_image(data, self.ds.reader.where(key), self.size)
+            if rng is not None:
+                img = apply_numpy(img, self.augment, rng)
+            out[j] = img
+            labels[j] = lab
+        fl = self.flip[b]
+        if fl.any():
+            out[fl] = out[fl, :, ::-1]
+        return torch.from_numpy(out), torch.from_numpy(labels)
+
+
+class TorchFaceLoader:
+    """Same interface as the DALI loader (see ``trainer.data.build_train_loader``)."""
+
+    backend = "torch"
+
+    def __init__(self, ds: FaceRecDataset, batch_size: int, rank: int, world_size: int,
+                 device: torch.device, num_threads: int = 2, seed: int = 0,
+                 augment: Optional[AugmentConfig] = None, shuffle: bool = True, flip: bool = True,
+                 image_size: Tuple[int, int] = (112, 112)):
+        self.ds = ds
+        self.labels = ds.scan()  # validates every label / framing head up front
+        self.num_classes = ds.num_classes
+        self.num_images = ds.num_images
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.device = torch.device(device)
+        self.num_threads, self.seed, self.shuffle, self.flip = num_threads, seed, shuffle, flip
+        self.augment = augment
+        self.image_size = tuple(image_size)
+        self._len = plan.batches_per_rank(self.num_images, world_size, batch_size)
+        if self._len == 0:
+            raise ValueError(
+                f"{ds.rec_path}: {self.num_images} images cannot fill one batch of {batch_size} "
+                f"on each of {world_size} ranks"
+            )
+        self._offsets = np.asarray([ds.reader.offsets[int(k)] for k in ds.image_keys], np.int64)
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def rank_indices(self, epoch: int) -> np.ndarray:
+        """Image indices (into ``ds.image_keys``) this rank reads in ``epoch``, in order."""
+        per_rank = self._len * self.batch_size
+        sel = plan.epoch_selection(self._offsets, self.seed, epoch, per_rank * self.world_size, self.shuffle)
+        return plan.rank_chunk(sel, self.rank, per_rank)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        epoch, start = self.epoch, self.start_batch
+        self.start_batch = 0  # a resume offset applies to one pass only
+        mine = self.rank_indices(epoch).reshape(self._len, self.batch_size)
+        fl = plan.flips(self.seed, epoch, self._len * self.batch_size * self.world_size)
+        per_rank = self._len * self.batch_size
+        fl = fl[self.rank * per_rank:(self.rank + 1) * per_rank].reshape(self._len, self.batch_size)
+        if not self.flip:
+            fl = np.zeros_like(fl)
+        bs = _BatchSet(self.ds, mine[start:], fl[start:], self.augment, self.seed, epoch, start, self.image_size)
+        workers = max(0, int(self.num_threads))
+        dl = DataLoader(
+            bs, batch_size=None, shuffle=False, num_workers=workers,
+            prefetch_factor=4 if workers else None,
+            pin_memory=self.device.type == "cuda",
+        )
+        for imgs, labels in dl:
+            imgs = imgs.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+            imgs = imgs.sub_(127.5).div_(127.5).contiguous()
+            yield imgs, labels.to(self.device, non_blocking=True)
