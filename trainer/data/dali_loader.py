@@ -25,6 +25,7 @@ How the DALI pitfalls found with 2.x are handled (docs/data.md):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -80,6 +81,18 @@ def _build_pipeline(rec: str, idx: str, batch_size: int, num_threads: int, devic
                      seed=seed, prefetch_queue_depth=2, exec_dynamic=False)
     pipe.build()
     return pipe
+
+
+def _dali_reason(msg: str) -> str:
+    lines = [l.strip() for l in msg.splitlines() if l.strip()]
+    for i, l in enumerate(lines):
+        if l.startswith("encountered") and i + 1 < len(lines):
+            return lines[i + 1]
+    return lines[-1] if lines else msg
+
+
+class DaliDataError(RuntimeError):
+    """DALI failed on a record; the message names the file, key and the fix."""
 
 
 class DaliFaceLoader:
@@ -143,21 +156,17 @@ class DaliFaceLoader:
             int(np.random.default_rng([self.seed, epoch, self.rank]).integers(0, 2**31 - 1)),
             self.flip, self.augment, self.image_size,
         )
-        it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
-                                 last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+        it = None
         try:
+            # the iterator runs the pipeline already while being constructed (prefetch)
+            it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
+                                     last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
             for b in range(self._len):
                 try:
                     out = next(it)[0]
                 except StopIteration:
                     raise RuntimeError(
                         f"{self.ds.rec_path}: DALI ended the epoch after {b} of {self._len} batches"
-                    ) from None
-                except RuntimeError as e:
-                    raise RuntimeError(
-                        f"{self.ds.rec_path}: DALI failed in epoch {epoch}, batch {b} (most likely an "
-                        f"undecodable image); find the record with `python -m data_tools validate "
-                        f"{self.ds.data_dir}` and write a clean index with --write-index. DALI said: {e}"
                     ) from None
                 if b < start:
                     continue  # resume: the local shuffle is only reproducible by replaying
@@ -169,12 +178,33 @@ class DaliFaceLoader:
                 elif labels.device != self.device:
                     labels = labels.to(self.device)
                 yield images, labels
+        except RuntimeError as e:
+            if "DALI ended the epoch" in str(e):
+                raise
+            raise DaliDataError(self._explain(e, epoch)) from None
         finally:
             del it, pipe
             try:
                 os.unlink(idx)
             except OSError:
                 pass
+
+    def _explain(self, e: Exception, epoch: int) -> str:
+        """DALI's error with the record key it concerns (DALI names the byte offset)."""
+        msg = str(e)
+        m = re.search(r"at index (\d+)", msg)
+        where = ""
+        if m:
+            off = int(m.group(1))
+            keys = [int(self.ds.image_keys[i]) for i in np.nonzero(self._offsets == off)[0]]
+            if keys:
+                where = f" record key {keys[0]} (byte {off})"
+        kind = "undecodable image" if "decoder" in msg or "jpeg" in msg.lower() else "pipeline error"
+        return (
+            f"{self.ds.rec_path}:{where}: DALI stopped in epoch {epoch} ({kind}). Find every bad "
+            f"record with `python -m data_tools validate {self.ds.data_dir}` and exclude them with "
+            f"--write-index. DALI said: {_dali_reason(msg)}"
+        )
 
     def __del__(self):
         shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)

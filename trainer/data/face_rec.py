@@ -76,6 +76,7 @@ class FaceRecDataset:
         prop = read_property(self.data_dir)
         self._property_classes = prop[0] if prop else None
         self.header: Optional[Tuple[int, int]] = None
+        self.missing_images = 0
         keys = np.asarray(sorted(self.reader.keys), dtype=np.int64)
         if 0 in self.reader:
             h, _ = unpack(self.reader.read(0), self.reader.where(0))
@@ -90,11 +91,12 @@ class FaceRecDataset:
         if self.header is not None:
             first_id = self.header[0]
             self.image_keys = keys[(keys >= 1) & (keys < first_id)]
-            missing = (first_id - 1) - self.image_keys.size
-            if missing:
-                raise RecordIOError(
-                    f"{self.reader.idx_path}: header says images are keys 1..{first_id - 1}, "
-                    f"but {missing} of them are missing from the index"
+            self.missing_images = (first_id - 1) - int(self.image_keys.size)
+            if self.missing_images:
+                # a cleaned index (`data_tools validate --write-index`) leaves bad records out
+                warnings.warn(
+                    f"{self.reader.idx_path}: {self.missing_images} of the {first_id - 1} image keys "
+                    "the header lists are not in the index; they are skipped"
                 )
         else:
             self.image_keys = keys
