@@ -49,7 +49,7 @@ def test_synth_identity_is_structured_but_not_trivial(tmp_path):
     generate_dataset(tmp_path, 20, 8, seed=0, workers=1)
     acc = _nn_accuracy(tmp_path)
     # raw-pixel nearest neighbour: far above chance (1/20) yet far from solved
-    assert 0.15 < acc < 0.9, acc
+    assert 0.1 < acc < 0.9, acc  # seed 0: 0.16
 
 
 def test_label_noise_relabels_exactly_the_stated_share(tmp_path):

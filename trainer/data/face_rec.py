@@ -122,11 +122,14 @@ class FaceRecDataset:
 
     def read_image(self, key: int) -> Tuple[int, bytes]:
         """(class id, encoded image bytes) of image record ``key``; validated."""
-        where = self.reader.where(key)
-        h, img = unpack(self.reader.read(key), where)
-        cid = class_id(h, where, self._property_classes)
-        if not img:
-            raise RecordIOError(f"{where}: empty image (record holds a header only)")
+        payload = self.reader.read(key)
+        try:  # error text (file, key, byte) is built only when needed
+            h, img = unpack(payload, "")
+            cid = class_id(h, "", self._property_classes)
+            if not img:
+                raise RecordIOError(": empty image (record holds a header only)")
+        except RecordIOError as e:
+            raise RecordIOError(f"{self.reader.where(key)}{e}") from None
         return cid, img
 
     # ------------------------------------------------------------------ label scan

@@ -86,6 +86,11 @@ def _parse_at(buf_reader, offset: int, file_size: int, where: str) -> Tuple[byte
     ``buf_reader(offset, n)`` returns up to n bytes at offset. ``where`` names the
     file and record for error messages.
     """
+    if callable(where):  # built lazily: only an error needs the text
+        try:
+            return _parse_at(buf_reader, offset, file_size, "")
+        except RecordIOError as e:
+            raise RecordIOError(f"{where()}{e}") from None
     parts: List[bytes] = []
     pos = offset
     first = True
@@ -253,7 +258,7 @@ class IndexedRecordReader:
             off = self.offsets[key]
         except KeyError:
             raise KeyError(f"{self.rec_path}: no key {key} in {self.idx_path}") from None
-        payload, _ = _parse_at(self._pread, off, self.file_size, self.where(key))
+        payload, _ = _parse_at(self._pread, off, self.file_size, lambda: self.where(key))
         return payload
 
     def read_head(self, key: int, n: int = IR_SIZE + 64) -> Tuple[bytes, int]:

@@ -130,6 +130,8 @@ class TorchFaceLoader:
             pin_memory=self.device.type == "cuda",
         )
         for imgs, labels in dl:
-            imgs = imgs.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-            imgs = imgs.sub_(127.5).div_(127.5).contiguous()
+            imgs = imgs.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            out = torch.empty(imgs.shape, dtype=torch.float32, device=self.device)
+            out.copy_(imgs)  # one pass: uint8 NHWC -> float NCHW
+            imgs = out.sub_(127.5).div_(127.5)
             yield imgs, labels.to(self.device, non_blocking=True)
