@@ -185,3 +185,18 @@ def test_validate_clean_index_makes_loaders_skip_bad_record(synth_copy):
     with pytest.warns(UserWarning, match="1 of the 96 image keys"):
         L = build_train_loader(synth_copy, 5, backend="auto", num_threads=1)
     assert L.num_images == 95 and sum(y.numel() for _, y in L) == 95
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=dali_ok)])
+def test_augmentations(synth_dir, backend):
+    kw = dict(backend=backend, shuffle=False, flip=False, num_threads=1)
+    plain = next(iter(build_train_loader(synth_dir, 16, **kw)))[0]
+    gray = next(iter(build_train_loader(synth_dir, 16, augment={"gray_prob": 1.0}, **kw)))[0]
+    assert (gray[:, 0] - gray[:, 1]).abs().max() < 0.02 and (gray[:, 1] - gray[:, 2]).abs().max() < 0.02
+    assert (plain[:, 0] - plain[:, 1]).abs().max() > 0.2
+    for aug in ({"resize_prob": 1.0, "resize_min": 0.3}, {"blur_prob": 1.0}, {"hsv_prob": 1.0}):
+        x, y = next(iter(build_train_loader(synth_dir, 16, augment=aug, **kw)))
+        assert x.shape == plain.shape and x.min() >= -1 and x.max() <= 1
+        assert (x - plain).abs().mean() > 0.005, aug
+    with pytest.raises(ValueError, match="unknown augment"):
+        build_train_loader(synth_dir, 16, augment={"sharpen": 1.0}, **kw)

@@ -21,18 +21,26 @@ from trainer.data.face_rec import FaceRecDataset
 from trainer.data.recordio import RecordIOError
 
 
-def decode_image(data: bytes, where: str, size: Tuple[int, int] = (112, 112)) -> np.ndarray:
-    """Decode to RGB uint8 HxWx3; errors name the record."""
+def decode_image(data: bytes, where: str, size: Tuple[int, int] = (112, 112),
+                 out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Decode to RGB uint8 HxWx3 (into ``out`` when given); errors name the record."""
     if not data:
         raise RecordIOError(f"{where}: empty image")
     try:
         if data[:2] == b"\xff\xd8":
+            if out is not None:
+                w, h, _, _ = simplejpeg.decode_jpeg_header(data)
+                if (h, w) != tuple(size):
+                    raise RecordIOError(f"{where}: image is {w}x{h}, expected {size[1]}x{size[0]}")
+                return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
             img = simplejpeg.decode_jpeg(data, colorspace="RGB")
         else:
             from PIL import Image
 
             with Image.open(io.BytesIO(data)) as im:
                 img = np.asarray(im.convert("RGB"))
+    except RecordIOError:
+        raise
     except Exception as e:
         raise RecordIOError(f"{where}: undecodable image ({type(e).__name__}: {e})") from None
     if img.shape[:2] != tuple(size):
@@ -63,10 +71,13 @@ class _BatchSet(Dataset):
         for j, i in enumerate(idx):
             key = int(keys[i])
             lab, data = self.ds.read_image(key)
-            img = decode_image(data, self.ds.reader.where(key), self.size)
-            if rng is not None:
-                img = apply_numpy(img, self.augment, rng)
-            out[j] = img
+            if rng is None and data[:2] == b"\xff\xd8":
+                decode_image(data, self.ds.reader.where(key), self.size, out=out[j])
+            else:
+                img = decode_image(data, self.ds.reader.where(key), self.size)
+                if rng is not None:
+                    img = apply_numpy(img, self.augment, rng)
+                out[j] = img
             labels[j] = lab
         fl = self.flip[b]
         if fl.any():
