@@ -32,7 +32,7 @@ def plan_layout(labels: Sequence[int], num_classes: int) -> Tuple[np.ndarray, np
     labels = np.asarray(labels, dtype=np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes})")
-    for c in (0, num_classes - 1):
+    for c in (0, num_classes - 1, labels.size + num_classes):  # header keys are float32 too
         check_label_exact(c)
     order = np.argsort(labels, kind="stable")
     counts = np.bincount(labels, minlength=num_classes)

@@ -200,3 +200,29 @@ def test_augmentations(synth_dir, backend):
         assert (x - plain).abs().mean() > 0.005, aug
     with pytest.raises(ValueError, match="unknown augment"):
         build_train_loader(synth_dir, 16, augment={"sharpen": 1.0}, **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=dali_ok)])
+def test_face2rec_style_label_arrays(synth_dir, tmp_path, backend):
+    """Records with flag 2 ([label, aligned], insightface face2rec) give the first label."""
+    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, pack, unpack
+
+    r = IndexedRecordReader(synth_dir / "train.rec")
+    with IndexedRecordWriter(tmp_path / "train.rec") as w:
+        for k in sorted(r.keys, key=r.offsets.get):
+            h, img = unpack(r.read(k))
+            if 1 <= k <= 96:
+                w.write(k, pack(IRHeader(0, [h.label, 1.0]), img))
+            else:
+                w.write(k, r.read(k))
+    (tmp_path / "property").write_text("16,112,112")
+    ref = reference(synth_dir)
+    L = build_train_loader(tmp_path, 16, backend=backend, num_threads=1)
+    assert sorted(k for x, y in L for k, _ in identify(x, y, ref)) == list(range(1, 97))
+
+
+def test_writer_refuses_ids_float32_cannot_hold(tmp_path):
+    from data_tools.layout import plan_layout
+
+    with pytest.raises(ValueError, match="2\\^24"):
+        plan_layout([0, 1], 2**24 + 1)
