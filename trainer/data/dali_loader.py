@@ -104,6 +104,16 @@ class DaliFaceLoader:
                  device: torch.device, num_threads: int = 2, seed: int = 0,
                  augment: Optional[AugmentConfig] = None, shuffle: bool = True, flip: bool = True,
                  shuffle_buffer: Optional[int] = None, image_size: Tuple[int, int] = (112, 112)):
+        import warnings
+
+        import nvidia.dali
+
+        if nvidia.dali.__version__ != DALI_VERSION:
+            warnings.warn(
+                f"nvidia-dali {nvidia.dali.__version__} is not the tested {DALI_VERSION}: DALI 2.2-2.4 "
+                "crash (segfault) on an undecodable image; run `python -m data_tools validate DATA "
+                "--write-index` first or install the pinned version"
+            )
         self.ds = ds
         self.labels = ds.scan()
         self.num_classes = ds.num_classes

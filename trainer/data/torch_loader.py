@@ -3,7 +3,9 @@
 Workers (``num_threads`` processes) each read a whole batch with positional
 reads, decode with simplejpeg (libjpeg-turbo; Pillow for non-JPEG), flip, and
 return uint8 NHWC; the main process moves it to the device and normalises
-there (``(x - 127.5) / 127.5``, CHW), as the DALI pipeline does.
+there (``(x - 127.5) / 127.5``, CHW), as the DALI pipeline does. On a CPU
+device the workers normalise (in shared memory), so the main process only
+receives finished batches.
 """
 from __future__ import annotations
 
@@ -48,13 +50,27 @@ def decode_image(data: bytes, where: str, size: Tuple[int, int] = (112, 112),
     return img
 
 
+def normalize_nhwc(imgs: torch.Tensor, shared: bool = False) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW in [-1, 1]: ``(x - 127.5) / 127.5``, one strided copy + two in-place ops.
+
+    ``shared``: allocate in shared memory (inside a DataLoader worker this saves
+    the copy torch makes when sending the batch to the main process).
+    """
+    n, h, w, c = imgs.shape
+    out = torch.empty((n, c, h, w), dtype=torch.float32, device=imgs.device)
+    if shared:
+        out.share_memory_()
+    out.copy_(imgs.permute(0, 3, 1, 2))
+    return out.sub_(127.5).div_(127.5)
+
+
 class _BatchSet(Dataset):
     """Item b = batch b of the epoch: (uint8 [B,H,W,3], int64 [B])."""
 
     def __init__(self, ds: FaceRecDataset, batches: np.ndarray, flip: np.ndarray,
                  augment: Optional[AugmentConfig], seed: int, epoch: int, start: int,
-                 size: Tuple[int, int]):
-        self.ds, self.batches, self.flip = ds, batches, flip
+                 size: Tuple[int, int], normalize: bool):
+        self.ds, self.batches, self.flip, self.normalize = ds, batches, flip, normalize
         self.augment, self.seed, self.epoch, self.start, self.size = augment, seed, epoch, start, size
 
     def __len__(self) -> int:
@@ -82,7 +98,10 @@ class _BatchSet(Dataset):
         fl = self.flip[b]
         if fl.any():
             out[fl] = out[fl, :, ::-1]
-        return torch.from_numpy(out), torch.from_numpy(labels)
+        imgs = torch.from_numpy(out)
+        if self.normalize:
+            imgs = normalize_nhwc(imgs, shared=torch.utils.data.get_worker_info() is not None)
+        return imgs, torch.from_numpy(labels)
 
 
 class TorchFaceLoader:
@@ -133,7 +152,10 @@ class TorchFaceLoader:
         fl = fl[self.rank * per_rank:(self.rank + 1) * per_rank].reshape(self._len, self.batch_size)
         if not self.flip:
             fl = np.zeros_like(fl)
-        bs = _BatchSet(self.ds, mine[start:], fl[start:], self.augment, self.seed, epoch, start, self.image_size)
+        # CPU: normalise where the decoding happens (in parallel workers); CUDA: ship uint8, normalise on GPU
+        on_host = self.device.type == "cpu"
+        bs = _BatchSet(self.ds, mine[start:], fl[start:], self.augment, self.seed, epoch, start,
+                       self.image_size, normalize=on_host)
         workers = max(0, int(self.num_threads))
         dl = DataLoader(
             bs, batch_size=None, shuffle=False, num_workers=workers,
@@ -141,8 +163,6 @@ class TorchFaceLoader:
             pin_memory=self.device.type == "cuda",
         )
         for imgs, labels in dl:
-            imgs = imgs.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-            out = torch.empty(imgs.shape, dtype=torch.float32, device=self.device)
-            out.copy_(imgs)  # one pass: uint8 NHWC -> float NCHW
-            imgs = out.sub_(127.5).div_(127.5)
+            if not on_host:
+                imgs = normalize_nhwc(imgs.to(self.device, non_blocking=True))
             yield imgs, labels.to(self.device, non_blocking=True)
