@@ -1,0 +1,123 @@
+"""Additive-angular / additive-cosine margins on the target logit (DESIGN.md §1).
+
+A margin maps the target cosine ``c = cos(theta)`` to ``f(c)``; the target logit
+is ``s * f(c)`` and every other logit is ``s * c``. Each margin gives ``f`` and
+its exact derivative ``f'`` in closed form, because the head's fused backward
+(see ``partial_fc.py``) applies the chain rule itself.
+
+theta + m > pi (ArcFace / Combined): ``cos(theta + m)`` is not monotonic in
+theta. For a sample whose angle to its own centre exceeds ``pi - m`` the exact
+margin logit *rises* as theta grows, so its gradient pushes the embedding
+further from its centre. We keep the exact function by default (it is what the
+paper and DESIGN.md §1 define; with random init and D = 512, cos stays near 0
+and the region, cos < cos(pi - m) ~ -0.88 for m = 0.5, is essentially never
+reached). ``ArcFace(..., pi_fallback=True)`` switches to insightface's fix:
+for theta > pi - m use the monotonic ``cos(theta) - m * sin(m)``.
+
+insightface's arcface_torch computes the ArcFace logit under ``no_grad`` and so
+back-propagates as if ``f'(c) = 1`` (a straight-through shortcut). We use the
+exact derivative; ``straight_through=True`` reproduces insightface's choice.
+
+The exact derivative contains ``1 / sin(theta)``, infinite at ``c = +-1``; sin
+is floored at ``_SIN_EPS`` so the gradient stays finite there (it is exact for
+every ``|c| < 1 - 1e-12``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+
+_SIN_EPS = 1e-12
+
+
+def _sin_theta(c: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(torch.clamp(1.0 - c * c, min=0.0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Margin:
+    """Base class: scale ``s`` plus the option to use insightface's straight-through gradient."""
+
+    s: float = 64.0
+    straight_through: bool = False
+
+    def value(self, c: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def derivative(self, c: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def target(self, c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(f(c), f'(c))`` for clamped target cosines ``c``."""
+        value = self.value(c)
+        if self.straight_through:
+            return value, torch.ones_like(c)
+        return value, self.derivative(c)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArcFace(Margin):
+    """``f(c) = cos(theta + m)``; insightface ``margin_list = (1.0, m, 0.0)``."""
+
+    m: float = 0.5
+    pi_fallback: bool = False
+
+    def value(self, c: torch.Tensor) -> torch.Tensor:
+        # cos(theta + m) = c cos m - sin(theta) sin m
+        out = c * math.cos(self.m) - _sin_theta(c) * math.sin(self.m)
+        if self.pi_fallback:
+            out = torch.where(c > math.cos(math.pi - self.m), out, c - self.m * math.sin(self.m))
+        return out
+
+    def derivative(self, c: torch.Tensor) -> torch.Tensor:
+        # d/dc [c cos m - sqrt(1 - c^2) sin m] = cos m + c sin m / sin(theta)
+        out = math.cos(self.m) + c * math.sin(self.m) / torch.clamp(_sin_theta(c), min=_SIN_EPS)
+        if self.pi_fallback:
+            out = torch.where(c > math.cos(math.pi - self.m), out, torch.ones_like(c))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class CosFace(Margin):
+    """``f(c) = c - m``; insightface ``margin_list = (1.0, 0.0, m)``."""
+
+    m: float = 0.4
+
+    def value(self, c: torch.Tensor) -> torch.Tensor:
+        return c - self.m
+
+    def derivative(self, c: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(c)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CombinedMargin(Margin):
+    """``f(c) = cos(m1 * theta + m2) - m3``: insightface's ``margin_list = (m1, m2, m3)``."""
+
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+
+    def value(self, c: torch.Tensor) -> torch.Tensor:
+        theta = torch.acos(torch.clamp(c, -1.0, 1.0))
+        return torch.cos(self.m1 * theta + self.m2) - self.m3
+
+    def derivative(self, c: torch.Tensor) -> torch.Tensor:
+        # d/dc cos(m1 acos(c) + m2) = m1 sin(m1 theta + m2) / sin(theta)
+        theta = torch.acos(torch.clamp(c, -1.0, 1.0))
+        return self.m1 * torch.sin(self.m1 * theta + self.m2) / torch.clamp(
+            _sin_theta(c), min=_SIN_EPS
+        )
+
+
+def margin_from_list(margin_list: Tuple[float, float, float], s: float = 64.0) -> Margin:
+    """insightface config ``margin_list = (m1, m2, m3)`` -> the matching margin object."""
+    m1, m2, m3 = (float(v) for v in margin_list)
+    if m1 == 1.0 and m3 == 0.0:
+        return ArcFace(s=s, m=m2)
+    if m1 == 1.0 and m2 == 0.0:
+        return CosFace(s=s, m=m3)
+    return CombinedMargin(s=s, m1=m1, m2=m2, m3=m3)

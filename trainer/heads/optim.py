@@ -1,0 +1,83 @@
+"""SGD for the class-centre shard that touches only the centres used in a step.
+
+Semantics (the Partial FC paper's): with ``sample_rate < 1`` the head returns a
+sparse gradient holding the rows of the centres sampled this step. ``step()``
+updates exactly those rows — their momentum buffer, weight decay and weight —
+and leaves every other centre AND its momentum untouched (no decay, no momentum
+carry-over for centres that were not sampled). Per-step cost is proportional to
+the sampled centres, not to the shard. With a dense gradient
+(``sample_rate == 1``) it is exactly ``torch.optim.SGD`` (dampening 0):
+
+    buf = momentum * buf + (grad + weight_decay * w);   w -= lr * buf
+
+It is a ``torch.optim.Optimizer``, so torch's LR schedulers drive it. The state
+is one momentum buffer the size of the shard, allocated up front (its memory is
+known from the start); ``state_dict()`` holds it as a row-aligned tensor.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Union
+
+import torch
+from torch import nn
+
+_ROW_CHUNK = 1 << 12  # rows updated per block in the sparse path (bounds temporaries)
+
+
+class PartialFCSGD(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: Union[nn.Module, Iterable[torch.Tensor]],
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+    ) -> None:
+        if isinstance(params, nn.Module):
+            params = params.parameters()
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if group["momentum"] > 0:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].get("momentum_buffer")
+                if p.grad.is_sparse:
+                    self._sparse_update(p, p.grad.coalesce(), buf, lr, momentum, wd)
+                else:
+                    self._dense_update(p, p.grad, buf, lr, momentum, wd)
+        return loss
+
+    @staticmethod
+    def _dense_update(p, grad, buf, lr, momentum, wd) -> None:
+        if buf is None:
+            p.add_(grad, alpha=-lr)
+            if wd:
+                p.mul_(1 - lr * wd)
+            return
+        # In place, no temporary the size of the shard.
+        buf.mul_(momentum).add_(grad)
+        if wd:
+            buf.add_(p, alpha=wd)
+        p.add_(buf, alpha=-lr)
+
+    @staticmethod
+    def _sparse_update(p, grad, buf, lr, momentum, wd) -> None:
+        rows_all, values_all = grad.indices()[0], grad.values()
+        for k0 in range(0, rows_all.numel(), _ROW_CHUNK):
+            rows, g = rows_all[k0 : k0 + _ROW_CHUNK], values_all[k0 : k0 + _ROW_CHUNK]
+            w = p.index_select(0, rows)
+            d = g + wd * w if wd else g.clone()
+            if buf is not None:
+                d.add_(buf.index_select(0, rows), alpha=momentum)
+                buf.index_copy_(0, rows, d)
+            p.index_copy_(0, rows, w.sub_(d, alpha=lr))

@@ -1,0 +1,216 @@
+"""Partial FC: the model-parallel margin-softmax classifier, with UNPG (DESIGN.md §1-2).
+
+Every rank holds a contiguous shard of class centres and sees the global batch
+(all-gathered embeddings and labels). The loss is the mean over the global
+batch and is the same scalar on every rank:
+
+    L = mean_i [ -z_{i,y_i} + log( sum_c exp(z_ic) + exp(V_i) ) ]
+
+where ``V_i`` is UNPG's log-sum-exp over the kept negative pairs (absent when
+UNPG is off or there is no negative pair). ``V`` is one scalar for the whole
+global batch (``negatives="global"``) or, for ``negatives="local"``, the scalar
+of the rank that owns row i, computed from that rank's batch alone.
+
+Gradients: after ``loss.backward()`` each rank's local embeddings hold exactly
+d L / d(local rows) — no world-size factor. DDP averages backbone gradients over
+ranks, so the trainer multiplies by the world size (see trainer docs).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.collectives import (
+    all_gather_object_ints,
+    all_gather_rows,
+    class_range,
+    scale_grad,
+    world_info,
+)
+from trainer.heads.margins import Margin
+from trainer.heads.softmax import margin_softmax_parts
+from trainer.heads.unpg import UNPG, metric_negatives_lse
+
+# Per-rank input problems, exchanged before any data collective so that every
+# rank raises the same error instead of leaving the others hanging.
+_BAD_EMB_SHAPE, _BAD_LABEL_SHAPE, _BAD_LABEL_DTYPE = 1, 2, 4
+
+
+class PartialFC(nn.Module):
+    """Model-parallel margin softmax with optional Partial FC sampling and UNPG.
+
+    Args:
+        margin: ``ArcFace``, ``CosFace`` or ``CombinedMargin`` (carries the scale ``s``).
+        embedding_size: D.
+        num_classes: C, the total over all ranks.
+        sample_rate: fraction of each shard's centres used per step (1.0 = all).
+        unpg: ``UNPG(...)`` to add the metric negatives, ``None`` for plain margin softmax.
+        process_group: group the classes are sharded over (default: the world, or
+            no group at all in a single process).
+        chunk_elements: size of the [N, chunk] logit blocks (memory/speed knob);
+            default 2^21 on CPU (8 MB blocks), 2^26 on CUDA.
+        init_std: centres are initialised N(0, init_std^2) (insightface: 0.01).
+    """
+
+    def __init__(
+        self,
+        margin: Margin,
+        embedding_size: int,
+        num_classes: int,
+        sample_rate: float = 1.0,
+        unpg: Optional[UNPG] = None,
+        process_group=None,
+        chunk_elements: Optional[int] = None,
+        init_std: float = 0.01,
+        dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(margin, Margin):
+            raise TypeError(f"margin must be ArcFace/CosFace/CombinedMargin, got {type(margin).__name__}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if unpg is not None and not isinstance(unpg, UNPG):
+            raise TypeError(f"unpg must be a trainer.heads.UNPG or None, got {type(unpg).__name__}")
+        self.margin, self.unpg = margin, unpg
+        self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
+        self.sample_rate, self.chunk_elements = float(sample_rate), chunk_elements
+        self.process_group = process_group
+        self.rank, self.world_size = world_info(process_group)
+        if self.num_classes < self.world_size:
+            raise ValueError(f"num_classes={num_classes} is smaller than the world size {self.world_size}")
+        self.class_range: Tuple[int, int] = class_range(self.num_classes, self.rank, self.world_size)
+        start, stop = self.class_range
+        self.weight = nn.Parameter(
+            torch.empty(stop - start, self.embedding_size, dtype=dtype, device=device).normal_(0, init_std)
+        )
+        self.sampled_classes: Optional[torch.Tensor] = None
+        self.last_stats: Dict[str, object] = {}
+
+    @property
+    def num_local(self) -> int:
+        return self.weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return (
+            f"margin={self.margin}, embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+            f"class_range={self.class_range}, sample_rate={self.sample_rate}, unpg={self.unpg}"
+        )
+
+    # ------------------------------------------------------------------ inputs
+    def _exchange_and_validate(
+        self, local_embeddings: torch.Tensor, local_labels: torch.Tensor
+    ) -> Tuple[list, torch.Tensor]:
+        """Batch sizes of all ranks and the validated global labels (int64)."""
+        problems = 0
+        if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
+            problems |= _BAD_EMB_SHAPE
+        if local_labels.dim() != 1 or local_labels.shape[0] != local_embeddings.shape[0]:
+            problems |= _BAD_LABEL_SHAPE
+        if local_labels.dtype == torch.bool or local_labels.is_complex():
+            problems |= _BAD_LABEL_DTYPE
+        info = all_gather_object_ints([local_embeddings.shape[0], problems], self.process_group)
+        if int(info[:, 1].max()) != 0:
+            lines = []
+            for r, (b, p) in enumerate(info.tolist()):
+                if p & _BAD_EMB_SHAPE:
+                    lines.append(f"rank {r}: embeddings must be [batch, {self.embedding_size}]")
+                if p & _BAD_LABEL_SHAPE:
+                    lines.append(f"rank {r}: labels must be a 1-D tensor with one label per embedding")
+                if p & _BAD_LABEL_DTYPE:
+                    lines.append(f"rank {r}: labels must be integer class ids")
+            raise ValueError("PartialFC got bad inputs:\n  " + "\n  ".join(lines))
+        sizes = info[:, 0].tolist()
+        # float64 holds every int below 2^53 exactly, and lets us name non-integer values.
+        global_labels = all_gather_rows(
+            local_labels.detach().reshape(-1).to(torch.float64), sizes, self.process_group
+        )
+        bad = (global_labels != torch.floor(global_labels)) | (global_labels < 0) | (
+            global_labels >= self.num_classes
+        )
+        if bool(bad.any()):
+            values = global_labels[bad].unique()[:10].tolist()
+            values = [int(v) if float(v).is_integer() else v for v in values]
+            raise ValueError(
+                f"PartialFC: labels must be integers in [0, {self.num_classes}); "
+                f"got {int(bad.sum())} bad label(s) in the global batch, e.g. {values}"
+            )
+        return sizes, global_labels.to(torch.int64)
+
+    # ---------------------------------------------------------------- sampling
+    def _select_centres(self, global_labels: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Rows of the shard used this step and, per global row, the target's position among them."""
+        start, stop = self.class_range
+        in_shard = (global_labels >= start) & (global_labels < stop)
+        local_label = torch.where(in_shard, global_labels - start, torch.full_like(global_labels, -1))
+        if self.sample_rate >= 1.0:
+            self.sampled_classes = None
+            return None, local_label
+        positives = torch.unique(local_label[in_shard])  # sorted
+        num_sample = max(positives.numel(), math.floor(self.sample_rate * self.num_local))
+        # Uniform random others: random scores, positives forced to the top (DESIGN.md §2).
+        scores = torch.rand(self.num_local, device=self.weight.device)
+        scores[positives] = 2.0
+        rows = torch.topk(scores, num_sample, sorted=False).indices.sort().values
+        target_pos = torch.where(
+            in_shard, torch.searchsorted(rows, local_label.clamp_min(0)), torch.full_like(local_label, -1)
+        )
+        self.sampled_classes = rows + start
+        return rows, target_pos
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the global batch; the same float32 (or float64) scalar on every rank."""
+        group = self.process_group
+        sizes, global_labels = self._exchange_and_validate(local_embeddings, local_labels)
+        device_type = local_embeddings.device.type
+        # Softmax and UNPG log-sum-exp in float32 whatever the autocast state (float64 if the head is).
+        compute_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=device_type, enabled=False):
+            local_x = local_embeddings.to(compute_dtype)
+            global_x = all_gather_rows(local_x, sizes, group)
+            global_labels = global_labels.to(local_x.device)
+            rows, target_pos = self._select_centres(global_labels)
+            elements = self.chunk_elements or (1 << 26 if global_x.is_cuda else 1 << 21)
+            chunk = max(1, elements // max(1, global_x.shape[0]))
+            lse, target = margin_softmax_parts(
+                global_x, self.weight, rows, target_pos, self.margin, group, chunk
+            )
+            denominator = lse
+            stats: Dict[str, object] = {"batch": float(global_x.shape[0])}
+            if self.unpg is not None:
+                v_rows, unpg_stats = self._unpg_term(local_x, global_x, global_labels, sizes)
+                stats.update(unpg_stats)
+                if v_rows is not None:
+                    denominator = torch.logaddexp(lse, v_rows)
+            loss = (denominator - target).mean()
+        stats["loss"] = float(loss.detach())
+        self.last_stats = stats
+        return loss
+
+    def _unpg_term(self, local_x, global_x, global_labels, sizes) -> Tuple[Optional[torch.Tensor], dict]:
+        s, wisk = self.margin.s, self.unpg.wisk
+        if self.unpg.negatives == "global":
+            v, stats = metric_negatives_lse(F.normalize(global_x, dim=1), global_labels, s, wisk)
+            if v is None:
+                return None, stats
+            # Replicated on every rank: each contributes 1/R of its gradient (collectives.py).
+            return scale_grad(v, 1.0 / self.world_size).expand(global_x.shape[0]), stats
+        # "local": row i uses V of its own rank, computed from that rank's batch.
+        start = sum(sizes[: self.rank])
+        local_labels = global_labels[start : start + sizes[self.rank]]
+        v, stats = metric_negatives_lse(F.normalize(local_x, dim=1), local_labels, s, wisk)
+        if v is None:
+            v = torch.tensor(float("-inf"), dtype=local_x.dtype, device=local_x.device)
+        if self.world_size == 1:
+            return v.expand(global_x.shape[0]), stats
+        all_v = all_gather_rows(v.detach().reshape(1), [1] * self.world_size, self.process_group)
+        # Own rows carry the live V (gradient to this rank's batch); others are constants.
+        pieces = [
+            (v if r == self.rank else all_v[r]).reshape(1).expand(n) for r, n in enumerate(sizes)
+        ]
+        return torch.cat(pieces), stats

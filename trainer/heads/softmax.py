@@ -1,0 +1,185 @@
+"""Margin softmax across class shards, fused and chunked (DESIGN.md §1-2).
+
+For the global batch ``x`` (N rows, raw embeddings) and this rank's class
+centres, computes per row i
+
+    lse_i    = log sum_c exp(z_ic)      over the classes of ALL ranks
+    target_i = z_{i, y_i}               (lives on exactly one rank)
+
+with ``z_ic = s * cos_ic`` and ``z_{i,y_i} = s * f(cos_{i,y_i})``. Max and sum of
+the softmax are combined with one all-reduce MAX and one all-reduce SUM.
+
+Memory: centres are visited in chunks and the [N, chunk] logits are recomputed
+in the backward pass instead of being stored, so the extra memory is one chunk
+plus the gradient of the centres actually used. With a list of sampled rows the
+centre gradient is returned as a sparse COO tensor holding only those rows
+(Partial FC: nothing is done per step for the other centres).
+
+Backward (chain rule written out, g = incoming gradients, replicated on ranks):
+    dL/dz_ic        = g_lse_i * softmax_ic + [c == y_i] * g_target_i
+    dL/dcos_ic      = s * dL/dz_ic           (target: s * f'(cos) * dL/dz)
+                      zeroed where the raw cosine was clamped
+    dL/dx^, dL/dw^  = dcos @ w^,  dcos^T @ x^
+    dL/dx           = (g - x^ <x^, g>) / |x|     (normalisation Jacobian)
+The gradient w.r.t. ``x`` is this rank's share; the caller's all-gather sums
+the shares of all ranks.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from trainer.collectives import world_info
+from trainer.heads.margins import Margin
+
+_NORM_EPS = 1e-12
+
+
+def _normalise(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    norm = t.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+    return t / norm, norm
+
+
+def _unnormalise_grad_(g_hat: torch.Tensor, t_hat: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """Gradient through ``t_hat = t / |t|`` (row-wise), computed in place in ``g_hat``."""
+    dot = torch.linalg.vecdot(t_hat, g_hat).unsqueeze(1)
+    return g_hat.addcmul_(t_hat, dot, value=-1.0).div_(norm)
+
+
+class _Chunks:
+    """Iterates the centres used this step in chunks: ``(k0, k1, w_hat, w_norm)``."""
+
+    def __init__(self, weight: torch.Tensor, rows: Optional[torch.Tensor], chunk: int, dtype):
+        self.weight, self.rows, self.chunk, self.dtype = weight, rows, chunk, dtype
+        self.count = weight.shape[0] if rows is None else rows.numel()
+
+    def __iter__(self):
+        for k0 in range(0, self.count, self.chunk):
+            k1 = min(k0 + self.chunk, self.count)
+            if self.rows is None:
+                w = self.weight[k0:k1]
+            else:
+                w = self.weight.index_select(0, self.rows[k0:k1])
+            w_hat, w_norm = _normalise(w.to(self.dtype))
+            yield k0, k1, w_hat, w_norm
+
+
+def _targets_in_chunk(target_pos: torch.Tensor, k0: int, k1: int):
+    rows = torch.nonzero((target_pos >= k0) & (target_pos < k1)).squeeze(1)
+    return rows, target_pos[rows] - k0
+
+
+class MarginSoftmaxParts(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        global_x: torch.Tensor,
+        weight: torch.Tensor,
+        rows: Optional[torch.Tensor],
+        target_pos: torch.Tensor,
+        margin: Margin,
+        group,
+        chunk: int,
+    ):
+        dtype = global_x.dtype
+        s = margin.s
+        x_hat, x_norm = _normalise(global_x)
+        n = x_hat.shape[0]
+        run_max = torch.full((n,), float("-inf"), dtype=dtype, device=x_hat.device)
+        run_sum = torch.zeros(n, dtype=dtype, device=x_hat.device)
+        target_cos = torch.zeros(n, dtype=dtype, device=x_hat.device)
+        for k0, k1, w_hat, _ in _Chunks(weight.detach(), rows, chunk, dtype):
+            logits = (x_hat @ w_hat.t()).clamp_(-1.0, 1.0)
+            t_rows, t_cols = _targets_in_chunk(target_pos, k0, k1)
+            cos_t = logits[t_rows, t_cols]
+            target_cos[t_rows] = cos_t
+            logits.mul_(s)
+            logits[t_rows, t_cols] = s * margin.value(cos_t)
+            new_max = torch.maximum(run_max, logits.max(dim=1).values)
+            run_sum.mul_(torch.exp(run_max - new_max))
+            run_sum.add_(logits.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1))
+            run_max = new_max
+        owned = target_pos >= 0
+        target = torch.where(owned, s * margin.value(target_cos), torch.zeros_like(target_cos))
+
+        _, world = world_info(group)
+        if world > 1:
+            global_max = run_max.clone()
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+            # exp(-inf - finite) = 0 for an empty shard.
+            packed = torch.cat([run_sum * torch.exp(run_max - global_max), target])
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+            run_sum, target = packed[:n], packed[n:]
+            run_max = global_max
+        lse = run_max + torch.log(run_sum)
+
+        ctx.save_for_backward(x_hat, x_norm, weight, rows, target_pos, target_cos, lse)
+        ctx.margin, ctx.chunk = margin, chunk
+        return lse, target
+
+    @staticmethod
+    def backward(ctx, grad_lse: torch.Tensor, grad_target: torch.Tensor):
+        x_hat, x_norm, weight, rows, target_pos, target_cos, lse = ctx.saved_tensors
+        margin, s = ctx.margin, ctx.margin.s
+        dtype = x_hat.dtype
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x_hat = torch.zeros_like(x_hat) if need_x else None
+        grad_w = None
+        if need_w:
+            n_used = weight.shape[0] if rows is None else rows.numel()
+            # every row is written chunk by chunk below
+            grad_w = torch.empty((n_used, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+        owned = target_pos >= 0
+        _, f_prime = margin.target(target_cos)
+        # dL/dz at the target entry, excluding the softmax part added per chunk.
+        grad_target = torch.where(owned, grad_target, torch.zeros_like(grad_target))
+
+        for k0, k1, w_hat, w_norm in _Chunks(weight.detach(), rows, ctx.chunk, dtype):
+            raw = x_hat @ w_hat.t()
+            # torch.clamp passes gradient on [-1, 1] only. Cosines of unit vectors leave
+            # that range by rounding at most: build the mask only when they do.
+            lo, hi = torch.aminmax(raw)
+            outside = ((raw < -1.0) | (raw > 1.0)) if (lo < -1.0 or hi > 1.0) else None
+            t_rows, t_cols = _targets_in_chunk(target_pos, k0, k1)
+            cos_t = target_cos[t_rows]
+            logits = raw.clamp_(-1.0, 1.0).mul_(s)
+            logits[t_rows, t_cols] = s * margin.value(cos_t)
+            # softmax, times the incoming gradient of lse -> dL/dz
+            grad_z = logits.sub_(lse.unsqueeze(1)).exp_().mul_(grad_lse.unsqueeze(1))
+            grad_z_t = grad_z[t_rows, t_cols] + grad_target[t_rows]
+            grad_cos = grad_z.mul_(s)
+            grad_cos[t_rows, t_cols] = s * f_prime[t_rows] * grad_z_t
+            if outside is not None:
+                grad_cos.masked_fill_(outside, 0.0)
+            if need_x:
+                grad_x_hat.addmm_(grad_cos, w_hat)
+            if need_w:
+                grad_w_hat = grad_cos.t() @ x_hat
+                grad_w[k0:k1] = _unnormalise_grad_(grad_w_hat, w_hat, w_norm)
+
+        grad_x = _unnormalise_grad_(grad_x_hat, x_hat, x_norm) if need_x else None
+        if need_w and rows is not None:
+            grad_w = torch.sparse_coo_tensor(
+                rows.unsqueeze(0), grad_w, weight.shape, is_coalesced=True, check_invariants=False
+            )
+        return grad_x, grad_w, None, None, None, None, None
+
+
+def margin_softmax_parts(
+    global_x: torch.Tensor,
+    weight: torch.Tensor,
+    rows: Optional[torch.Tensor],
+    target_pos: torch.Tensor,
+    margin: Margin,
+    group=None,
+    chunk: int = 16384,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(lse [N], target [N])``, both replicated on every rank. See the module docstring.
+
+    rows: sorted local shard rows used this step (Partial FC sampling), or None for all.
+    target_pos: per global row, the position of its class among the used centres
+    of THIS rank, or -1 when another rank owns the class.
+    """
+    return MarginSoftmaxParts.apply(global_x, weight, rows, target_pos, margin, group, int(chunk))
