@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import simplejpeg
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainer.data import plan
 from trainer.data.augment import AugmentConfig, apply_numpy
@@ -64,26 +64,48 @@ def normalize_nhwc(imgs: torch.Tensor, shared: bool = False) -> torch.Tensor:
     return out.sub_(127.5).div_(127.5)
 
 
-class _BatchSet(Dataset):
-    """Item b = batch b of the epoch: (uint8 [B,H,W,3], int64 [B])."""
+class _EpochBatches(Dataset):
+    """Item ``(epoch, b)`` = batch b of this rank in that epoch: (images, int64 labels).
 
-    def __init__(self, ds: FaceRecDataset, batches: np.ndarray, flip: np.ndarray,
-                 augment: Optional[AugmentConfig], seed: int, epoch: int, start: int,
-                 size: Tuple[int, int], normalize: bool):
-        self.ds, self.batches, self.flip, self.normalize = ds, batches, flip, normalize
-        self.augment, self.seed, self.epoch, self.start, self.size = augment, seed, epoch, start, size
+    The epoch's plan is computed (and cached) inside whichever process serves
+    the item, so DataLoader workers can persist across epochs.
+    """
+
+    def __init__(self, ds: FaceRecDataset, offsets: np.ndarray, batch_size: int, num_batches: int,
+                 rank: int, world_size: int, seed: int, shuffle: bool, flip: bool,
+                 augment: Optional[AugmentConfig], size: Tuple[int, int], normalize: bool):
+        self.ds, self.offsets = ds, offsets
+        self.B, self.L, self.rank, self.W = batch_size, num_batches, rank, world_size
+        self.seed, self.shuffle, self.flip, self.augment = seed, shuffle, flip, augment
+        self.size, self.normalize = size, normalize
+        self._plan_epoch: Optional[int] = None
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return self.L
 
-    def __getitem__(self, b: int):
-        idx = self.batches[b]
+    def plan(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(image indices [L, B], flips [L, B]) of this rank in ``epoch``."""
+        if self._plan_epoch != epoch:
+            per_rank = self.L * self.B
+            sel = plan.epoch_selection(self.offsets, self.seed, epoch, per_rank * self.W, self.shuffle)
+            mine = plan.rank_chunk(sel, self.rank, per_rank).reshape(self.L, self.B)
+            fl = plan.flips(self.seed, epoch, per_rank * self.W)
+            fl = plan.rank_chunk(fl, self.rank, per_rank).reshape(self.L, self.B)
+            if not self.flip:
+                fl = np.zeros_like(fl)
+            self._plan, self._plan_epoch = (mine, fl), epoch
+        return self._plan
+
+    def __getitem__(self, item: Tuple[int, int]):
+        epoch, b = item
+        batches, flips = self.plan(epoch)
+        idx, fl = batches[b], flips[b]
         out = np.empty((len(idx), self.size[0], self.size[1], 3), np.uint8)
         labels = np.empty(len(idx), np.int64)
         keys = self.ds.image_keys
         rng = None
         if self.augment is not None and self.augment.active():
-            rng = np.random.default_rng([self.seed, self.epoch, self.start + b, 0xA06])
+            rng = np.random.default_rng([self.seed, epoch, b, 0xA06])
         for j, i in enumerate(idx):
             key = int(keys[i])
             lab, data = self.ds.read_image(key)
@@ -95,13 +117,25 @@ class _BatchSet(Dataset):
                     img = apply_numpy(img, self.augment, rng)
                 out[j] = img
             labels[j] = lab
-        fl = self.flip[b]
         if fl.any():
             out[fl] = out[fl, :, ::-1]
         imgs = torch.from_numpy(out)
         if self.normalize:
             imgs = normalize_nhwc(imgs, shared=torch.utils.data.get_worker_info() is not None)
         return imgs, torch.from_numpy(labels)
+
+
+class _EpochSampler(Sampler):
+    """Yields ``(epoch, batch)`` for the current epoch from ``start``; state set by the loader."""
+
+    def __init__(self, num_batches: int):
+        self.n, self.epoch, self.start = num_batches, 0, 0
+
+    def __iter__(self):
+        return iter([(self.epoch, b) for b in range(self.start, self.n)])
+
+    def __len__(self) -> int:
+        return self.n - self.start
 
 
 class TorchFaceLoader:
@@ -128,7 +162,13 @@ class TorchFaceLoader:
                 f"{ds.rec_path}: {self.num_images} images cannot fill one batch of {batch_size} "
                 f"on each of {world_size} ranks"
             )
-        self._offsets = np.asarray([ds.reader.offsets[int(k)] for k in ds.image_keys], np.int64)
+        offsets = np.asarray([ds.reader.offsets[int(k)] for k in ds.image_keys], np.int64)
+        # CPU: normalise where the decoding happens (in parallel workers); CUDA: ship uint8, normalise on GPU
+        self._on_host = self.device.type == "cpu"
+        self._set = _EpochBatches(ds, offsets, batch_size, self._len, rank, world_size, seed, shuffle,
+                                  flip, augment, self.image_size, normalize=self._on_host)
+        self._sampler = _EpochSampler(self._len)
+        self._dl: Optional[DataLoader] = None
         self.epoch, self.start_batch = 0, 0
 
     def __len__(self) -> int:
@@ -139,30 +179,22 @@ class TorchFaceLoader:
 
     def rank_indices(self, epoch: int) -> np.ndarray:
         """Image indices (into ``ds.image_keys``) this rank reads in ``epoch``, in order."""
-        per_rank = self._len * self.batch_size
-        sel = plan.epoch_selection(self._offsets, self.seed, epoch, per_rank * self.world_size, self.shuffle)
-        return plan.rank_chunk(sel, self.rank, per_rank)
+        return self._set.plan(epoch)[0].reshape(-1)
+
+    def _loader(self) -> DataLoader:
+        if self._dl is None:
+            workers = max(0, int(self.num_threads))
+            self._dl = DataLoader(
+                self._set, batch_size=None, sampler=self._sampler, num_workers=workers,
+                prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
+                pin_memory=self.device.type == "cuda",
+            )
+        return self._dl
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        epoch, start = self.epoch, self.start_batch
+        self._sampler.epoch, self._sampler.start = self.epoch, self.start_batch
         self.start_batch = 0  # a resume offset applies to one pass only
-        mine = self.rank_indices(epoch).reshape(self._len, self.batch_size)
-        fl = plan.flips(self.seed, epoch, self._len * self.batch_size * self.world_size)
-        per_rank = self._len * self.batch_size
-        fl = fl[self.rank * per_rank:(self.rank + 1) * per_rank].reshape(self._len, self.batch_size)
-        if not self.flip:
-            fl = np.zeros_like(fl)
-        # CPU: normalise where the decoding happens (in parallel workers); CUDA: ship uint8, normalise on GPU
-        on_host = self.device.type == "cpu"
-        bs = _BatchSet(self.ds, mine[start:], fl[start:], self.augment, self.seed, epoch, start,
-                       self.image_size, normalize=on_host)
-        workers = max(0, int(self.num_threads))
-        dl = DataLoader(
-            bs, batch_size=None, shuffle=False, num_workers=workers,
-            prefetch_factor=4 if workers else None,
-            pin_memory=self.device.type == "cuda",
-        )
-        for imgs, labels in dl:
-            if not on_host:
+        for imgs, labels in self._loader():
+            if not self._on_host:
                 imgs = normalize_nhwc(imgs.to(self.device, non_blocking=True))
             yield imgs, labels.to(self.device, non_blocking=True)
