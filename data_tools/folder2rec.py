@@ -5,7 +5,9 @@ sorted folder-name order (written to OUT/identities.txt). Output uses
 insightface's layout (header record 0, images, identity records) and is written
 atomically (temporary files renamed at the end). JPEGs of the right size are
 copied byte for byte unless --reencode; anything else is decoded, resized to
---size if needed and encoded as JPEG (--quality).
+--size if needed and encoded as JPEG (--quality). Image records are stored
+in random physical order unless --sorted (UNPG wants many identities per
+batch and DALI's shuffle buffer follows byte order).
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def _init(opts):
 
 
 def folder2rec(src, out, reencode: bool = False, quality: int = 95, size: int = 112,
-               shuffle: bool = False, seed: int = 0, workers: int = 2, progress: bool = True) -> dict:
+               shuffle: bool = True, seed: int = 0, workers: int = 2, progress: bool = True) -> dict:
     names, files, labels = list_folder(src)
     opts = {"size": (size, size), "quality": quality, "reencode": reencode}
 
@@ -100,14 +102,16 @@ def add_parser(sub) -> None:
     p.add_argument("--reencode", action="store_true", help="re-encode every image (default: copy JPEGs of the right size)")
     p.add_argument("--quality", type=int, default=95)
     p.add_argument("--size", type=int, default=112, help="output side length (non-matching images are resized)")
-    p.add_argument("--shuffle", action="store_true", help="store image records in random physical order")
+    p.add_argument("--sorted", action="store_true",
+                   help="store image records in identity order like insightface (default: random physical "
+                        "order, keys still grouped by identity, so DALI's local shuffle mixes identities)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=_main)
 
 
 def _main(a) -> int:
-    s = folder2rec(a.src, a.out, a.reencode, a.quality, a.size, a.shuffle, a.seed, a.workers)
+    s = folder2rec(a.src, a.out, a.reencode, a.quality, a.size, not a.sorted, a.seed, a.workers)
     print(f"folder2rec: {s['images']} images of {s['identities']} identities "
           f"({s['image_bytes'] / 1e6:.1f} MB) -> {a.out}/train.rec, train.idx, property, identities.txt")
     return 0

@@ -241,3 +241,18 @@ def test_dali_epoch_deterministic_and_resumable(synth_dir):
     L.set_epoch(3)
     other = torch.cat([y for _, y in L])
     assert not torch.equal(other, torch.cat([y for _, y in full]))
+
+
+@dali_ok
+def test_dali_warns_on_identity_sorted_file(tmp_path):
+    from data_tools.synth import generate_dataset
+
+    generate_dataset(tmp_path / "s", 8, 10, seed=2, workers=1, shuffle=False)
+    with pytest.warns(UserWarning, match="sorted by identity"):
+        build_train_loader(tmp_path / "s", 8, backend="dali", shuffle_buffer=32)
+    generate_dataset(tmp_path / "r", 8, 10, seed=2, workers=1, shuffle=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_train_loader(tmp_path / "r", 8, backend="dali", shuffle_buffer=32)
