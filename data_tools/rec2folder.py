@@ -1,7 +1,6 @@
 """rec2folder: unpack a RecordIO face dataset into ``OUT/<label>/<key>.<ext>`` (raw image bytes)."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from tqdm import tqdm

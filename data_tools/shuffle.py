@@ -7,7 +7,6 @@ train.idx and copies property; OUT may not be the input folder.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 

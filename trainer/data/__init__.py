@@ -10,7 +10,6 @@ only when the DALI backend is built).
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any, Mapping, Optional, Union
 

@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import tempfile
-from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
 import numpy as np

@@ -10,7 +10,6 @@ an image. The physical order in the file may differ from key order.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 import warnings
@@ -135,7 +134,8 @@ class FaceRecDataset:
     # ------------------------------------------------------------------ label scan
     def _cache_dir(self) -> Path:
         st_r, st_i = self.reader.rec_path.stat(), self.reader.idx_path.stat()
-        tag = f"{self.reader.rec_path.resolve()}|{st_r.st_size}|{st_r.st_mtime_ns}|{st_i.st_size}|{st_i.st_mtime_ns}"
+        tag = (f"{self.reader.rec_path.resolve()}|{st_r.st_ino}|{st_r.st_size}|{st_r.st_mtime_ns}|"
+               f"{st_i.st_ino}|{st_i.st_size}|{st_i.st_mtime_ns}")
         digest = hashlib.sha1(tag.encode()).hexdigest()[:16]
         base = Path(os.environ.get("UNPG_DATA_CACHE", Path(tempfile.gettempdir()) / "unpg-data-cache"))
         return base / f"{self.reader.rec_path.stem}-{digest}"
