@@ -13,6 +13,7 @@ fi
 # DeepSpeed (optional engine: `engine: deepspeed`). It ships as an sdist; with
 # pip's build isolation the build env can pull ANOTHER torch, so build against
 # the pinned one already installed. DS_SKIP_CUDA_CHECK lets it build on CPU.
+.venv/bin/python -m pip install -q setuptools wheel packaging
 DS_SKIP_CUDA_CHECK=1 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed==0.19.8"
 .venv/bin/python - <<'PY'
 import torch

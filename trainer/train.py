@@ -112,6 +112,9 @@ class Trainer:
 
         self.loader = self.loader_factory(cfg, d)
         self.num_classes = int(self.loader.num_classes)
+        log.info("data: %s, %d images, %d classes, %d batches of %d per rank per epoch",
+                 type(self.loader).__name__, int(self.loader.num_images), self.num_classes,
+                 len(self.loader), cfg.data.batch_size)
         if len(self.loader) == 0:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} x {d.world_size} ranks is larger than "
                               f"the dataset ({self.loader.num_images} images): no full batch per epoch")
