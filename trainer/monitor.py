@@ -93,6 +93,11 @@ class Monitor:
             log.info(msg)
         return sps
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (verification, checkpointing) out of samples/s and ETA."""
+        self._last_t += seconds
+        self._t0 += seconds
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -415,10 +415,12 @@ class Trainer:
                     sims = (getattr(self.head, "last_stats", {}) or {}).get("neg_sims")
                     if isinstance(sims, torch.Tensor):
                         monitor.histogram(self.step, "unpg/neg_sims", sims)
+                t_side = time.time()
                 if cfg.verify_every and self.step % cfg.verify_every == 0 and self.step < self.total_steps:
                     self._verify(monitor)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
+                monitor.exclude(time.time() - t_side)
             if not self.val_history or self.val_history[-1]["step"] != self.step:
                 self._verify(monitor)
             if not ckpt_mod.checkpoint_dir(self.ckpt_root, self.step).joinpath(ckpt_mod.MARKER).exists():
