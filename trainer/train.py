@@ -530,7 +530,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    created = False
     try:
         run(cfg)
     except NonFiniteLossError as e:
