@@ -21,8 +21,12 @@ def test_deepspeed_zero_trains_checkpoints_and_resumes(tmp_path, stage, precisio
     phases = [{"out": "a", "overrides": COMMON + ds},
               # resume from step 8: the engine's partitioned optimizer state + our own shards
               {"out": "b", "overrides": COMMON + ds, "copy": "a/checkpoints/step_00000008"}]
+    acc = ["data.batch_size=8", "optim.grad_accum=2", "max_steps=4", "loss.unpg=false"]
     if precision == "fp32":
         phases.append({"out": "ddp", "overrides": COMMON})
+        # gradient accumulation: head stepped at the engine's accumulation boundary only
+        phases.append({"out": "acc_ds", "overrides": COMMON + ds + acc})
+        phases.append({"out": "acc_ddp", "overrides": COMMON + acc})
     res = run_world(phases_worker, 2, str(tmp_path), phases, DATA)[0]
     losses = _losses(res[0])
     assert len(losses) == 10 and sum(losses[-3:]) < 0.85 * sum(losses[:3]), losses
@@ -35,3 +39,5 @@ def test_deepspeed_zero_trains_checkpoints_and_resumes(tmp_path, stage, precisio
     if precision == "fp32":
         # same updates as the DDP engine (gradient scaling, head outside the engine)
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(_losses(res[2])), rtol=2e-3, atol=1e-3)
+        assert len(_losses(res[3])) == 4
+        torch.testing.assert_close(torch.tensor(_losses(res[3])), torch.tensor(_losses(res[4])), rtol=2e-3, atol=1e-3)
