@@ -3,7 +3,8 @@
 Format (DESIGN.md §3): a pickle of ``(bins, issame_list)``; ``bins`` holds 2P
 encoded images, pair k is (bins[2k], bins[2k+1]). A pickle can run code, so
 files are read with a restricted unpickler that only rebuilds bytes, lists,
-tuples, bools, ints and (for numpy-saved files) nothing else.
+tuples, bools, ints (plus ``_codecs.encode(str, 'latin1')``, which is how Python 3
+writes bytes at pickle protocol <= 2) and nothing else.
 """
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ class UnsafePickleError(ValueError):
     """The file asks the unpickler to build an object we do not allow."""
 
 
+def _latin1_encode(text, encoding="utf-8", errors="strict"):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise UnsafePickleError(f"refusing _codecs.encode({type(text).__name__}, {encoding!r}) in a verification .bin")
+    return text.encode("latin1")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     # Plain containers and bytes need no find_class at all; every global lookup
     # (which is how a pickle runs code) is refused. Python 2 pickles written by
@@ -28,6 +35,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._path = path
 
     def find_class(self, module: str, name: str):  # noqa: D401
+        if (module, name) == ("_codecs", "encode"):
+            # Python 3 pickles of bytes at protocol <= 2 rebuild them as
+            # _codecs.encode(str, 'latin1'); allow exactly that and nothing else.
+            return _latin1_encode
         raise UnsafePickleError(
             f"{self._path}: refusing to load global '{module}.{name}' from a verification .bin "
             "(only bytes, lists, tuples and bools are allowed)"

@@ -21,7 +21,7 @@ from typing import Iterable, Union
 import torch
 from torch import nn
 
-_ROW_CHUNK = 1 << 13  # rows updated per block in the sparse path (bounds temporaries)
+_ROW_CHUNK = 1 << 12  # rows updated per block in the sparse path (bounds temporaries)
 
 
 class PartialFCSGD(torch.optim.Optimizer):

@@ -42,9 +42,10 @@ def _normalise(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return t / norm, norm
 
 
-def _unnormalise_grad(g_hat: torch.Tensor, t_hat: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """Gradient through ``t_hat = t / |t|`` (row-wise)."""
-    return (g_hat - t_hat * (t_hat * g_hat).sum(dim=1, keepdim=True)) / norm
+def _unnormalise_grad_(g_hat: torch.Tensor, t_hat: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """Gradient through ``t_hat = t / |t|`` (row-wise), computed in place in ``g_hat``."""
+    dot = torch.linalg.vecdot(t_hat, g_hat).unsqueeze(1)
+    return g_hat.addcmul_(t_hat, dot, value=-1.0).div_(norm)
 
 
 class _Chunks:
@@ -156,9 +157,9 @@ class MarginSoftmaxParts(torch.autograd.Function):
                 grad_x_hat.addmm_(grad_cos, w_hat)
             if need_w:
                 grad_w_hat = grad_cos.t() @ x_hat
-                grad_w[k0:k1] = _unnormalise_grad(grad_w_hat, w_hat, w_norm).to(grad_w.dtype)
+                grad_w[k0:k1] = _unnormalise_grad_(grad_w_hat, w_hat, w_norm)
 
-        grad_x = _unnormalise_grad(grad_x_hat, x_hat, x_norm) if need_x else None
+        grad_x = _unnormalise_grad_(grad_x_hat, x_hat, x_norm) if need_x else None
         if need_w and rows is not None:
             grad_w = torch.sparse_coo_tensor(
                 rows.unsqueeze(0), grad_w, weight.shape, is_coalesced=True, check_invariants=False

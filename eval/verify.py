@@ -1,0 +1,82 @@
+"""CLI: verification accuracy of a model on insightface ``.bin`` sets.
+
+    python -m eval.verify --model model.pt --network r50 --bin lfw.bin cfp_fp.bin agedb_30.bin --out eval_out
+
+Prints a markdown table and writes ``results.json``, ``results.md``, ``roc.png`` and
+``hist_<set>.png`` to ``--out``. ``--model`` may be a state_dict (+ ``--network``), a
+checkpoint directory, a TorchScript file, an ``.onnx`` file or a ``module:factory`` spec.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from eval import report
+from eval.metrics import pair_scores, roc
+from eval.models import load_model, parse_kwargs
+from eval.verification import embed_images, load_bin, verify_embeddings
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.verify", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model.pt | checkpoint dir | TorchScript | model.onnx | module:factory")
+    p.add_argument("--network", default=None,
+                   help="backbone name (r18..r200, mbf, tiny) or module:factory, for state_dicts (default: from the checkpoint's config)")
+    p.add_argument("--num-features", type=int, default=None, help="embedding size (default: read from the weights)")
+    p.add_argument("--unsafe-load", action="store_true", help="torch.load(weights_only=False): trusted files only")
+    p.add_argument("--network-kwargs", type=parse_kwargs, default=None,
+                   help="extra backbone constructor keywords, YAML/JSON mapping, e.g. '{width: 8}' (default: from the checkpoint's config)")
+    p.add_argument("--bin", nargs="+", required=True, help="verification .bin files")
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--nfolds", type=int, default=10)
+    p.add_argument("--out", default="eval_out", help="output folder for results.json/.md and plots")
+    p.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = args.device or default_device()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model, args.network, args.num_features, device, unsafe_load=args.unsafe_load,
+                       network_kwargs=args.network_kwargs)
+    results, curves = {}, {}
+    for path in args.bin:
+        name = Path(path).stem
+        t0 = time.time()
+        images, issame = load_bin(path, image_size=args.image_size)
+        emb = embed_images(model, images, batch_size=args.batch_size, device=device, desc=name)
+        res = verify_embeddings(emb, issame, nfolds=args.nfolds)
+        res["file"] = str(path)
+        res["seconds"] = round(time.time() - t0, 2)
+        results[name] = res
+        scores = pair_scores(emb.numpy())
+        fpr, tpr, _ = roc(scores, issame)
+        curves[name] = (fpr, tpr)
+        res["roc"] = report.downsample_curve(fpr, tpr)
+        if not args.no_plots:
+            report.plot_score_hist(scores, issame, out / f"hist_{name}.png", title=name, threshold=res["threshold"])
+    table = report.markdown_table(results, fars=(1e-4, 1e-3))
+    print(table, end="")
+    report.write_text(table, out / "results.md")
+    report.write_json({"model": str(args.model), "network": args.network, "results": results}, out / "results.json")
+    if not args.no_plots:
+        report.plot_roc(curves, out / "roc.png", title="verification ROC")
+    print(f"wrote {out / 'results.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
