@@ -172,7 +172,7 @@ def gpus_per_node(env: Mapping[str, str]) -> Optional[int]:
         # "8", "h100:8", or a per-type list "a100:4,h100:4" -> total
         total = 0
         for item in v.split(","):
-            m = re.fullmatch(r"(?:[\w.-]+:)?(\d+)(?:\(.*\))?", item.strip())
+            m = re.fullmatch(r"(?:[\w.-]+:)*(\d+)(?:\(.*\))?", item.strip())
             if not m:
                 raise SlurmEnvError(f"SLURM_GPUS_PER_NODE={v!r}: cannot read a GPU count")
             total += int(m.group(1))
