@@ -25,6 +25,11 @@ DEFAULTS: Dict[str, tuple] = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": (
         "1", "a failed or timed-out collective tears the process down, so torchrun sees the "
              "failure and restarts the group (--max-restarts) instead of hanging"),
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": (
+        "1", "each restart attempt gets a fresh TCPStore for init_process_group. With the store "
+             "shared across attempts (torch's default since 2.5), a restarted group can read the "
+             "previous attempt's gloo/NCCL bootstrap addresses and fail with 'Connection refused' "
+             "(pytorch/pytorch#135712, #167288); tests/launch/test_elastic_restart.py hit it"),
     "PYTORCH_ALLOC_CONF": ("expandable_segments:True",
                            "Partial FC sampling changes tensor shapes every step; expandable "
                            "segments keep the CUDA caching allocator from fragmenting"),
