@@ -10,6 +10,10 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -r requirements.txt -r requirements-dev.txt
+# DeepSpeed (optional engine: `engine: deepspeed`). It ships as an sdist; with
+# pip's build isolation the build env can pull ANOTHER torch, so build against
+# the pinned one already installed. DS_SKIP_CUDA_CHECK lets it build on CPU.
+DS_SKIP_CUDA_CHECK=1 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed==0.19.8"
 .venv/bin/python - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0"), f"torch {torch.__version__} replaced the pinned 2.13.0"

@@ -1,0 +1,68 @@
+"""Config: inheritance, overrides, clear errors, shipped recipes."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trainer.config import ConfigError, load_config, to_yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = os.path.join(ROOT, "configs")
+
+
+def test_shipped_recipes_resolve():
+    files = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")))
+    names = {os.path.basename(f) for f in files}
+    for ds in ("ms1mv2", "ms1mv3", "glint360k", "webface42m"):
+        for b in ("r50", "r100"):
+            for loss in ("", "_cosface"):
+                for u in ("", "_unpg"):
+                    assert f"{ds}_{b}{loss}{u}.yaml" in names
+    assert "synth_demo.yaml" in names
+    for f in files:
+        load_config(f)  # every shipped file type-checks
+    c = load_config(os.path.join(CONFIGS, "ms1mv3_r100_unpg.yaml"))
+    assert (c.model.backbone, c.loss.margin, c.loss.m, c.loss.unpg, c.loss.wisk) == ("r100", "arcface", 0.5, True, 1.5)
+    assert c.data.num_classes == 93431 and c.optim.lr == 0.1 and c.data.batch_size == 128
+    c = load_config(os.path.join(CONFIGS, "webface42m_r50_cosface.yaml"))
+    assert (c.model.backbone, c.loss.margin, c.loss.m, c.loss.unpg, c.loss.sample_rate) == ("r50", "cosface", 0.4, False, 0.2)
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.5\n  momentum: 0.8\nmodel:\n  backbone: r18\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\noptim:\n  lr: 0.2\n")
+    c = load_config(tmp_path / "child.yaml", ["optim.weight_decay=0.001", "data.val_targets=[lfw, agedb_30]",
+                                               "max_steps=7"])
+    assert (c.optim.lr, c.optim.momentum, c.model.backbone) == (0.2, 0.8, "r18")
+    assert c.optim.weight_decay == 0.001 and c.data.val_targets == ["lfw", "agedb_30"] and c.max_steps == 7
+    assert "lr: 0.2" in to_yaml(c)
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*valid keys: .*\blr\b.*momentum"):
+        load_config(None, ["optim.lrr=0.1"])
+    (tmp_path / "bad.yaml").write_text("modle:\n  backbone: r50\n")
+    with pytest.raises(ConfigError, match=r"'modle'.*valid keys: .*model"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_wrong_types_and_values():
+    with pytest.raises(ConfigError, match=r"'optim.lr': expected float, got 'fast'"):
+        load_config(None, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match=r"'data.batch_size': expected int"):
+        load_config(None, ["data.batch_size=1.5"])
+    with pytest.raises(ConfigError, match=r"'engine'.*not one of"):
+        load_config(None, ["engine=horovod"])
+    with pytest.raises(ConfigError, match=r"model.backbone.*valid: .*r100"):
+        load_config(None, ["model.backbone=vgg"])
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(None, ["optim.lr"])
+
+
+def test_cli_reports_bad_key_and_exits_2():
+    r = subprocess.run([sys.executable, "-m", "trainer.train", os.path.join(CONFIGS, "synth_demo.yaml"),
+                        "optim.lrr=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "unknown config key 'optim.lrr'" in r.stderr and "valid keys" in r.stderr

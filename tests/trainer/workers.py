@@ -1,0 +1,87 @@
+"""Module-level worker functions for tests/distributed.run_world."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from tests.trainer.synthetic import MemoryLoader, make_dataset
+from trainer.config import load_config
+from trainer.train import Trainer
+
+BASE = ["model.backbone=tiny", "model.embedding_size=32", "model.backbone_kwargs={width: 8}",
+        "loss.s=32", "loss.m=0.3", "optim.lr=0.1", "log_every=5", "verify_every=0", "save_every=0",
+        "image_grid=false", "progress_bar=off", "hist_every=5"]
+
+
+def tiny_config(out: Path, overrides: List[str], val: bool = False):
+    ov = [f"output={out}"] + BASE
+    if val:
+        ov += ["data.val_targets=[val]", f"data.val_dir={out.parent}"]
+    else:
+        ov += ["verify_at_start=false"]
+    return load_config(None, ov + list(overrides))
+
+
+def train_worker(rank: int, world: int, out: str, overrides: List[str], data: Dict[str, Any],
+                 val: bool = False, nan_at_batch: Optional[int] = None, return_weights: bool = False,
+                 head_init_seed: Optional[int] = None):
+    out = Path(out)
+    cfg = tiny_config(out, overrides, val)
+    imgs, labels = make_dataset(**data)
+
+    def factory(c, d):
+        return MemoryLoader(imgs, labels, c.data.batch_size, d.rank, d.world_size, c.seed,
+                            nan_at_batch=nan_at_batch)
+
+    t = Trainer(cfg, factory).setup()
+    if head_init_seed is not None:  # identical class centres whatever the world size
+        g = torch.Generator().manual_seed(head_init_seed)
+        full = torch.randn(t.num_classes, cfg.model.embedding_size, generator=g) * 0.1
+        s, e = t.head.class_range
+        with torch.no_grad():
+            t.head.weight.copy_(full[s:e])
+    start_step = t.step
+    if return_weights:
+        init_bb = {k: v.detach().clone() for k, v in t.backbone.state_dict().items()}
+        init_head = t.head.weight.detach().clone()
+    res = t.train()
+    res["start_step"] = start_step
+    res["class_range"] = tuple(t.head.class_range)
+    if return_weights:
+        res["backbone"] = {k: v.detach().clone() for k, v in t.backbone.state_dict().items()}
+        res["head"] = t.head.weight.detach().clone()
+        res["init_backbone"], res["init_head"] = init_bb, init_head
+    return res
+
+
+def error_worker(rank: int, world: int, out: str, overrides: List[str], data: Dict[str, Any],
+                 nan_at_batch: Optional[int] = None):
+    """Runs training expecting an exception; returns its type name and message."""
+    try:
+        train_worker(rank, world, out, overrides, data, nan_at_batch=nan_at_batch)
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__, str(e)
+    return None, None
+
+
+def phases_worker(rank: int, world: int, root: str, phases: List[Dict[str, Any]], data: Dict[str, Any]):
+    """Several trainings in ONE process group (saves process start-up time): each phase
+    is {"out": subdir, "overrides": [...], "copy": (src_ckpt_dir, ...) or None}; a copy
+    is done by rank 0 before the phase starts."""
+    import shutil
+
+    import torch.distributed as dist
+
+    results = []
+    for ph in phases:
+        out = Path(root) / ph["out"]
+        if ph.get("copy") and rank == 0:
+            src = Path(root) / ph["copy"]
+            shutil.copytree(src, out / "checkpoints" / src.name)
+        dist.barrier()
+        results.append(train_worker(rank, world, str(out), ph["overrides"], data,
+                                    nan_at_batch=ph.get("nan_at_batch")))
+        dist.barrier()
+    return results

@@ -1,0 +1,217 @@
+"""Sharded, atomic, resumable checkpoints (also at a different world size).
+
+Layout of one checkpoint ``<run>/checkpoints/step_XXXXXXXX/``::
+
+    trainer.pt        rank 0: backbone state_dict, backbone optimizer, scheduler,
+                      step, data position (epoch, batch), resolved config
+    shard_RRRRR.pt    rank R: Partial FC shard (head + its optimizer state),
+                      class range, RNG states of that rank
+    deepspeed/        engine.save_checkpoint output (engine: deepspeed only)
+    COMPLETE          JSON written LAST by rank 0 after every rank finished:
+                      step, world size, class ranges
+
+Every file goes through trainer.utils.atomic (temp file + rename), so a crash
+while saving leaves at most a folder without COMPLETE, which is ignored; the
+previous checkpoint stays loadable. Re-sharding (DESIGN.md §2 class ranges):
+row-aligned tensors of the old shards are concatenated in class order and the
+new rank's range is sliced out (head and optimizer state alike).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from trainer.utils.atomic import atomic_open, atomic_torch_save
+
+log = logging.getLogger("trainer.checkpoint")
+
+MARKER = "COMPLETE"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def shard_file(ckpt: Path, rank: int) -> Path:
+    return Path(ckpt) / f"shard_{rank:05d}.pt"
+
+
+# ------------------------------------------------------------------------ RNG
+def rng_state() -> Dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: Dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+# ----------------------------------------------------------------------- save
+def write_shard(ckpt: Path, rank: int, shard: Dict[str, Any]) -> None:
+    """Every rank: its head shard (``class_range``, ``head``, ``optimizer``) + RNG states."""
+    atomic_torch_save({**shard, "rng": rng_state()}, shard_file(ckpt, rank))
+
+
+def begin_save(ckpt: Path) -> None:
+    """Rank 0, before anyone writes: an old marker must not vouch for new files."""
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / MARKER).unlink(missing_ok=True)
+
+
+def finish_save(ckpt: Path, step: int, world_size: int, class_ranges: Sequence[Tuple[int, int]],
+                keep_last: int) -> None:
+    """Rank 0, after a barrier that follows every rank's writes: marker, then pruning."""
+    meta = {"step": step, "world_size": world_size, "class_ranges": [list(r) for r in class_ranges]}
+    with atomic_open(ckpt / MARKER, "w") as f:
+        json.dump(meta, f)
+    prune(ckpt.parent, keep_last)
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; drop incomplete ones older than those."""
+    done = list_checkpoints(root)
+    for step, path in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+    if done:
+        newest = done[-1][0]
+        for step, path in _all_step_dirs(root):
+            if step < newest and not (path / MARKER).exists():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _all_step_dirs(root: Path) -> List[Tuple[int, Path]]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def list_checkpoints(root: Path) -> List[Tuple[int, Path]]:
+    """Complete checkpoints (marker present), oldest first."""
+    return [(s, p) for s, p in _all_step_dirs(root) if (p / MARKER).is_file()]
+
+
+def read_marker(ckpt: Path) -> Dict[str, Any]:
+    with open(Path(ckpt) / MARKER) as f:
+        meta = json.load(f)
+    for k in ("step", "world_size", "class_ranges"):
+        if k not in meta:
+            raise ValueError(f"{ckpt / MARKER}: missing '{k}'")
+    return meta
+
+
+# ---------------------------------------------------------------- re-sharding
+def _reshard_tree(parts: List[Tuple[Tuple[int, int], Any]], lo: int, hi: int, where: str) -> Any:
+    """Merge the same node of several shards: row-aligned tensors are concatenated
+    (parts are ordered by class start and together cover [parts[0].start, ...))
+    and rows [lo, hi) taken; everything else is taken from the first part."""
+    first = parts[0][1]
+    if isinstance(first, torch.Tensor):
+        rows = [r[1] - r[0] for r, _ in parts]
+        if first.dim() >= 1 and all(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n
+                                    for (_, t), n in zip(parts, rows)) and sum(rows) > 0:
+            full = torch.cat([t for _, t in parts], 0)
+            base = parts[0][0][0]
+            return full[lo - base:hi - base].clone()
+        return first
+    if isinstance(first, dict):
+        for _, d in parts[1:]:
+            if not isinstance(d, dict) or set(d) != set(first):
+                raise ValueError(f"shards disagree on the keys of {where or 'the state'}")
+        return {k: _reshard_tree([(r, d[k]) for r, d in parts], lo, hi, f"{where}.{k}") for k in first}
+    if isinstance(first, (list, tuple)):
+        out = [_reshard_tree([(r, d[i]) for r, d in parts], lo, hi, f"{where}[{i}]") for i in range(len(first))]
+        return type(first)(out) if isinstance(first, tuple) else out
+    return first
+
+
+def load_shard_for_range(ckpt: Path, new_range: Tuple[int, int],
+                         old_ranges: Sequence[Sequence[int]]) -> Dict[str, Any]:
+    """State for class rows ``new_range`` from old shard files (only overlapping ones are read)."""
+    lo, hi = new_range
+    parts = []
+    for r, (s, e) in enumerate(old_ranges):
+        overlaps = s < hi and e > lo
+        if overlaps or (lo == hi and not parts and s <= lo <= e):  # empty range: structure only
+            d = torch.load(shard_file(ckpt, r), map_location="cpu", weights_only=False)
+            if tuple(d["class_range"]) != (s, e):
+                raise ValueError(f"{shard_file(ckpt, r)}: class_range {d['class_range']} != marker {(s, e)}")
+            parts.append(((s, e), d))
+    if not parts:
+        raise ValueError(f"{ckpt}: no shard covers classes {new_range}")
+    merged = {k: _reshard_tree([(rng, d[k]) for rng, d in parts], lo, hi, k)
+              for k in ("head", "optimizer")}
+    merged["class_range"] = (lo, hi)
+    return merged
+
+
+# ----------------------------------------------------------------------- load
+def load_for_rank(ckpt: Path, rank: int, world_size: int, class_range: Tuple[int, int]
+                  ) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
+    """(marker, trainer state, shard state) for this rank; raises on any unreadable file.
+
+    Same world size: the rank's own file (with its RNG state). Otherwise the
+    shard is re-sliced from the overlapping old shards (RNG not restored)."""
+    meta = read_marker(ckpt)
+    state = torch.load(Path(ckpt) / "trainer.pt", map_location="cpu", weights_only=False)
+    if meta["world_size"] == world_size and tuple(meta["class_ranges"][rank]) == tuple(class_range):
+        shard = torch.load(shard_file(ckpt, rank), map_location="cpu", weights_only=False)
+        if tuple(shard["class_range"]) != tuple(class_range):
+            raise ValueError(f"{shard_file(ckpt, rank)}: class_range {shard['class_range']} != {class_range}")
+    else:
+        total_old = meta["class_ranges"][-1][1] if meta["class_ranges"] else 0
+        if total_old < class_range[1]:
+            raise ValueError(f"{ckpt}: checkpoint has {total_old} classes, this run needs {class_range[1]}")
+        shard = load_shard_for_range(ckpt, class_range, meta["class_ranges"])
+    return meta, state, shard
+
+
+def find_resume_candidates(resume: str, ckpt_root: Path) -> List[Path]:
+    """Checkpoint folders to try, best first: ``auto`` = complete ones newest first;
+    a path = that folder (it must be complete)."""
+    if resume == "none":
+        return []
+    if resume == "auto":
+        return [p for _, p in reversed(list_checkpoints(ckpt_root))]
+    p = Path(resume)
+    if not (p / MARKER).is_file():
+        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint folder (no {MARKER})")
+    return [p]
+
+
+def try_load(candidates: List[Path], loader: Callable[[Path], Any],
+             all_ok: Callable[[bool], bool]) -> Tuple[Optional[Path], Any]:
+    """Try candidates in order; ``loader`` loads this rank's part, ``all_ok`` agrees
+    across ranks. A failing candidate is skipped with a warning naming it."""
+    for path in candidates:
+        err = None
+        try:
+            result = loader(path)
+        except Exception as e:  # corrupt/truncated/missing file
+            err, result = e, None
+        if all_ok(err is None):
+            return path, result
+        log.warning("checkpoint %s is unreadable (%s); falling back to the previous one",
+                    path, err if err is not None else "another rank failed to load it")
+    return None, None

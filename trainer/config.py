@@ -1,0 +1,271 @@
+"""Typed training configuration: dataclasses loaded from YAML.
+
+- ``load_config(path, overrides)``: YAML file, optional ``_base_: file | [files]``
+  (paths relative to the including file, merged in order, then this file on top;
+  nested mappings merge key by key), then dotted CLI overrides ``key.sub=value``
+  (value parsed as YAML: ``optim.lr=0.02``, ``data.val_targets=[lfw,cfp_fp]``).
+- Unknown keys and wrong types raise :class:`ConfigError` naming the key and
+  listing the valid ones. Nothing is silently ignored.
+- ``to_yaml(cfg)`` gives the resolved config (saved in the run folder).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "r50"              # r18/r34/r50/r100/r200/mbf/tiny (trainer.backbones)
+    embedding_size: int = 512
+    dropout: float = 0.0
+    grad_checkpointing: bool = False   # recompute iresnet stages in backward (memory for time)
+    compile: bool = False              # torch.compile the backbone
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor args
+
+
+@dataclass
+class LossConfig:
+    margin: str = "arcface"            # arcface | cosface | combined
+    s: float = 64.0
+    m: float = 0.5                     # ArcFace angular / CosFace additive margin
+    margin_list: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])  # combined (m1, m2, m3)
+    unpg: bool = False                 # add UNPG metric negatives (DESIGN.md §1)
+    wisk: float = 1.5                  # box-and-whisker width w
+    sample_rate: float = 1.0           # Partial FC sampling rate (DESIGN.md §2)
+
+
+@dataclass
+class DataConfig:
+    train_dir: str = ""                # folder with train.rec/train.idx/property
+    num_classes: Optional[int] = None  # if set, must equal the dataset's class count
+    batch_size: int = 128              # per rank, per micro-step
+    backend: str = "auto"              # auto | dali | python (trainer.data)
+    num_threads: int = 4
+    augment: Optional[bool] = None     # None: loader default (random flip)
+    val_dir: str = ""                  # folder of <target>.bin; default: train_dir
+    val_targets: List[str] = field(default_factory=list)  # e.g. [lfw, cfp_fp, agedb_30]
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sgd"             # sgd | adamw (backbone); the head uses PartialFCSGD
+    lr: float = 0.1
+    head_lr: Optional[float] = None    # default: lr
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: str = "poly"            # poly | cosine | constant
+    power: float = 2.0                 # polynomial decay power (arcface_torch uses 2)
+    warmup_steps: int = 0              # linear warmup, in optimizer steps
+    min_lr: float = 0.0
+    grad_accum: int = 1                # micro-batches per optimizer step
+    clip_grad_norm: float = 5.0        # backbone only; 0 disables
+
+
+@dataclass
+class Config:
+    output: str = "work_dirs/run"
+    seed: int = 2048
+    num_epochs: int = 20
+    max_steps: Optional[int] = None    # optimizer steps; overrides num_epochs
+    precision: str = "auto"            # auto | fp32 | bf16 | fp16 (auto: fp16 on CUDA, fp32 on CPU)
+    engine: str = "ddp"                # ddp | deepspeed
+    zero_stage: int = 1                # DeepSpeed ZeRO stage 0/1/2
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config, merged last
+    log_every: int = 50
+    hist_every: int = 500              # negative-similarity histograms
+    verify_every: int = 2000           # 0: only at the end
+    save_every: int = 2000             # 0: only at the end
+    keep_last: int = 3
+    resume: str = "auto"               # auto | none | path to a checkpoint folder
+    nan_policy: str = "stop"           # stop | skip
+    max_skips: int = 10                # nan_policy=skip: give up after this many in a row
+    verify_at_start: bool = True       # accuracy of the untrained/resumed model first
+    image_grid: bool = True
+    progress_bar: Optional[bool] = None  # None: when stdout is a terminal
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+_CHOICES = {
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "engine": ("ddp", "deepspeed"),
+    "nan_policy": ("stop", "skip"),
+    "zero_stage": (0, 1, 2),
+    "loss.margin": ("arcface", "cosface", "combined"),
+    "optim.optimizer": ("sgd", "adamw"),
+    "optim.scheduler": ("poly", "cosine", "constant"),
+}
+
+
+# ---------------------------------------------------------------- YAML + _base_
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml_with_bases(path: Union[str, Path], _stack: Sequence[Path] = ()) -> dict:
+    """Read ``path``; merge its ``_base_`` files first (recursively)."""
+    path = Path(path).resolve()
+    if path in _stack:
+        raise ConfigError(f"{path}: circular _base_ chain: {' -> '.join(map(str, _stack))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict = {}
+    for b in bases:
+        merged = _deep_merge(merged, load_yaml_with_bases(path.parent / b, (*_stack, path)))
+    return _deep_merge(merged, data)
+
+
+# --------------------------------------------------------------- typed building
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check(value, inner[0], key)
+    if tp is Any:
+        return value
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (bool, str) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"section '{prefix[:-1]}'" if prefix else "top level"
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' ({where}); valid keys: {', '.join(names)}")
+    kwargs = {}
+    for k, v in data.items():
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key '{prefix}{k}' is a section, expected a mapping, got {v!r}")
+            kwargs[k] = _build(tp, v, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _check(v, tp, prefix + k)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    for key, choices in _CHOICES.items():
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if obj not in choices:
+            raise ConfigError(f"config key '{key}': {obj!r} is not one of {list(choices)}")
+    positive = {"data.batch_size": cfg.data.batch_size, "optim.grad_accum": cfg.optim.grad_accum,
+                "model.embedding_size": cfg.model.embedding_size, "keep_last": cfg.keep_last,
+                "log_every": cfg.log_every}
+    for k, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"config key '{k}' must be >= 1, got {v}")
+    if not 0 < cfg.loss.sample_rate <= 1:
+        raise ConfigError(f"config key 'loss.sample_rate' must be in (0, 1], got {cfg.loss.sample_rate}")
+    if cfg.engine == "deepspeed" and cfg.nan_policy == "skip":
+        raise ConfigError("nan_policy=skip is not supported with engine=deepspeed (use stop)")
+    if len(cfg.loss.margin_list) != 3:
+        raise ConfigError("config key 'loss.margin_list' needs 3 values (m1, m2, m3)")
+    from trainer.backbones import available_backbones
+
+    if cfg.model.backbone.lower() not in available_backbones():
+        raise ConfigError(f"config key 'model.backbone': unknown {cfg.model.backbone!r}; "
+                          f"valid: {', '.join(available_backbones())}")
+
+
+def parse_override(text: str) -> tuple:
+    """``"a.b=1"`` -> (["a", "b"], 1); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse value: {e}") from e
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    data = _deep_merge({}, data)
+    for ov in overrides:
+        parts, value = parse_override(ov)
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {ov!r}: '{p}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
+    """Load, inherit, override, type-check and validate a training config."""
+    data = load_yaml_with_bases(path) if path is not None else {}
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
