@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.launch.conftest import ROOT, checkpoint_meta, resumed_steps, step_lines, tiny_config
+from tests.launch.e2e import ROOT, checkpoint_meta, resumed_steps, step_lines, tiny_config
 
 TOTAL, EVERY, KILL_AFTER = 16, 4, 10  # checkpoints at 4, 8, 12; rank 1 dies after step 10
 

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from tests.launch.conftest import ROOT, checkpoint_meta, free_port, step_lines, tiny_config
+from tests.launch.e2e import ROOT, checkpoint_meta, free_port, step_lines, tiny_config
 
 
 def _node(tmp_path, name, port, cfg, host):
