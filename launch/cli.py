@@ -102,6 +102,7 @@ def build_command(args: argparse.Namespace, env: Optional[dict] = None) -> List[
         if args.rdzv_host != "auto":
             flags.append(f"--rdzv-conf=is_host={1 if args.rdzv_host == 'yes' else 0}")
     elif args.cmd == "slurm":
+        nproc = nproc or slurm_env.gpus_per_node(env) or default_nproc()
         r = slurm_env.slurm_rendezvous(env, nproc_per_node=nproc, port=args.port)
         flags = slurm_env.torchrun_args(r)
     else:  # pragma: no cover - argparse restricts cmd

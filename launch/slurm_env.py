@@ -18,7 +18,8 @@ torchrun            SLURM variables
 --nnodes            SLURM_JOB_NUM_NODES, SLURM_NNODES
 node rank           SLURM_NODEID (used to pick the rendezvous host)
 --nproc-per-node    explicit value, SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE
-                    (``8`` or ``h100:8``), else 1 (CPU: gloo)
+                    (``8`` or ``h100:8``), else 1 (``python -m launch slurm``
+                    first tries the GPUs torch sees)
 --rdzv-endpoint     first host of SLURM_JOB_NODELIST / SLURM_NODELIST, port
                     MASTER_PORT or 29400 + SLURM_JOB_ID % 1000
 --rdzv-id           SLURM_JOB_ID (+ ``_`` SLURM_RESTART_COUNT after a requeue)

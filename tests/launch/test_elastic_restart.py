@@ -67,3 +67,49 @@ def test_kill_9_one_rank_group_restarts_and_resumes(tmp_path, tiny_dataset):
     # The killed process is gone; torchrun started a fresh group (restart count 1).
     with pytest.raises(ProcessLookupError):
         os.kill(killed, 0)
+
+
+@pytest.mark.slow
+def test_kill_9_on_one_of_two_nodes_restarts_both(tmp_path, tiny_dataset):
+    """The same failure across two torchrun agents (two "nodes", c10d rendezvous): the agent
+    of the dead rank restarts its workers, the other agent joins the new rendezvous round,
+    and the job resumes and finishes. (Slow: test_kill_9_one_rank_group_restarts_and_resumes
+    covers the resume semantics; this adds the cross-agent restart.)"""
+    from tests.launch.e2e import free_port
+
+    output = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "cfg.yaml", tiny_dataset, output, max_steps=TOTAL, save_every=EVERY)
+    fault = tmp_path / "fault"
+    fault.mkdir()
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNPG_FAULT_STEP": str(KILL_AFTER),
+           "UNPG_FAULT_RANK": "1", "UNPG_FAULT_DIR": str(fault)}
+    procs = []
+    for name, host in (("nodeA", "yes"), ("nodeB", "no")):
+        cmd = [sys.executable, "-m", "launch", "multi", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"restart-{port}",
+               "--rdzv-host", host, "--max-restarts", "1", "--module", "tests.launch.fault_worker",
+               "--", str(cfg)]
+        f = open(tmp_path / f"{name}.log", "w")
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), f))
+    try:
+        deadline = time.time() + 300
+        while not (fault / "ready").exists():
+            if any(p.poll() is not None for p, _ in procs) or time.time() > deadline:
+                pytest.fail("rank 1 never reached the fault step")
+            time.sleep(0.1)
+        os.kill(int((fault / "ready").read_text()), signal.SIGKILL)
+        codes = [p.wait(timeout=300) for p, _ in procs]
+    finally:
+        for p, f in procs:
+            if p.poll() is None:
+                p.kill()
+            f.close()
+    logs = "\n".join((tmp_path / f"{n}.log").read_text()[-3000:] for n in ("nodeA", "nodeB"))
+    assert codes == [0, 0], logs
+    text = (output / "train.log").read_text()
+    last_ckpt = KILL_AFTER // EVERY * EVERY
+    assert resumed_steps(text) == [last_ckpt]
+    assert [s for s, _, _ in step_lines(text)] == list(range(1, KILL_AFTER + 1)) + list(range(last_ckpt + 1, TOTAL + 1))
+    metas = checkpoint_meta(output)
+    assert max(metas) == TOTAL and metas[TOTAL]["world_size"] == 2

@@ -207,6 +207,17 @@ def test_single_node_default_nproc_is_one_on_cpu(monkeypatch):
     assert "--nproc-per-node=8" in _cmd("single", "--", "c.yaml")
 
 
+def test_slurm_command_process_count(monkeypatch):
+    env = {"SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_ID": "9",
+           "SLURM_JOB_NODELIST": "n[1-2]"}
+    monkeypatch.setattr(cli, "visible_gpus", lambda: 0)
+    assert "--nproc-per-node=1" in _cmd("slurm", "--", "c.yaml", env=env)  # CPU allocation: gloo
+    monkeypatch.setattr(cli, "visible_gpus", lambda: 4)  # GPUs but no SLURM GPU variables
+    assert "--nproc-per-node=4" in _cmd("slurm", "--", "c.yaml", env=env)
+    assert "--nproc-per-node=8" in _cmd("slurm", "--", "c.yaml", env={**env, "SLURM_GPUS_ON_NODE": "8"})
+    assert "--nproc-per-node=2" in _cmd("slurm", "--nproc-per-node", "2", "--", "c.yaml", env=env)
+
+
 def test_multi_node_command():
     cmd = _cmd("multi", "--nnodes", "1:4", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "job7",
                "--nproc-per-node", "8", "--rdzv-host", "yes", "-T=--tee=3", "--", "c.yaml")
