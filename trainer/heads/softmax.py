@@ -140,8 +140,12 @@ class MarginSoftmaxParts(torch.autograd.Function):
             raw = x_hat @ w_hat.t()
             # torch.clamp passes gradient on [-1, 1] only. Cosines of unit vectors leave
             # that range by rounding at most: build the mask only when they do.
-            lo, hi = torch.aminmax(raw)
-            outside = ((raw < -1.0) | (raw > 1.0)) if (lo < -1.0 or hi > 1.0) else None
+            # (On CUDA the check would cost a device sync per chunk: always mask there.)
+            if raw.is_cuda:
+                outside = raw.abs() > 1.0
+            else:
+                lo, hi = torch.aminmax(raw)
+                outside = ((raw < -1.0) | (raw > 1.0)) if (lo < -1.0 or hi > 1.0) else None
             t_rows, t_cols = _targets_in_chunk(target_pos, k0, k1)
             cos_t = target_cos[t_rows]
             logits = raw.clamp_(-1.0, 1.0).mul_(s)

@@ -1,0 +1,258 @@
+"""DALI CPU pipeline and torch fallback: labels, shards, epochs, equality, bad records."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.distributed import run_world
+from trainer.data import build_train_loader, resolve_backend
+from trainer.data.face_rec import FaceRecDataset
+from trainer.data.torch_loader import decode_image
+
+dali_ok = pytest.mark.skipif(resolve_backend("auto", torch.device("cuda")) != "dali",
+                             reason="nvidia-dali not installed")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def reference(data_dir):
+    """hash(uint8 HWC bytes) -> (key, label, flipped) for every image and its mirror."""
+    ds = FaceRecDataset(data_dir)
+    ref = {}
+    for k in ds.image_keys.tolist():
+        lab, data = ds.read_image(k)
+        img = decode_image(data, "ref")
+        ref[img.tobytes()] = (k, lab, False)
+        ref[np.ascontiguousarray(img[:, ::-1]).tobytes()] = (k, lab, True)
+    return ref
+
+
+def identify(images, labels, ref):
+    """Map each output sample to its record; checks label and [-1, 1] float CHW."""
+    assert images.dtype == torch.float32 and images.shape[1:] == (3, 112, 112)
+    assert labels.dtype == torch.int64 and images.min() >= -1 and images.max() <= 1
+    u8 = (images * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = []
+    for img, lab in zip(u8, labels.tolist()):
+        key, true_lab, flipped = ref[np.ascontiguousarray(img).tobytes()]
+        assert lab == true_lab, f"key {key}: label {lab} != {true_lab}"
+        out.append((key, flipped))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=dali_ok)])
+def test_reads_what_the_writer_wrote(synth_dir, backend):
+    ref = reference(synth_dir)
+    L = build_train_loader(synth_dir, 16, backend=backend, num_threads=1, seed=1)
+    assert (L.num_classes, L.num_images, len(L)) == (16, 96, 6)
+    seen = [s for x, y in L for s in identify(x, y, ref)]
+    keys = [k for k, _ in seen]
+    assert sorted(keys) == list(range(1, 97))  # all images once, never header/identity records
+    flips = sum(f for _, f in seen)
+    assert 20 < flips < 76  # random flip happens, about half
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=dali_ok)])
+def test_two_shards_cover_each_image_once_per_epoch(synth_dir, backend):
+    ref = reference(synth_dir)
+    loaders = [build_train_loader(synth_dir, 8, rank=r, world_size=2, backend=backend, num_threads=1, seed=5)
+               for r in range(2)]
+    assert len(loaders[0]) == len(loaders[1]) == 6  # 96 // 2 // 8
+    orders = []
+    for epoch in range(3):
+        per_rank = []
+        for L in loaders:
+            L.set_epoch(epoch)
+            per_rank.append([k for x, y in L for k, _ in identify(x, y, ref)])
+        assert len(per_rank[0]) == len(per_rank[1]) == 48
+        assert sorted(per_rank[0] + per_rank[1]) == list(range(1, 97)), f"epoch {epoch}"
+        orders.append(per_rank[0])
+    assert orders[0] != orders[1]
+
+
+def test_epoch_order_deterministic_and_resumable(synth_dir):
+    L = build_train_loader(synth_dir, 8, backend="torch", num_threads=0, seed=2)
+    L.set_epoch(3)
+    full = [(x.clone(), y.clone()) for x, y in L]
+    L2 = build_train_loader(synth_dir, 8, backend="torch", num_threads=2, seed=2)
+    L2.set_epoch(3, start_batch=4)
+    tail = list(L2)
+    assert len(tail) == len(full) - 4
+    for (a, b), (c, d) in zip(full[4:], tail):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    L2.set_epoch(4)
+    assert not torch.equal(next(iter(L2))[1], full[0][1]) or not torch.equal(next(iter(L2))[0], full[0][0])
+
+
+def test_drop_last_partial_and_uneven_counts(synth_dir):
+    # 96 images, 3 ranks, batch 10 -> 32 per rank -> 3 batches on every rank
+    for r in range(3):
+        L = build_train_loader(synth_dir, 10, rank=r, world_size=3, backend="torch", num_threads=0)
+        assert len(L) == 3 and sum(1 for _ in L) == 3
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        build_train_loader(synth_dir, 64, rank=0, world_size=2, backend="torch")
+
+
+@dali_ok
+def test_fallback_gives_same_tensors_as_dali(synth_dir):
+    a = build_train_loader(synth_dir, 16, backend="dali", shuffle=False, flip=False, num_threads=2)
+    b = build_train_loader(synth_dir, 16, backend="torch", shuffle=False, flip=False, num_threads=0)
+    n = 0
+    for (x1, y1), (x2, y2) in zip(a, b):
+        assert torch.equal(y1, y2)
+        assert torch.allclose(x1, x2, atol=1e-6, rtol=0)
+        n += 1
+    assert n == len(a) == 6
+
+
+@dali_ok
+def test_dali_two_processes_from_process_group(synth_dir):
+    res = run_world(_dali_rank, 2, str(synth_dir))
+    assert res[0][1] == res[1][1] == 6
+    assert sorted(res[0][0] + res[1][0]) == list(range(1, 97))
+
+
+def _dali_rank(rank, world, data_dir):
+    import torch.distributed as dist
+
+    L = build_train_loader(data_dir, 8, rank=dist.get_rank(), world_size=dist.get_world_size(),
+                           backend="dali", num_threads=1, seed=9)
+    ref = reference(data_dir)
+    keys = [k for x, y in L for k, _ in identify(x, y, ref)]
+    return keys, len(L)
+
+
+def test_dali_missing_falls_back_to_torch(synth_dir, monkeypatch):
+    import trainer.data.dali_loader as dl
+
+    monkeypatch.setattr(dl, "dali_available", lambda: False)
+    assert build_train_loader(synth_dir, 8, backend="auto").backend == "torch"
+    with pytest.raises(RuntimeError, match="dali"):
+        build_train_loader(synth_dir, 8, backend="dali")
+    with pytest.raises(ValueError, match="backend"):
+        build_train_loader(synth_dir, 8, backend="mxnet")
+
+
+_CORRUPT = textwrap.dedent('''
+    import sys
+    from trainer.data import build_train_loader
+    L = build_train_loader(sys.argv[1], 32, backend=sys.argv[2], shuffle=False, num_threads=1)
+    try:
+        for _ in L:
+            pass
+    except Exception as e:
+        print("ERROR", type(e).__name__, e)
+        sys.exit(3)
+    print("NO ERROR")
+''')
+
+
+def _corrupt_image(d, key):
+    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, pack, unpack
+
+    r = IndexedRecordReader(d / "train.rec")
+    recs = {k: r.read(k) for k in r.keys}
+    order = sorted(r.keys, key=r.offsets.get)
+    h, img = unpack(recs[key])
+    recs[key] = pack(IRHeader(0, h.label), img[:20] + b"\x00" * 50)  # JPEG header, garbage body
+    r.close()
+    with IndexedRecordWriter(d / "train.rec") as w:
+        for k in order:
+            w.write(k, recs[k])
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=dali_ok)])
+def test_undecodable_image_is_a_clear_error_not_a_crash(synth_copy, backend, tmp_path):
+    _corrupt_image(synth_copy, 7)
+    # own process: a DALI that segfaults (2.2-2.4) must fail this test, not kill pytest
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), UNPG_DATA_CACHE=str(tmp_path / "c2"))
+    p = subprocess.run([sys.executable, "-c", _CORRUPT, str(synth_copy), backend], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 3, f"rc={p.returncode} (negative = killed by a signal)\n{p.stdout}\n{p.stderr[-2000:]}"
+    assert "train.rec" in p.stdout and "key 7" in p.stdout, p.stdout
+
+
+def test_validate_clean_index_makes_loaders_skip_bad_record(synth_copy):
+    from data_tools.validate import validate
+
+    _corrupt_image(synth_copy, 7)
+    rep = validate(synth_copy, write_clean_index=True, progress=False, workers=1)
+    assert not rep.ok and "key 7" in rep.text()
+    with pytest.warns(UserWarning, match="1 of the 96 image keys"):
+        L = build_train_loader(synth_copy, 5, backend="auto", num_threads=1)
+    assert L.num_images == 95 and sum(y.numel() for _, y in L) == 95
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=dali_ok)])
+def test_augmentations(synth_dir, backend):
+    kw = dict(backend=backend, shuffle=False, flip=False, num_threads=1)
+    plain = next(iter(build_train_loader(synth_dir, 16, **kw)))[0]
+    gray = next(iter(build_train_loader(synth_dir, 16, augment={"gray_prob": 1.0}, **kw)))[0]
+    assert (gray[:, 0] - gray[:, 1]).abs().max() < 0.02 and (gray[:, 1] - gray[:, 2]).abs().max() < 0.02
+    assert (plain[:, 0] - plain[:, 1]).abs().max() > 0.2
+    for aug in ({"resize_prob": 1.0, "resize_min": 0.3}, {"blur_prob": 1.0}, {"hsv_prob": 1.0}):
+        x, y = next(iter(build_train_loader(synth_dir, 16, augment=aug, **kw)))
+        assert x.shape == plain.shape and x.min() >= -1 and x.max() <= 1
+        assert (x - plain).abs().mean() > 0.005, aug
+    with pytest.raises(ValueError, match="unknown augment"):
+        build_train_loader(synth_dir, 16, augment={"sharpen": 1.0}, **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=dali_ok)])
+def test_face2rec_style_label_arrays(synth_dir, tmp_path, backend):
+    """Records with flag 2 ([label, aligned], insightface face2rec) give the first label."""
+    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, pack, unpack
+
+    r = IndexedRecordReader(synth_dir / "train.rec")
+    with IndexedRecordWriter(tmp_path / "train.rec") as w:
+        for k in sorted(r.keys, key=r.offsets.get):
+            h, img = unpack(r.read(k))
+            if 1 <= k <= 96:
+                w.write(k, pack(IRHeader(0, [h.label, 1.0]), img))
+            else:
+                w.write(k, r.read(k))
+    (tmp_path / "property").write_text("16,112,112")
+    ref = reference(synth_dir)
+    L = build_train_loader(tmp_path, 16, backend=backend, num_threads=1)
+    assert sorted(k for x, y in L for k, _ in identify(x, y, ref)) == list(range(1, 97))
+
+
+def test_writer_refuses_ids_float32_cannot_hold(tmp_path):
+    from data_tools.layout import plan_layout
+
+    with pytest.raises(ValueError, match="2\\^24"):
+        plan_layout([0, 1], 2**24 + 1)
+
+
+@dali_ok
+def test_dali_epoch_deterministic_and_resumable(synth_dir):
+    L = build_train_loader(synth_dir, 16, backend="dali", num_threads=1, seed=4)
+    L.set_epoch(2)
+    full = [(x.clone(), y.clone()) for x, y in L]
+    L.set_epoch(2, start_batch=3)
+    tail = [(x.clone(), y.clone()) for x, y in L]
+    assert len(tail) == len(full) - 3
+    for (a, b), (c, d) in zip(full[3:], tail):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    L.set_epoch(3)
+    other = torch.cat([y for _, y in L])
+    assert not torch.equal(other, torch.cat([y for _, y in full]))
+
+
+@dali_ok
+def test_dali_warns_on_identity_sorted_file(tmp_path):
+    from data_tools.synth import generate_dataset
+
+    generate_dataset(tmp_path / "s", 8, 10, seed=2, workers=1, shuffle=False)
+    with pytest.warns(UserWarning, match="sorted by identity"):
+        build_train_loader(tmp_path / "s", 8, backend="dali", shuffle_buffer=32)
+    generate_dataset(tmp_path / "r", 8, 10, seed=2, workers=1, shuffle=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_train_loader(tmp_path / "r", 8, backend="dali", shuffle_buffer=32)

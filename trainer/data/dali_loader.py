@@ -1,0 +1,219 @@
+"""DALI pipeline over the RecordIO files: ``fn.readers.mxnet`` -> decode -> flip -> normalise.
+
+How the DALI pitfalls found with 2.x are handled (docs/data.md):
+
+* DALI reads *every* offset of the index it is given (keys ignored, offsets
+  sorted): header and identity records would become 0-byte images. We feed it
+  an index the project writes, listing only image records.
+* A bad line in an ``.idx`` silently ends DALI's epoch: the project parses the
+  index strictly first (clear error naming the line) and DALI only ever sees
+  an index we wrote.
+* Labels, empty images, framing of every image record's head are checked by
+  :meth:`FaceRecDataset.scan` before DALI starts (errors name file and key).
+  Undecodable JPEG payloads reach the decoder: DALI 2.2-2.4 segfault on one in
+  a batch >= 32, so ``nvidia-dali-cuda120`` is pinned to 2.1.1, which raises;
+  we re-raise naming the file and the ``validate`` command that finds it.
+* Shards: each epoch we write the epoch's selection (``world_size * len *
+  batch`` images, a random subset from (seed, epoch)) and let DALI cut it with
+  ``shard_id``/``num_shards`` from the process group; the count divides evenly,
+  ``pad_last_batch=True`` and ``stick_to_shard=True``, so no sample leaks across
+  epochs and every rank runs exactly ``len(loader)`` batches.
+* The shuffle is a local buffer (``initial_fill``): default 8192 (clamped to the
+  shard), with a warning when the file is identity-sorted so that the buffer
+  holds too few identities per batch (``data_tools shuffle`` fixes the file).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+
+from trainer.data import plan
+from trainer.data.augment import AugmentConfig, apply_dali
+from trainer.data.face_rec import FaceRecDataset, warn_if_identity_sorted
+from trainer.data.recordio import write_index
+
+#: the DALI release this project is tested with (requirements.txt pins it).
+DALI_VERSION = "2.1.1"
+DEFAULT_SHUFFLE_BUFFER = 8192
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _build_pipeline(rec: str, idx: str, batch_size: int, num_threads: int, device_id: Optional[int],
+                    shard_id: int, num_shards: int, shuffle: bool, initial_fill: int, seed: int,
+                    flip: bool, augment: Optional[AugmentConfig], size: Tuple[int, int]):
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device_id is not None
+
+    @pipeline_def
+    def face_pipe():
+        jpegs, labels = fn.readers.mxnet(
+            path=[rec], index_path=[idx], shard_id=shard_id, num_shards=num_shards,
+            random_shuffle=shuffle, initial_fill=initial_fill, pad_last_batch=True,
+            stick_to_shard=True, name="Reader",
+        )
+        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        if augment is not None and augment.active():
+            images = apply_dali(images, augment, "gpu" if gpu else "cpu", size)
+        mirror = fn.random.coin_flip(probability=0.5) if flip else 0
+        images = fn.crop_mirror_normalize(
+            images, dtype=types.FLOAT, output_layout="CHW",
+            mean=[127.5, 127.5, 127.5], std=[127.5, 127.5, 127.5], mirror=mirror,
+        )
+        return images, labels[0:1]
+
+    pipe = face_pipe(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
+                     seed=seed, prefetch_queue_depth=2, exec_dynamic=False)
+    pipe.build()
+    return pipe
+
+
+def _dali_reason(msg: str) -> str:
+    lines = [l.strip() for l in msg.splitlines() if l.strip()]
+    for i, l in enumerate(lines):
+        if l.startswith("encountered") and i + 1 < len(lines):
+            return lines[i + 1]
+    return lines[-1] if lines else msg
+
+
+class DaliDataError(RuntimeError):
+    """DALI failed on a record; the message names the file, key and the fix."""
+
+
+class DaliFaceLoader:
+    """DALI-backed loader; same interface as :class:`trainer.data.torch_loader.TorchFaceLoader`."""
+
+    backend = "dali"
+
+    def __init__(self, ds: FaceRecDataset, batch_size: int, rank: int, world_size: int,
+                 device: torch.device, num_threads: int = 2, seed: int = 0,
+                 augment: Optional[AugmentConfig] = None, shuffle: bool = True, flip: bool = True,
+                 shuffle_buffer: Optional[int] = None, image_size: Tuple[int, int] = (112, 112)):
+        import warnings
+
+        import nvidia.dali
+
+        if nvidia.dali.__version__ != DALI_VERSION:
+            warnings.warn(
+                f"nvidia-dali {nvidia.dali.__version__} is not the tested {DALI_VERSION}: DALI 2.2-2.4 "
+                "crash (segfault) on an undecodable image; run `python -m data_tools validate DATA "
+                "--write-index` first or install the pinned version"
+            )
+        self.ds = ds
+        self.labels = ds.scan()
+        self.num_classes = ds.num_classes
+        self.num_images = ds.num_images
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.device = torch.device(device)
+        self.num_threads, self.seed, self.shuffle, self.flip = num_threads, seed, shuffle, flip
+        self.augment = augment
+        self.image_size = tuple(image_size)
+        self._len = plan.batches_per_rank(self.num_images, world_size, batch_size)
+        if self._len == 0:
+            raise ValueError(
+                f"{ds.rec_path}: {self.num_images} images cannot fill one batch of {batch_size} "
+                f"on each of {world_size} ranks"
+            )
+        per_rank = self._len * batch_size
+        self.shuffle_buffer = min(shuffle_buffer or DEFAULT_SHUFFLE_BUFFER, per_rank)
+        if shuffle:
+            warn_if_identity_sorted(ds, batch_size, self.shuffle_buffer)
+        self._offsets = np.asarray([ds.reader.offsets[int(k)] for k in ds.image_keys], np.int64)
+        self._tmp = tempfile.mkdtemp(prefix="unpg-dali-")
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def _epoch_index(self, epoch: int) -> str:
+        per_rank = self._len * self.batch_size
+        sel = plan.epoch_selection(self._offsets, self.seed, epoch, per_rank * self.world_size, self.shuffle)
+        sel = sel[np.argsort(self._offsets[sel], kind="stable")]  # DALI sorts by offset anyway
+        path = os.path.join(self._tmp, f"epoch{epoch}.idx")
+        write_index(path, [(int(self.ds.image_keys[i]), int(self._offsets[i])) for i in sel])
+        return path
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        epoch, start = self.epoch, self.start_batch
+        self.start_batch = 0
+        idx = self._epoch_index(epoch)
+        device_id = self.device.index if self.device.type == "cuda" else None
+        if self.device.type == "cuda" and device_id is None:
+            device_id = torch.cuda.current_device()
+        pipe = _build_pipeline(
+            str(self.ds.rec_path), idx, self.batch_size, self.num_threads, device_id,
+            self.rank, self.world_size, self.shuffle, self.shuffle_buffer,
+            int(np.random.default_rng([self.seed, epoch, self.rank]).integers(0, 2**31 - 1)),
+            self.flip, self.augment, self.image_size,
+        )
+        it = None
+        try:
+            # the iterator runs the pipeline already while being constructed (prefetch)
+            it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
+                                     last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+            for b in range(self._len):
+                try:
+                    out = next(it)[0]
+                except StopIteration:
+                    raise RuntimeError(
+                        f"{self.ds.rec_path}: DALI ended the epoch after {b} of {self._len} batches"
+                    ) from None
+                if b < start:
+                    continue  # resume: the local shuffle is only reproducible by replaying
+                images = out["images"]
+                labels = out["labels"].reshape(-1).to(torch.int64)
+                if images.device != self.device:
+                    images = images.to(self.device)
+                    labels = labels.to(self.device)
+                elif labels.device != self.device:
+                    labels = labels.to(self.device)
+                yield images, labels
+        except RuntimeError as e:
+            if "DALI ended the epoch" in str(e):
+                raise
+            raise DaliDataError(self._explain(e, epoch)) from None
+        finally:
+            del it, pipe
+            try:
+                os.unlink(idx)
+            except OSError:
+                pass
+
+    def _explain(self, e: Exception, epoch: int) -> str:
+        """DALI's error with the record key it concerns (DALI names the byte offset)."""
+        msg = str(e)
+        m = re.search(r"at index (\d+)", msg)
+        where = ""
+        if m:
+            off = int(m.group(1))
+            keys = [int(self.ds.image_keys[i]) for i in np.nonzero(self._offsets == off)[0]]
+            if keys:
+                where = f" record key {keys[0]} (byte {off})"
+        kind = "undecodable image" if "decoder" in msg or "jpeg" in msg.lower() else "pipeline error"
+        return (
+            f"{self.ds.rec_path}:{where}: DALI stopped in epoch {epoch} ({kind}). Find every bad "
+            f"record with `python -m data_tools validate {self.ds.data_dir}` and exclude them with "
+            f"--write-index. DALI said: {_dali_reason(msg)}"
+        )
+
+    def __del__(self):
+        shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)

@@ -1,0 +1,424 @@
+"""MXNet RecordIO in plain Python (no MXNet): framing, index, IRHeader.
+
+Byte format (DESIGN.md §3, dmlc-core ``recordio.h``):
+
+* record = ``uint32 magic 0xced7230a``, ``uint32 lrec = (cflag << 29) | length``,
+  ``length`` payload bytes, zero padding to a multiple of 4.
+* ``cflag`` 0 = whole record. MXNet's writer scans the payload at every 4-byte
+  aligned offset; where the 4 bytes equal the magic it ends the current part
+  there (cflag 1 for the first part, 2 for the following ones), *drops* those 4
+  bytes and starts a new part after them; the final part gets cflag 3. A
+  reader re-inserts the magic between parts. Middle parts have lengths that are
+  multiples of 4, so only the last part is padded.
+* ``.idx`` = text lines ``key<TAB>byte_offset`` (offset of the record's first
+  part).
+* image payload = IRHeader ``<IfQQ`` (flag, label, id, id2); if flag > 0 the
+  header label is 0 and ``flag`` float32 labels follow; then the encoded image.
+
+Readers use positional reads (``os.pread``) on a descriptor opened lazily per
+process, so one :class:`IndexedRecordReader` can be handed to DataLoader
+workers or forked processes safely.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from trainer.utils.atomic import atomic_open
+
+PathLike = Union[str, os.PathLike]
+
+MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_HEAD = struct.Struct("<II")
+IR_FORMAT = "<IfQQ"
+_IR = struct.Struct(IR_FORMAT)
+IR_SIZE = _IR.size  # 24
+MAX_LENGTH = (1 << 29) - 1
+#: float32 represents every integer exactly only below 2**24 (DESIGN.md §3).
+MAX_EXACT_LABEL = 1 << 24
+
+
+class RecordIOError(ValueError):
+    """A malformed .rec/.idx; the message names the file and the record or line."""
+
+
+def _pad4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+# --------------------------------------------------------------------------- framing
+def encode_record(payload: bytes) -> bytes:
+    """Frame ``payload`` exactly as MXNet 1.x (dmlc ``RecordIOWriter::WriteRecord``) does."""
+    payload = bytes(payload)
+    n = len(payload)
+    if n > MAX_LENGTH:
+        raise RecordIOError(f"record of {n} bytes exceeds the RecordIO limit of {MAX_LENGTH}")
+    out = bytearray()
+    start = 0
+    # Only 4-byte-aligned positions fully inside the payload are checked (as MXNet does).
+    pos = payload.find(_MAGIC_BYTES)
+    while pos != -1 and pos + 4 <= n:
+        if pos % 4 == 0:
+            cflag = 1 if start == 0 else 2
+            out += _HEAD.pack(MAGIC, (cflag << 29) | (pos - start))
+            out += payload[start:pos]
+            start = pos + 4
+            pos = payload.find(_MAGIC_BYTES, start)
+        else:
+            pos = payload.find(_MAGIC_BYTES, pos + 1)
+    cflag = 3 if start != 0 else 0
+    out += _HEAD.pack(MAGIC, (cflag << 29) | (n - start))
+    out += payload[start:]
+    out += b"\0" * (_pad4(n) - n)
+    return bytes(out)
+
+
+def _parse_at(buf_reader, offset: int, file_size: int, where: str) -> Tuple[bytes, int]:
+    """Read one logical record starting at ``offset``; return (payload, next_offset).
+
+    ``buf_reader(offset, n)`` returns up to n bytes at offset. ``where`` names the
+    file and record for error messages.
+    """
+    if callable(where):  # built lazily: only an error needs the text
+        try:
+            return _parse_at(buf_reader, offset, file_size, "")
+        except RecordIOError as e:
+            raise RecordIOError(f"{where()}{e}") from None
+    parts: List[bytes] = []
+    pos = offset
+    first = True
+    while True:
+        if pos + 8 > file_size:
+            raise RecordIOError(
+                f"{where}: truncated record header at byte {pos} (file has {file_size} bytes)"
+            )
+        head = buf_reader(pos, 8)
+        if len(head) != 8:
+            raise RecordIOError(f"{where}: short read of record header at byte {pos}")
+        magic, lrec = _HEAD.unpack(head)
+        if magic != MAGIC:
+            raise RecordIOError(
+                f"{where}: bad magic 0x{magic:08x} at byte {pos} (expected 0x{MAGIC:08x}); "
+                "the offset is not the start of a record or the file is corrupt"
+            )
+        cflag, length = lrec >> 29, lrec & MAX_LENGTH
+        if first and cflag not in (0, 1):
+            raise RecordIOError(
+                f"{where}: byte {pos} is the continuation (cflag {cflag}) of a split record, "
+                "not the start of one"
+            )
+        if not first and cflag not in (2, 3):
+            raise RecordIOError(f"{where}: split record continues with cflag {cflag} at byte {pos}")
+        if pos + 8 + length > file_size:
+            raise RecordIOError(
+                f"{where}: truncated record at byte {pos}: needs {length} payload bytes, "
+                f"file ends after {file_size - pos - 8}"
+            )
+        data = buf_reader(pos + 8, length) if length else b""
+        if len(data) != length:
+            raise RecordIOError(f"{where}: short read of {length} bytes at byte {pos + 8}")
+        parts.append(data)
+        pos += 8 + _pad4(length)
+        first = False
+        if cflag in (0, 3):
+            break
+    return _MAGIC_BYTES.join(parts), pos
+
+
+def iter_records(rec_path: PathLike) -> Iterator[Tuple[int, bytes]]:
+    """Walk a .rec sequentially, yielding ``(offset, payload)``; errors name the byte offset."""
+    rec_path = Path(rec_path)
+    if not rec_path.is_file():
+        raise FileNotFoundError(f"RecordIO file not found: {rec_path}")
+    size = rec_path.stat().st_size
+    fd = os.open(rec_path, os.O_RDONLY)
+    try:
+        reader = lambda off, n: os.pread(fd, n, off)  # noqa: E731
+        pos, i = 0, 0
+        while pos < size:
+            payload, nxt = _parse_at(reader, pos, size, f"{rec_path} (record #{i} at byte {pos})")
+            yield pos, payload
+            pos, i = nxt, i + 1
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- index
+def read_index(idx_path: PathLike) -> Tuple[List[int], Dict[int, int]]:
+    """Parse a ``.idx`` strictly: returns (keys in file order, key -> offset).
+
+    Any malformed line raises :class:`RecordIOError` naming the file and line
+    (DALI would silently stop reading there; see docs/data.md).
+    """
+    idx_path = Path(idx_path)
+    if not idx_path.is_file():
+        raise FileNotFoundError(f"RecordIO index not found: {idx_path}")
+    keys: List[int] = []
+    offsets: Dict[int, int] = {}
+    with open(idx_path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line:
+                continue
+            fields = line.split(b"\t")
+            try:
+                if len(fields) != 2:
+                    raise ValueError("expected 2 tab-separated fields")
+                key, off = int(fields[0]), int(fields[1])
+                if key < 0 or off < 0:
+                    raise ValueError("negative value")
+            except ValueError as e:
+                raise RecordIOError(
+                    f"{idx_path}: line {lineno} is not 'key<TAB>offset': {raw[:80]!r} ({e})"
+                ) from None
+            if key in offsets:
+                raise RecordIOError(f"{idx_path}: line {lineno}: duplicate key {key}")
+            keys.append(key)
+            offsets[key] = off
+    return keys, offsets
+
+
+def write_index(idx_path: PathLike, items: Sequence[Tuple[int, int]]) -> None:
+    """Write ``key<TAB>offset`` lines atomically (MXNet's format)."""
+    with atomic_open(idx_path, "wb") as f:
+        f.write("".join(f"{k}\t{o}\n" for k, o in items).encode())
+
+
+class IndexedRecordReader:
+    """Random access to a .rec by key through its .idx, safe across processes.
+
+    The file descriptor is opened lazily and re-opened after a fork (checked by
+    pid), and every read is an ``os.pread``: no shared file position.
+    """
+
+    def __init__(self, rec_path: PathLike, idx_path: Optional[PathLike] = None):
+        self.rec_path = Path(rec_path)
+        self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
+        if not self.rec_path.is_file():
+            raise FileNotFoundError(f"RecordIO file not found: {self.rec_path}")
+        self.keys, self.offsets = read_index(self.idx_path)
+        self.file_size = self.rec_path.stat().st_size
+        for k in self.keys:
+            off = self.offsets[k]
+            if off + 8 > self.file_size:
+                raise RecordIOError(
+                    f"{self.idx_path}: key {k} points to byte {off}, past the end of "
+                    f"{self.rec_path} ({self.file_size} bytes)"
+                )
+            if off % 4:
+                raise RecordIOError(
+                    f"{self.idx_path}: key {k} points to byte {off}, not 4-byte aligned: "
+                    "cannot be the start of a record"
+                )
+        self._fd: Optional[int] = None
+        self._pid: Optional[int] = None
+        self._lock = threading.Lock()
+
+    # pickling for DataLoader workers: never ship a descriptor.
+    def __getstate__(self):
+        st = self.__dict__.copy()
+        st["_fd"], st["_pid"], st["_lock"] = None, None, None
+        return st
+
+    def __setstate__(self, st):
+        self.__dict__.update(st)
+        self._lock = threading.Lock()
+
+    def _fileno(self) -> int:
+        pid = os.getpid()
+        if self._fd is None or self._pid != pid:
+            with self._lock:
+                if self._fd is None or self._pid != pid:
+                    self._fd = os.open(self.rec_path, os.O_RDONLY)
+                    self._pid = pid
+        return self._fd
+
+    def _pread(self, off: int, n: int) -> bytes:
+        return os.pread(self._fileno(), n, off)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: int) -> bool:
+        return key in self.offsets
+
+    def where(self, key: int) -> str:
+        return f"{self.rec_path} (key {key} at byte {self.offsets.get(key)})"
+
+    def read(self, key: int) -> bytes:
+        """Payload of record ``key`` (split parts reassembled)."""
+        try:
+            off = self.offsets[key]
+        except KeyError:
+            raise KeyError(f"{self.rec_path}: no key {key} in {self.idx_path}") from None
+        payload, _ = _parse_at(self._pread, off, self.file_size, lambda: self.where(key))
+        return payload
+
+    def read_head(self, key: int, n: int = IR_SIZE + 64) -> Tuple[bytes, int]:
+        """First up-to-``n`` payload bytes of record ``key`` and its total payload length.
+
+        Used to scan labels without reading images. For split records falls back
+        to a full read.
+        """
+        off = self.offsets[key]
+        where = self.where(key)
+        head = self._pread(off, 8)
+        if len(head) != 8:
+            raise RecordIOError(f"{where}: truncated record header")
+        magic, lrec = _HEAD.unpack(head)
+        if magic != MAGIC:
+            raise RecordIOError(
+                f"{where}: bad magic 0x{magic:08x} (the index does not point to the start of a record)"
+            )
+        cflag, length = lrec >> 29, lrec & MAX_LENGTH
+        if cflag != 0:
+            p = self.read(key)
+            return p[:n], len(p)
+        if off + 8 + length > self.file_size:
+            raise RecordIOError(f"{where}: truncated record: needs {length} payload bytes")
+        return self._pread(off + 8, min(n, length)), length
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __del__(self):  # best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class IndexedRecordWriter:
+    """Write a .rec and its .idx atomically (both appear only on :meth:`close`).
+
+    Use as a context manager; on an exception neither final file is touched.
+    """
+
+    def __init__(self, rec_path: PathLike, idx_path: Optional[PathLike] = None):
+        self.rec_path = Path(rec_path)
+        self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
+        self._rec_cm = atomic_open(self.rec_path, "wb")
+        self._rec: BinaryIO = self._rec_cm.__enter__()
+        self._pos = 0
+        self._index: List[Tuple[int, int]] = []
+        self._keys: set = set()
+
+    def write(self, key: int, payload: bytes) -> int:
+        """Append record ``key``; returns its byte offset."""
+        key = int(key)
+        if key in self._keys:
+            raise ValueError(f"{self.rec_path}: duplicate key {key}")
+        data = encode_record(payload)
+        off = self._pos
+        self._rec.write(data)
+        self._pos += len(data)
+        self._index.append((key, off))
+        self._keys.add(key)
+        return off
+
+    def close(self) -> None:
+        if self._rec_cm is None:
+            return
+        cm, self._rec_cm = self._rec_cm, None
+        cm.__exit__(None, None, None)
+        write_index(self.idx_path, self._index)
+
+    def abort(self, exc: BaseException) -> None:
+        if self._rec_cm is None:
+            return
+        cm, self._rec_cm = self._rec_cm, None
+        try:
+            cm.__exit__(type(exc), exc, exc.__traceback__)
+        except BaseException:
+            pass
+
+    def __enter__(self) -> "IndexedRecordWriter":
+        return self
+
+    def __exit__(self, et, ev, tb) -> None:
+        if et is None:
+            self.close()
+        else:
+            self.abort(ev)
+
+
+# --------------------------------------------------------------------------- IRHeader
+@dataclass
+class IRHeader:
+    """MXNet's image record header. ``label`` is a float or a float32 array (flag > 0)."""
+
+    flag: int
+    label: Union[float, np.ndarray]
+    id: int = 0
+    id2: int = 0
+
+    @property
+    def labels(self) -> np.ndarray:
+        """All labels as a float32 array (length 1 for a scalar label)."""
+        if self.flag > 0:
+            return np.asarray(self.label, dtype=np.float32)
+        return np.asarray([self.label], dtype=np.float32)
+
+
+def pack(header: IRHeader, data: bytes = b"") -> bytes:
+    """``mx.recordio.pack``: scalar label -> flag 0; array label -> flag = len, labels prepended."""
+    label = header.label
+    if isinstance(label, (int, float, np.integer, np.floating)):
+        head = _IR.pack(0, float(label), header.id, header.id2)
+        return head + bytes(data)
+    arr = np.asarray(label, dtype=np.float32).reshape(-1)
+    head = _IR.pack(arr.size, 0.0, header.id, header.id2)
+    return head + arr.astype("<f4").tobytes() + bytes(data)
+
+
+def unpack(payload: bytes, where: str = "record") -> Tuple[IRHeader, bytes]:
+    """``mx.recordio.unpack``: returns (header, remaining bytes = encoded image)."""
+    if len(payload) < IR_SIZE:
+        raise RecordIOError(f"{where}: payload of {len(payload)} bytes is shorter than the {IR_SIZE}-byte IRHeader")
+    flag, label, id_, id2 = _IR.unpack_from(payload, 0)
+    rest = payload[IR_SIZE:]
+    if flag > 0:
+        if len(rest) < 4 * flag:
+            raise RecordIOError(f"{where}: IRHeader flag {flag} needs {4 * flag} label bytes, payload has {len(rest)}")
+        arr = np.frombuffer(rest, dtype="<f4", count=flag).astype(np.float32)
+        return IRHeader(flag, arr, id_, id2), rest[4 * flag:]
+    return IRHeader(0, float(label), id_, id2), rest
+
+
+def class_id(header: IRHeader, where: str = "record", num_classes: Optional[int] = None) -> int:
+    """The class id of an image record (first label), checked exact and in range.
+
+    Refuses ids that float32 cannot hold exactly (>= 2**24): two classes could
+    have been merged by the rounding (DESIGN.md §3).
+    """
+    value = float(header.labels[0]) if header.flag > 0 else float(header.label)
+    if not np.isfinite(value) or value != int(value):
+        raise RecordIOError(f"{where}: label {value!r} is not an integer class id")
+    cid = int(value)
+    if cid < 0:
+        raise RecordIOError(f"{where}: negative label {cid}")
+    if cid >= MAX_EXACT_LABEL:
+        raise RecordIOError(
+            f"{where}: label {cid} >= 2^24 cannot be stored exactly in the float32 RecordIO "
+            "label (neighbouring class ids collapse); refusing rather than merging classes"
+        )
+    if num_classes is not None and cid >= num_classes:
+        raise RecordIOError(f"{where}: label {cid} out of range [0, {num_classes})")
+    return cid
+
+
+def check_label_exact(label: int) -> None:
+    """Writer-side guard: refuse ids float32 cannot hold exactly."""
+    if not 0 <= int(label) < MAX_EXACT_LABEL:
+        raise ValueError(
+            f"label {label} outside [0, 2^24): float32 RecordIO labels cannot hold it exactly"
+        )
