@@ -51,7 +51,7 @@ class DataConfig:
     batch_size: int = 128              # per rank, per micro-step
     backend: str = "auto"              # auto | dali | python (trainer.data)
     num_threads: int = 4
-    augment: Optional[bool] = None     # None: loader default (random flip)
+    augment: Optional[Dict[str, Any]] = None  # trainer.data AugmentConfig fields; None: flip only
     val_dir: str = ""                  # folder of <target>.bin; default: train_dir
     val_targets: List[str] = field(default_factory=list)  # e.g. [lfw, cfp_fp, agedb_30]
 

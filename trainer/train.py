@@ -414,11 +414,26 @@ class Trainer:
             if d.is_main:
                 atomic_torch_save(self.export_state_dict(), self.out / "model.pt")
                 log.info("wrote %s", self.out / "model.pt")
+                self._write_summary()
             barrier()
         finally:
             monitor.close()
         return {"history": self.history, "val": self.val_history,
                 "best": dict(self.verifier.best) if self.verifier else {}}
+
+    def _write_summary(self) -> None:
+        """<out>/summary.json: loss per step and every verification (rank 0)."""
+        import json
+
+        summary = {"steps": self.step, "world_size": self.d.world_size, "history": self.history,
+                   "val": self.val_history, "best": dict(self.verifier.best) if self.verifier else {}}
+        with atomic_open(self.out / "summary.json", "w") as f:
+            json.dump(summary, f, indent=1)
+        if len(self.val_history) >= 2:
+            a, b = self.val_history[0], self.val_history[-1]
+            for name in b["acc"]:
+                log.info("verification %s: %.4f at step %d -> %.4f at step %d", name, a["acc"].get(name, float("nan")),
+                         a["step"], b["acc"][name], b["step"])
 
     def _one_step(self):
         """One optimizer step over ``grad_accum`` micro-batches.

@@ -6,7 +6,7 @@ import torch
 
 from tests.distributed import run_world
 from tests.trainer.synthetic import make_dataset
-from tests.trainer.workers import error_worker, train_worker
+from tests.trainer.workers import phases_worker, train_worker
 
 DATA = dict(identities=32, per_id=8, val_identities=16, val_pairs=100, seed=0)
 NO_BN = "model.backbone_kwargs={width: 8, norm: none}"
@@ -41,14 +41,15 @@ def test_ddp_matches_single_process_and_accumulation(tmp_path):
     accumulation steps == 1 rank x 2B (plain margin loss: UNPG pairs never span
     micro-batches, so accumulation is only equivalent without it)."""
     common = [NO_BN, "max_steps=3", "optim.clip_grad_norm=0", "optim.weight_decay=0.001"]
-    args = (DATA, False, None, True, 5)
-    two = run_world(train_worker, 2, str(tmp_path / "a"), common + ["data.batch_size=8", "loss.unpg=true"], *args)
-    one = run_world(train_worker, 1, str(tmp_path / "b"), common + ["data.batch_size=16", "loss.unpg=true"], *args)[0]
-    two = {"backbone": two[0]["backbone"], "head": torch.cat([two[0]["head"], two[1]["head"]])}
+    kw = {"return_weights": True, "head_init_seed": 5}
+    two = run_world(phases_worker, 2, str(tmp_path), [
+        {"out": "a", "overrides": common + ["data.batch_size=8", "loss.unpg=true"], "kw": kw}], DATA)
+    one, plain, acc = run_world(phases_worker, 1, str(tmp_path), [
+        {"out": "b", "overrides": common + ["data.batch_size=16", "loss.unpg=true"], "kw": kw},
+        {"out": "c", "overrides": common + ["data.batch_size=16"], "kw": kw},
+        {"out": "d", "overrides": common + ["data.batch_size=8", "optim.grad_accum=2"], "kw": kw}], DATA)[0]
+    two = {"backbone": two[0][0]["backbone"], "head": torch.cat([two[0][0]["head"], two[1][0]["head"]])}
     _assert_same_weights(two, one)
-    plain = run_world(train_worker, 1, str(tmp_path / "c"), common + ["data.batch_size=16"], *args)[0]
-    acc = run_world(train_worker, 1, str(tmp_path / "d"), common + ["data.batch_size=8", "optim.grad_accum=2"],
-                    *args)[0]
     _assert_same_weights(acc, plain)
     # the weights did move (the comparison is not vacuous)
     assert (one["init_backbone"]["fc.weight"] - one["backbone"]["fc.weight"]).abs().max() > 1e-3
@@ -56,7 +57,7 @@ def test_ddp_matches_single_process_and_accumulation(tmp_path):
 
 
 def _losses(res):
-    return [h["loss"] for h in res[0]["history"]]
+    return [h["loss"] for h in res["history"]]
 
 
 def _close_losses(got, want):
@@ -68,48 +69,52 @@ def _close_losses(got, want):
 
 def test_resume_same_and_different_world_size(tmp_path):
     common = [NO_BN, "max_steps=12", "save_every=4", "keep_last=5", "loss.unpg=true"]
-    a = run_world(train_worker, 2, str(tmp_path / "a"), common + ["data.batch_size=12"], DATA)
+    # uninterrupted 2-rank run; then a run "interrupted" after step 8 resumes: bit for bit
+    a, b = run_world(phases_worker, 2, str(tmp_path), [
+        {"out": "a", "overrides": common + ["data.batch_size=12"]},
+        {"out": "b", "overrides": common + ["data.batch_size=12"], "copy": "a/checkpoints/step_00000008"},
+    ], DATA)[0]
     full = _losses(a)
-    assert len(full) == 12
-    ck = tmp_path / "a" / "checkpoints"
-    # same world size, interrupted after step 8: continue bit for bit
-    shutil.copytree(ck / "step_00000008", tmp_path / "b" / "checkpoints" / "step_00000008")
-    b = run_world(train_worker, 2, str(tmp_path / "b"), common + ["data.batch_size=12"], DATA)
-    assert b[0]["start_step"] == 8
+    assert len(full) == 12 and b["start_step"] == 8
     assert _losses(b) == full[8:]
     # 2 -> 3 ranks from step 4 (same global batch 24): re-sharded centres and momentum
-    shutil.copytree(ck / "step_00000004", tmp_path / "c" / "checkpoints" / "step_00000004")
-    c = run_world(train_worker, 3, str(tmp_path / "c"), common + ["data.batch_size=8"], DATA)
-    assert c[0]["start_step"] == 4 and [r["class_range"] for r in c] == [(0, 11), (11, 22), (22, 32)]
+    c = run_world(phases_worker, 3, str(tmp_path), [
+        {"out": "c", "overrides": common + ["data.batch_size=8"], "copy": "a/checkpoints/step_00000004"}], DATA)
+    assert [r[0]["class_range"] for r in c] == [(0, 11), (11, 22), (22, 32)]
+    c = c[0][0]
+    assert c["start_step"] == 4
     _close_losses(_losses(c), full[4:])
     # 3 -> 1 rank from the 3-rank run's step 8
-    shutil.copytree(tmp_path / "c" / "checkpoints" / "step_00000008", tmp_path / "d" / "checkpoints" / "step_00000008")
-    d = run_world(train_worker, 1, str(tmp_path / "d"), common + ["data.batch_size=24"], DATA)
-    assert d[0]["start_step"] == 8
+    d = run_world(phases_worker, 1, str(tmp_path), [
+        {"out": "d", "overrides": common + ["data.batch_size=24"], "copy": "c/checkpoints/step_00000008"}], DATA)[0][0]
+    assert d["start_step"] == 8
     _close_losses(_losses(d), _losses(c)[4:])
 
 
 def test_corrupted_newest_checkpoint_falls_back(tmp_path):
     common = ["max_steps=6", "save_every=2", "keep_last=5", "data.batch_size=16"]
-    run_world(train_worker, 2, str(tmp_path / "a"), common, DATA)
-    ck = tmp_path / "a" / "checkpoints"
-    shutil.rmtree(ck / "step_00000006")
-    (ck / "step_00000004" / "shard_00001.pt").write_bytes(b"\x00garbage")  # only rank 1's file is bad
-    res = run_world(train_worker, 2, str(tmp_path / "a"), common, DATA)
-    assert res[0]["start_step"] == 2 and res[1]["start_step"] == 2
+    ck = "a/checkpoints/"
+    _, res = run_world(phases_worker, 2, str(tmp_path), [
+        {"out": "a", "overrides": common},
+        # newest complete = step 4 after removing 6; only rank 1's file of it is bad
+        {"out": "a", "overrides": common, "remove": [ck + "step_00000006"],
+         "corrupt": [ck + "step_00000004/shard_00001.pt"]},
+    ], DATA)[0]
+    assert res["start_step"] == 2
     log = (tmp_path / "a" / "train.log").read_text()
     assert "step_00000004 is unreadable" in log and "falling back" in log
 
 
-def test_nan_loss_stops_naming_the_step(tmp_path):
-    res = run_world(error_worker, 2, str(tmp_path / "a"), ["max_steps=6", "data.batch_size=16"], DATA, 3)
-    for kind, msg in res:
+def test_nan_loss_stops_naming_the_step_or_skips(tmp_path):
+    res = run_world(phases_worker, 2, str(tmp_path), [
+        {"out": "stop", "overrides": ["max_steps=6", "data.batch_size=16"], "kw": {"nan_at_batch": 3},
+         "expect_error": True},
+        {"out": "skip", "overrides": ["max_steps=5", "data.batch_size=16", "nan_policy=skip"],
+         "kw": {"nan_at_batch": 3}},
+    ], DATA)
+    for rank_res in res:
+        kind, msg = rank_res[0]
         assert kind == "NonFiniteLossError" and "at step 3" in msg, msg
-    assert not (tmp_path / "a" / "model.pt").exists()
-
-
-def test_nan_loss_skip_policy(tmp_path):
-    res = run_world(train_worker, 2, str(tmp_path / "a"), ["max_steps=5", "data.batch_size=16",
-                                                           "nan_policy=skip"], DATA, False, 3)
-    losses = _losses(res)
-    assert len(losses) == 5 and all(l == l for l in losses)  # no NaN recorded, 5 real steps
+    assert not (tmp_path / "stop" / "model.pt").exists()
+    losses = _losses(res[0][1])
+    assert len(losses) == 5 and all(l == l for l in losses)  # 5 real steps, no NaN trained on

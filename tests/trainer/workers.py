@@ -56,20 +56,12 @@ def train_worker(rank: int, world: int, out: str, overrides: List[str], data: Di
     return res
 
 
-def error_worker(rank: int, world: int, out: str, overrides: List[str], data: Dict[str, Any],
-                 nan_at_batch: Optional[int] = None):
-    """Runs training expecting an exception; returns its type name and message."""
-    try:
-        train_worker(rank, world, out, overrides, data, nan_at_batch=nan_at_batch)
-    except Exception as e:  # noqa: BLE001
-        return type(e).__name__, str(e)
-    return None, None
-
-
 def phases_worker(rank: int, world: int, root: str, phases: List[Dict[str, Any]], data: Dict[str, Any]):
-    """Several trainings in ONE process group (saves process start-up time): each phase
-    is {"out": subdir, "overrides": [...], "copy": (src_ckpt_dir, ...) or None}; a copy
-    is done by rank 0 before the phase starts."""
+    """Several trainings in ONE process group (saves process start-up time). A phase is
+    {"out": subdir, "overrides": [...], optional "copy": checkpoint dir to copy into
+    <out>/checkpoints first, "remove": paths to delete, "corrupt": files to overwrite
+    with garbage (file operations by rank 0 before the phase), "kw": extra train_worker
+    keywords, "expect_error": True to return (type name, message) instead of raising}."""
     import shutil
 
     import torch.distributed as dist
@@ -77,11 +69,20 @@ def phases_worker(rank: int, world: int, root: str, phases: List[Dict[str, Any]]
     results = []
     for ph in phases:
         out = Path(root) / ph["out"]
-        if ph.get("copy") and rank == 0:
-            src = Path(root) / ph["copy"]
-            shutil.copytree(src, out / "checkpoints" / src.name)
+        if rank == 0:
+            if ph.get("copy"):
+                src = Path(root) / ph["copy"]
+                shutil.copytree(src, out / "checkpoints" / src.name)
+            for rel in ph.get("remove", ()):
+                shutil.rmtree(Path(root) / rel)
+            for rel in ph.get("corrupt", ()):
+                (Path(root) / rel).write_bytes(b"\x00 not a checkpoint")
         dist.barrier()
-        results.append(train_worker(rank, world, str(out), ph["overrides"], data,
-                                    nan_at_batch=ph.get("nan_at_batch")))
+        try:
+            results.append(train_worker(rank, world, str(out), ph["overrides"], data, **ph.get("kw", {})))
+        except Exception as e:  # noqa: BLE001
+            if not ph.get("expect_error"):
+                raise
+            results.append((type(e).__name__, str(e)))
         dist.barrier()
     return results
