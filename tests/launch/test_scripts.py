@@ -142,6 +142,9 @@ def test_indexed_job_manifest():
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
     pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] in ("OnFailure", "Never")
+    if "backoffLimitPerIndex" in spec or "podFailurePolicy" in spec:  # API validation rule
+        assert pod["restartPolicy"] == "Never", "backoffLimitPerIndex/podFailurePolicy need restartPolicy Never"
     assert pod["subdomain"] == svc["metadata"]["name"]
     assert svc["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
     c = _check_pod(pod, "trainer")
