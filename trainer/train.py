@@ -112,6 +112,9 @@ class Trainer:
 
         self.loader = self.loader_factory(cfg, d)
         self.num_classes = int(self.loader.num_classes)
+        if len(self.loader) == 0:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} x {d.world_size} ranks is larger than "
+                              f"the dataset ({self.loader.num_images} images): no full batch per epoch")
         if cfg.data.num_classes is not None and cfg.data.num_classes != self.num_classes:
             raise ConfigError(f"config key 'data.num_classes' = {cfg.data.num_classes} but the dataset "
                               f"{cfg.data.train_dir} has {self.num_classes} classes")
@@ -339,8 +342,14 @@ class Trainer:
 
     def _verify(self, monitor: Monitor) -> None:
         if self.verifier is not None:
+            prev_best = dict(self.verifier.best)
             accs = self.verifier.run(self._float_backbone())
             self.val_history.append({"step": self.step, "acc": dict(accs)})
+            if self.step > 0 and (not prev_best or
+                                  sum(accs.values()) > sum(prev_best.get(k, 0.0) for k in accs)):
+                # keep the best model by the sum of accuracies over the configured sets
+                atomic_torch_save(self.export_state_dict(), self.out / "model_best.pt")
+                log.info("new best verification at step %d: wrote %s", self.step, self.out / "model_best.pt")
             for name, acc in accs.items():
                 monitor.scalars(self.step, {f"val/{name}": acc, f"val/{name}_best": self.verifier.best[name]})
                 log.info("verification step %d %s accuracy %.4f (best %.4f)", self.step, name, acc,

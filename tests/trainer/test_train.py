@@ -24,7 +24,7 @@ def test_two_rank_training_lowers_loss_and_raises_accuracy(tmp_path):
     assert res[0]["val"][0]["step"] == 0 and res[0]["val"][-1]["step"] == 30
     assert after >= before + 0.08, (before, after)
     run = tmp_path / "run"
-    assert (run / "model.pt").is_file() and (run / "config.yaml").is_file()
+    assert (run / "model.pt").is_file() and (run / "config.yaml").is_file() and (run / "model_best.pt").is_file()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     sd = torch.load(run / "model.pt", weights_only=True)
     assert "fc.weight" in sd and not any(k.startswith("module.") for k in sd)
@@ -92,7 +92,8 @@ def test_resume_same_and_different_world_size(tmp_path):
 
 
 def test_corrupted_newest_checkpoint_falls_back(tmp_path):
-    common = ["max_steps=6", "save_every=2", "keep_last=5", "data.batch_size=16"]
+    """(Also runs the bf16 autocast path of the DDP engine on CPU.)"""
+    common = ["max_steps=6", "save_every=2", "keep_last=5", "data.batch_size=16", "precision=bf16"]
     ck = "a/checkpoints/"
     _, res = run_world(phases_worker, 2, str(tmp_path), [
         {"out": "a", "overrides": common},
