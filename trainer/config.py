@@ -41,6 +41,7 @@ class LossConfig:
     margin_list: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])  # combined (m1, m2, m3)
     unpg: bool = False                 # add UNPG metric negatives (DESIGN.md §1)
     wisk: float = 1.5                  # box-and-whisker width w
+    negatives: str = "global"          # UNPG pairs over the gathered global batch | "local" (per rank)
     sample_rate: float = 1.0           # Partial FC sampling rate (DESIGN.md §2)
 
 
@@ -49,7 +50,7 @@ class DataConfig:
     train_dir: str = ""                # folder with train.rec/train.idx/property
     num_classes: Optional[int] = None  # if set, must equal the dataset's class count
     batch_size: int = 128              # per rank, per micro-step
-    backend: str = "auto"              # auto | dali | python (trainer.data)
+    backend: str = "auto"              # auto | dali | torch (trainer.data)
     num_threads: int = 4
     augment: Optional[Dict[str, Any]] = None  # trainer.data AugmentConfig fields; None: flip only
     val_dir: str = ""                  # folder of <target>.bin; default: train_dir
@@ -105,6 +106,8 @@ _CHOICES = {
     "nan_policy": ("stop", "skip"),
     "zero_stage": (0, 1, 2),
     "loss.margin": ("arcface", "cosface", "combined"),
+    "loss.negatives": ("global", "local"),
+    "data.backend": ("auto", "dali", "torch"),
     "optim.optimizer": ("sgd", "adamw"),
     "optim.scheduler": ("poly", "cosine", "constant"),
 }

@@ -138,7 +138,7 @@ class Trainer:
 
         self.head = PartialFC(margin=build_margin(cfg), embedding_size=cfg.model.embedding_size,
                               num_classes=self.num_classes, sample_rate=cfg.loss.sample_rate,
-                              unpg=UNPG(wisk=cfg.loss.wisk) if cfg.loss.unpg else None,
+                              unpg=UNPG(wisk=cfg.loss.wisk, negatives=cfg.loss.negatives) if cfg.loss.unpg else None,
                               device=d.device)
         oc = cfg.optim
         self.head_lr = oc.head_lr if oc.head_lr is not None else oc.lr
