@@ -397,7 +397,11 @@ class Trainer:
                 loss = float(np.mean(losses))
                 lr = self.scheduler.get_lr()
                 self.scheduler.step()
-                self.history.append({"step": self.step, "loss": loss})
+                record = {"step": self.step, "loss": loss}
+                head_stats = getattr(self.head, "last_stats", {}) or {}
+                if head_stats.get("neg_pairs"):
+                    record["kept_fraction"] = head_stats["kept"] / head_stats["neg_pairs"]
+                self.history.append(record)
                 monitor.tick(self.step)
                 if self.step == 1 and cfg.image_grid:
                     monitor.images(self.step, "train/input", last_images)
