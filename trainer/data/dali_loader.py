@@ -36,6 +36,7 @@ import torch
 from trainer.data import plan
 from trainer.data.augment import AugmentConfig, apply_dali
 from trainer.data.face_rec import FaceRecDataset, warn_if_identity_sorted
+from trainer.data.loader_base import FaceLoaderBase
 from trainer.data.recordio import write_index
 
 #: the DALI release this project is tested with (requirements.txt pins it).
@@ -94,7 +95,7 @@ class DaliDataError(RuntimeError):
     """DALI failed on a record; the message names the file, key and the fix."""
 
 
-class DaliFaceLoader:
+class DaliFaceLoader(FaceLoaderBase):
     """DALI-backed loader; same interface as :class:`trainer.data.torch_loader.TorchFaceLoader`."""
 
     backend = "dali"
@@ -113,34 +114,14 @@ class DaliFaceLoader:
                 "crash (segfault) on an undecodable image; run `python -m data_tools validate DATA "
                 "--write-index` first or install the pinned version"
             )
-        self.ds = ds
-        self.labels = ds.scan()
-        self.num_classes = ds.num_classes
-        self.num_images = ds.num_images
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.device = torch.device(device)
-        self.num_threads, self.seed, self.shuffle, self.flip = num_threads, seed, shuffle, flip
-        self.augment = augment
-        self.image_size = tuple(image_size)
-        self._len = plan.batches_per_rank(self.num_images, world_size, batch_size)
-        if self._len == 0:
-            raise ValueError(
-                f"{ds.rec_path}: {self.num_images} images cannot fill one batch of {batch_size} "
-                f"on each of {world_size} ranks"
-            )
+        super().__init__(ds, batch_size, rank, world_size, device, num_threads, seed, augment,
+                         shuffle, flip, image_size)
         per_rank = self._len * batch_size
         self.shuffle_buffer = min(shuffle_buffer or DEFAULT_SHUFFLE_BUFFER, per_rank)
         if shuffle:
             warn_if_identity_sorted(ds, batch_size, self.shuffle_buffer)
         self._offsets = np.asarray([ds.reader.offsets[int(k)] for k in ds.image_keys], np.int64)
         self._tmp = tempfile.mkdtemp(prefix="unpg-dali-")
-        self.epoch, self.start_batch = 0, 0
-
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def _epoch_index(self, epoch: int) -> str:
         per_rank = self._len * self.batch_size

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from trainer.data import plan
 from trainer.data.augment import AugmentConfig, apply_numpy
 from trainer.data.face_rec import FaceRecDataset
+from trainer.data.loader_base import FaceLoaderBase
 from trainer.data.recordio import RecordIOError
 
 
@@ -138,7 +139,7 @@ class _EpochSampler(Sampler):
         return self.n - self.start
 
 
-class TorchFaceLoader:
+class TorchFaceLoader(FaceLoaderBase):
     """Same interface as the DALI loader (see ``trainer.data.build_train_loader``)."""
 
     backend = "torch"
@@ -147,21 +148,8 @@ class TorchFaceLoader:
                  device: torch.device, num_threads: int = 2, seed: int = 0,
                  augment: Optional[AugmentConfig] = None, shuffle: bool = True, flip: bool = True,
                  image_size: Tuple[int, int] = (112, 112)):
-        self.ds = ds
-        self.labels = ds.scan()  # validates every label / framing head up front
-        self.num_classes = ds.num_classes
-        self.num_images = ds.num_images
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.device = torch.device(device)
-        self.num_threads, self.seed, self.shuffle, self.flip = num_threads, seed, shuffle, flip
-        self.augment = augment
-        self.image_size = tuple(image_size)
-        self._len = plan.batches_per_rank(self.num_images, world_size, batch_size)
-        if self._len == 0:
-            raise ValueError(
-                f"{ds.rec_path}: {self.num_images} images cannot fill one batch of {batch_size} "
-                f"on each of {world_size} ranks"
-            )
+        super().__init__(ds, batch_size, rank, world_size, device, num_threads, seed, augment,
+                         shuffle, flip, image_size)
         offsets = np.asarray([ds.reader.offsets[int(k)] for k in ds.image_keys], np.int64)
         # CPU: normalise where the decoding happens (in parallel workers); CUDA: ship uint8, normalise on GPU
         self._on_host = self.device.type == "cpu"
@@ -169,13 +157,6 @@ class TorchFaceLoader:
                                   flip, augment, self.image_size, normalize=self._on_host)
         self._sampler = _EpochSampler(self._len)
         self._dl: Optional[DataLoader] = None
-        self.epoch, self.start_batch = 0, 0
-
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def rank_indices(self, epoch: int) -> np.ndarray:
         """Image indices (into ``ds.image_keys``) this rank reads in ``epoch``, in order."""

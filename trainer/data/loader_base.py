@@ -1,0 +1,42 @@
+"""What the DALI and torch loaders share: dataset scan, epoch length, resume position."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from trainer.data import plan
+from trainer.data.augment import AugmentConfig
+from trainer.data.face_rec import FaceRecDataset
+
+
+class FaceLoaderBase:
+    """The loader contract (trainer.data.build_train_loader): ``len()`` batches per
+    epoch, the same on every rank; ``set_epoch(epoch, start_batch)``."""
+
+    def __init__(self, ds: FaceRecDataset, batch_size: int, rank: int, world_size: int,
+                 device: torch.device, num_threads: int = 2, seed: int = 0,
+                 augment: Optional[AugmentConfig] = None, shuffle: bool = True, flip: bool = True,
+                 image_size: Tuple[int, int] = (112, 112)):
+        self.ds = ds
+        self.labels = ds.scan()  # validates every label / framing head up front
+        self.num_classes = ds.num_classes
+        self.num_images = ds.num_images
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.device = torch.device(device)
+        self.num_threads, self.seed, self.shuffle, self.flip = num_threads, seed, shuffle, flip
+        self.augment = augment
+        self.image_size = tuple(image_size)
+        self._len = plan.batches_per_rank(self.num_images, world_size, batch_size)
+        if self._len == 0:
+            raise ValueError(
+                f"{ds.rec_path}: {self.num_images} images cannot fill one batch of {batch_size} "
+                f"on each of {world_size} ranks"
+            )
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
