@@ -181,3 +181,27 @@ def test_dense_optimizer_equals_torch_sgd():
         ours.step()
         theirs.step()
     torch.testing.assert_close(head.weight.detach(), ref_w.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_sparse_gradients_accumulate_over_two_backward_passes():
+    """Two micro-steps sample different centres: rows repeat in the accumulated
+    sparse gradient and the optimizer must sum them (one update per row)."""
+    torch.manual_seed(3)
+    x, y, w = _inputs(LABELS["repeated"])
+    c_big = 60
+    w = torch.randn(c_big, D, dtype=torch.float64)
+    head = PartialFC(make_margin("cosface", 16.0), D, c_big, sample_rate=0.3, unpg=UNPG(wisk=1.5),
+                     dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    opt = PartialFCSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    dense_sum = torch.zeros_like(w)
+    for labels in (y, (y * 7 + 1) % c_big):
+        before = head.weight.grad.to_dense().clone() if head.weight.grad is not None else 0
+        head(x, labels).backward()
+        dense_sum += head.weight.grad.to_dense() - before
+    rows = torch.nonzero(dense_sum.abs().sum(1)).squeeze(1)
+    opt.step()
+    expect = w.clone()
+    expect[rows] = w[rows] - 0.1 * (dense_sum[rows] + 5e-4 * w[rows])
+    torch.testing.assert_close(head.weight.detach(), expect, rtol=1e-12, atol=1e-14)

@@ -52,7 +52,8 @@ class PartialFCSGD(torch.optim.Optimizer):
                     continue
                 buf = self.state[p].get("momentum_buffer")
                 if p.grad.is_sparse:
-                    self._sparse_update(p, p.grad.coalesce(), buf, lr, momentum, wd)
+                    rows, values = _unique_rows(p.grad)
+                    self._sparse_update(p, rows, values, buf, lr, momentum, wd)
                 else:
                     self._dense_update(p, p.grad, buf, lr, momentum, wd)
         return loss
@@ -71,8 +72,7 @@ class PartialFCSGD(torch.optim.Optimizer):
         p.add_(buf, alpha=-lr)
 
     @staticmethod
-    def _sparse_update(p, grad, buf, lr, momentum, wd) -> None:
-        rows_all, values_all = grad.indices()[0], grad.values()
+    def _sparse_update(p, rows_all, values_all, buf, lr, momentum, wd) -> None:
         for k0 in range(0, rows_all.numel(), _ROW_CHUNK):
             rows, g = rows_all[k0 : k0 + _ROW_CHUNK], values_all[k0 : k0 + _ROW_CHUNK]
             w = p.index_select(0, rows)
@@ -81,3 +81,17 @@ class PartialFCSGD(torch.optim.Optimizer):
                 d.add_(buf.index_select(0, rows), alpha=momentum)
                 buf.index_copy_(0, rows, d)
             p.index_copy_(0, rows, w.sub_(d, alpha=lr))
+
+
+def _unique_rows(grad: torch.Tensor):
+    """``(rows, values)`` of a sparse row gradient, each row once.
+
+    The head emits sorted unique rows, but autograd's accumulation drops the
+    "coalesced" flag; coalescing again would copy every value. Only when rows
+    repeat (several backward passes accumulated) is a real coalesce needed.
+    """
+    rows, values = grad._indices()[0], grad._values()
+    if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+        return rows, values
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
