@@ -30,6 +30,7 @@ from trainer.data.recordio import (
     RecordIOError,
     _parse_at,
     class_id,
+    read_index,
     unpack,
     write_index,
 )
@@ -86,29 +87,8 @@ def _walk(rec: Path, data, rep: Report) -> Dict[int, int]:
 
 
 def _parse_index(idx: Path, rep: Report) -> List[Tuple[int, int]]:
-    items: List[Tuple[int, int]] = []
-    seen = set()
-    with open(idx, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line:
-                continue
-            fields = line.split(b"\t")
-            try:
-                if len(fields) != 2:
-                    raise ValueError
-                k, o = int(fields[0]), int(fields[1])
-                if k < 0 or o < 0:
-                    raise ValueError
-            except ValueError:
-                rep.add("index", f"{idx}: line {lineno} is not 'key<TAB>offset': {raw[:80]!r}")
-                continue
-            if k in seen:
-                rep.add("index", f"{idx}: line {lineno}: duplicate key {k}")
-                continue
-            seen.add(k)
-            items.append((k, o))
-    return items
+    keys, offsets = read_index(idx, on_error=lambda msg: rep.add("index", msg))
+    return [(k, offsets[k]) for k in keys]
 
 
 _SIZE = (112, 112)

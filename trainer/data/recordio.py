@@ -26,7 +26,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -151,15 +151,24 @@ def iter_records(rec_path: PathLike) -> Iterator[Tuple[int, bytes]]:
 
 
 # --------------------------------------------------------------------------- index
-def read_index(idx_path: PathLike) -> Tuple[List[int], Dict[int, int]]:
+def read_index(
+    idx_path: PathLike, on_error: Optional[Callable[[str], None]] = None
+) -> Tuple[List[int], Dict[int, int]]:
     """Parse a ``.idx`` strictly: returns (keys in file order, key -> offset).
 
-    Any malformed line raises :class:`RecordIOError` naming the file and line
-    (DALI would silently stop reading there; see docs/data.md).
+    A malformed or duplicate line raises :class:`RecordIOError` naming the file
+    and line (DALI would silently stop reading there; see docs/data.md), or,
+    with ``on_error``, is reported through it and skipped (``data_tools validate``).
     """
     idx_path = Path(idx_path)
     if not idx_path.is_file():
         raise FileNotFoundError(f"RecordIO index not found: {idx_path}")
+
+    def problem(msg: str) -> None:
+        if on_error is None:
+            raise RecordIOError(msg)
+        on_error(msg)
+
     keys: List[int] = []
     offsets: Dict[int, int] = {}
     with open(idx_path, "rb") as f:
@@ -175,11 +184,11 @@ def read_index(idx_path: PathLike) -> Tuple[List[int], Dict[int, int]]:
                 if key < 0 or off < 0:
                     raise ValueError("negative value")
             except ValueError as e:
-                raise RecordIOError(
-                    f"{idx_path}: line {lineno} is not 'key<TAB>offset': {raw[:80]!r} ({e})"
-                ) from None
+                problem(f"{idx_path}: line {lineno} is not 'key<TAB>offset': {raw[:80]!r} ({e})")
+                continue
             if key in offsets:
-                raise RecordIOError(f"{idx_path}: line {lineno}: duplicate key {key}")
+                problem(f"{idx_path}: line {lineno}: duplicate key {key}")
+                continue
             keys.append(key)
             offsets[key] = off
     return keys, offsets
