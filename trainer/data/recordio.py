@@ -80,6 +80,24 @@ def encode_record(payload: bytes) -> bytes:
     return bytes(out)
 
 
+def _read_header(buf_reader, pos: int, file_size: int, where: str) -> Tuple[int, int]:
+    """``(cflag, length)`` of the record header at ``pos``; framing errors name ``where``."""
+    if pos + 8 > file_size:
+        raise RecordIOError(
+            f"{where}: truncated record header at byte {pos} (file has {file_size} bytes)"
+        )
+    head = buf_reader(pos, 8)
+    if len(head) != 8:
+        raise RecordIOError(f"{where}: short read of record header at byte {pos}")
+    magic, lrec = _HEAD.unpack(head)
+    if magic != MAGIC:
+        raise RecordIOError(
+            f"{where}: bad magic 0x{magic:08x} at byte {pos} (expected 0x{MAGIC:08x}); "
+            "the offset is not the start of a record or the file is corrupt"
+        )
+    return lrec >> 29, lrec & MAX_LENGTH
+
+
 def _parse_at(buf_reader, offset: int, file_size: int, where: str) -> Tuple[bytes, int]:
     """Read one logical record starting at ``offset``; return (payload, next_offset).
 
@@ -95,20 +113,7 @@ def _parse_at(buf_reader, offset: int, file_size: int, where: str) -> Tuple[byte
     pos = offset
     first = True
     while True:
-        if pos + 8 > file_size:
-            raise RecordIOError(
-                f"{where}: truncated record header at byte {pos} (file has {file_size} bytes)"
-            )
-        head = buf_reader(pos, 8)
-        if len(head) != 8:
-            raise RecordIOError(f"{where}: short read of record header at byte {pos}")
-        magic, lrec = _HEAD.unpack(head)
-        if magic != MAGIC:
-            raise RecordIOError(
-                f"{where}: bad magic 0x{magic:08x} at byte {pos} (expected 0x{MAGIC:08x}); "
-                "the offset is not the start of a record or the file is corrupt"
-            )
-        cflag, length = lrec >> 29, lrec & MAX_LENGTH
+        cflag, length = _read_header(buf_reader, pos, file_size, where)
         if first and cflag not in (0, 1):
             raise RecordIOError(
                 f"{where}: byte {pos} is the continuation (cflag {cflag}) of a split record, "
@@ -277,21 +282,15 @@ class IndexedRecordReader:
         to a full read.
         """
         off = self.offsets[key]
-        where = self.where(key)
-        head = self._pread(off, 8)
-        if len(head) != 8:
-            raise RecordIOError(f"{where}: truncated record header")
-        magic, lrec = _HEAD.unpack(head)
-        if magic != MAGIC:
-            raise RecordIOError(
-                f"{where}: bad magic 0x{magic:08x} (the index does not point to the start of a record)"
-            )
-        cflag, length = lrec >> 29, lrec & MAX_LENGTH
+        try:
+            cflag, length = _read_header(self._pread, off, self.file_size, "")
+        except RecordIOError as e:  # the record's name is built only for an error
+            raise RecordIOError(f"{self.where(key)}{e}") from None
         if cflag != 0:
             p = self.read(key)
             return p[:n], len(p)
         if off + 8 + length > self.file_size:
-            raise RecordIOError(f"{where}: truncated record: needs {length} payload bytes")
+            raise RecordIOError(f"{self.where(key)}: truncated record: needs {length} payload bytes")
         return self._pread(off + 8, min(n, length)), length
 
     def close(self) -> None:
