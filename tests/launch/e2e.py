@@ -1,13 +1,14 @@
 """Helpers of the end-to-end launch tests (tiny synthetic data, tiny configs, log parsing)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 import yaml
@@ -81,3 +82,15 @@ def checkpoint_meta(output: Path) -> Dict[int, dict]:
             meta = json.loads((d / "COMPLETE").read_text())
             out[int(meta["step"])] = {**meta, "files": sorted(p.name for p in d.iterdir())}
     return out
+
+
+@contextlib.contextmanager
+def reaped(procs: List[Tuple[subprocess.Popen, object]]) -> Iterator[List[Tuple[subprocess.Popen, object]]]:
+    """``(process, log file)`` pairs: on leaving, kill what still runs and close the logs."""
+    try:
+        yield procs
+    finally:
+        for p, f in procs:
+            if p.poll() is None:
+                p.kill()
+            f.close()

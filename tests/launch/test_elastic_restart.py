@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.launch.e2e import ROOT, checkpoint_meta, resumed_steps, step_lines, tiny_config
+from tests.launch.e2e import ROOT, checkpoint_meta, reaped, resumed_steps, step_lines, tiny_config
 
 TOTAL, EVERY, KILL_AFTER = 16, 4, 10  # checkpoints at 4, 8, 12; rank 1 dies after step 10
 
@@ -92,7 +92,7 @@ def test_kill_9_on_one_of_two_nodes_restarts_both(tmp_path, tiny_dataset):
                "--", str(cfg)]
         f = open(tmp_path / f"{name}.log", "w")
         procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), f))
-    try:
+    with reaped(procs):
         deadline = time.time() + 300
         while not (fault / "ready").exists():
             if any(p.poll() is not None for p, _ in procs) or time.time() > deadline:
@@ -100,11 +100,6 @@ def test_kill_9_on_one_of_two_nodes_restarts_both(tmp_path, tiny_dataset):
             time.sleep(0.1)
         os.kill(int((fault / "ready").read_text()), signal.SIGKILL)
         codes = [p.wait(timeout=300) for p, _ in procs]
-    finally:
-        for p, f in procs:
-            if p.poll() is None:
-                p.kill()
-            f.close()
     logs = "\n".join((tmp_path / f"{n}.log").read_text()[-3000:] for n in ("nodeA", "nodeB"))
     assert codes == [0, 0], logs
     text = (output / "train.log").read_text()

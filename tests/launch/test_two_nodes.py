@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from tests.launch.e2e import ROOT, checkpoint_meta, free_port, step_lines, tiny_config
+from tests.launch.e2e import ROOT, checkpoint_meta, free_port, reaped, step_lines, tiny_config
 
 
 def _node(tmp_path, name, port, cfg, host):
@@ -24,13 +24,8 @@ def test_two_torchruns_form_one_two_rank_job(tmp_path, tiny_dataset):
     cfg = tiny_config(tmp_path / "cfg.yaml", tiny_dataset, output, max_steps=8, save_every=4)
     port = free_port()
     procs = [_node(tmp_path, "nodeA", port, cfg, "yes"), _node(tmp_path, "nodeB", port, cfg, "no")]
-    try:
+    with reaped(procs):
         codes = [p.wait(timeout=240) for p, _ in procs]
-    finally:
-        for p, f in procs:
-            if p.poll() is None:
-                p.kill()
-            f.close()
     logs = {n: (tmp_path / f"{n}.log").read_text() for n in ("nodeA", "nodeB")}
     assert codes == [0, 0], f"exit codes {codes}\n" + "\n".join(f"--- {k}\n{v[-3000:]}" for k, v in logs.items())
 
