@@ -5,7 +5,7 @@ STAMP := .venv/.installed
 
 .PHONY: demo test setup bench-head clean
 
-$(STAMP): requirements.txt requirements-dev.txt scripts/setup_venv.sh
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
 
 setup: $(STAMP)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -71,7 +70,7 @@ def make_gallery(out: Path) -> tuple:
         import simplejpeg
 
         from data_tools.synth import make_image
-        from trainer.utils.atomic import atomic_torch_save
+        from trainer.io.atomic import atomic_torch_save
 
         ids = range(DATA["identities"], DATA["identities"] + DATA["val_identities"])
         images, labels = [], []
@@ -86,7 +85,7 @@ def make_gallery(out: Path) -> tuple:
 
 
 def train(run: Path, data_dir: Path, seed: int, loss: dict) -> None:
-    overrides = [f"output={run}", f"data.train_dir={data_dir}", f"seed={seed}"]
+    overrides = [f"run.output={run}", f"data.train_dir={data_dir}", f"run.seed={seed}"]
     overrides += [f"loss.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in loss.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "trainer.train", "configs/experiment.yaml", *overrides]
@@ -98,7 +97,8 @@ def train(run: Path, data_dir: Path, seed: int, loss: dict) -> None:
 
 def evaluate(run: Path, data_dir: Path, gallery) -> dict:
     from eval.metrics import roc, tar_at_far
-    from eval.verification import embed_images, load_bin, verify_embeddings
+    from eval.verification import verify_embeddings
+    from trainer.verification import embed_images, load_bin
     from trainer.backbones import get_backbone
 
     model = get_backbone(BACKBONE, num_features=EMB)

@@ -17,15 +17,11 @@ its optimizer state and the step's temporaries cost.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -12,16 +12,16 @@ batch and DALI's shuffle buffer follows byte order).
 from __future__ import annotations
 
 import argparse
-import io
 import multiprocessing as mp
 from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
-import simplejpeg
+from PIL import Image
 
 from data_tools.layout import write_face_rec
-from trainer.utils.atomic import atomic_open
+from trainer.io.images import decode_rgb, encode_jpeg, is_jpeg, jpeg_size
+from trainer.io.atomic import atomic_open
 
 EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -48,24 +48,12 @@ _OPTS = {}
 def _encode(path: Path) -> bytes:
     size, quality, reencode = _OPTS["size"], _OPTS["quality"], _OPTS["reencode"]
     data = path.read_bytes()
-    if data[:2] == b"\xff\xd8" and not reencode:
-        try:
-            w, h, _, _ = simplejpeg.decode_jpeg_header(data)
-        except Exception as e:
-            raise ValueError(f"{path}: undecodable JPEG ({e})") from None
-        if (h, w) == size:
-            return data
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
-            if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(im)
-    except Exception as e:
-        raise ValueError(f"{path}: undecodable image ({e})") from None
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(arr), quality=quality, colorspace="RGB")
+    if is_jpeg(data) and not reencode and jpeg_size(data, str(path)) == size:
+        return data
+    img = decode_rgb(data, str(path), lenient=True)
+    if img.shape[:2] != size:
+        img = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR))
+    return encode_jpeg(img, quality)
 
 
 def _init(opts):

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from eval.bin_io import read_bin, write_bin
+from trainer.io.images import decode_rgb, encode_jpeg, is_jpeg
+
+from trainer.io.binfile import read_bin, write_bin
 
 
 def parse_pairs(path) -> list:
@@ -34,17 +35,10 @@ def _load(p: Path, reencode: bool) -> bytes:
     if not p.is_file():
         raise FileNotFoundError(f"pair image not found: {p}")
     data = p.read_bytes()
-    if reencode or data[:2] != b"\xff\xd8":
-        from PIL import Image
-        import simplejpeg
-
-        try:
-            with Image.open(p) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except Exception as e:
-            raise ValueError(f"{p}: undecodable image ({e})") from None
+    if reencode or not is_jpeg(data):
+        img = decode_rgb(data, str(p), lenient=True)  # checks it decodes
         if reencode:
-            data = simplejpeg.encode_jpeg(np.ascontiguousarray(arr), quality=95, colorspace="RGB")
+            data = encode_jpeg(img, 95)
     return data
 
 

@@ -251,7 +251,7 @@ def generate_dataset(
     Returns a summary dict (includes ``noisy_keys``: source indices relabelled).
     """
     from data_tools.layout import write_face_rec
-    from eval.bin_io import write_bin
+    from trainer.io.binfile import write_bin
 
     if identities < 1 or images_per_identity < 1:
         raise ValueError("need at least one identity and one image per identity")

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from trainer.data.face_rec import read_property
+from trainer.io.images import ImageDecodeError, decode_rgb
 from trainer.data.recordio import (
     MAGIC,
     RecordIOError,
@@ -96,22 +97,10 @@ _SIZE = (112, 112)
 
 def _decode_check(args) -> Optional[str]:
     key, img = args
-    import simplejpeg
-
     try:
-        if img[:2] == b"\xff\xd8":
-            arr = simplejpeg.decode_jpeg(img, colorspace="RGB")
-        else:
-            import io
-
-            from PIL import Image
-
-            with Image.open(io.BytesIO(img)) as im:
-                arr = np.asarray(im.convert("RGB"))
-    except Exception as e:
-        return f"undecodable image ({type(e).__name__}: {e})"
-    if arr.shape[:2] != _SIZE:
-        return f"image is {arr.shape[1]}x{arr.shape[0]}, expected {_SIZE[1]}x{_SIZE[0]}"
+        decode_rgb(img, "image", size=_SIZE)
+    except ImageDecodeError as e:
+        return str(e).split(": ", 1)[1]
     return None
 
 

@@ -29,7 +29,7 @@ import onnx
 import torch
 
 from eval.models import load_model, parse_kwargs
-from trainer.utils.atomic import atomic_open
+from trainer.io.atomic import atomic_open
 
 # prefixes insightface's ArcFaceONNX inspects in graph.node[:8] (model_zoo/arcface_onnx.py)
 INSIGHTFACE_SUB_PREFIXES = ("Sub", "_minus")

@@ -9,7 +9,7 @@ Reads the release layout insightface's IJB evaluation uses (``<root>`` = e.g. ``
 
 with ``<t>`` = ``ijbb`` or ``ijbc``. Each image is aligned to 112x112 with the 5-point
 similarity transform (eval/align.py), embedded as emb(x) + emb(flip x) and
-L2-normalised (eval/verification.py); optionally multiplied by its faceness score.
+L2-normalised (trainer/verification.py); optionally multiplied by its faceness score.
 Image features are averaged within a media (video / still), media features summed
 within a template, the template feature L2-normalised; a pair's score is the cosine of
 its two templates. Reported: TAR at FAR 1e-6 .. 1e-1 (eval/metrics.py::tar_at_far,
@@ -32,10 +32,10 @@ from tqdm import tqdm
 
 from eval import report
 from eval.align import norm_crop
-from eval.images import decode_rgb
+from trainer.io.images import decode_rgb
 from eval.metrics import DEFAULT_FARS, roc, tar_at_far
 from eval.models import load_model, parse_kwargs
-from eval.verification import embed_images
+from trainer.verification import embed_images
 
 IJB_FARS: Tuple[float, ...] = DEFAULT_FARS  # 1e-6 .. 1e-1
 
@@ -123,7 +123,7 @@ def load_aligned(root: Path, name: str, landmarks: np.ndarray, image_size: int =
         data = path.read_bytes()
     except OSError as e:
         raise FileNotFoundError(f"IJB image not readable: {path} ({e})") from e
-    return norm_crop(decode_rgb(data, where=str(path)), landmarks, image_size)
+    return norm_crop(decode_rgb(data, where=str(path), lenient=True), landmarks, image_size)
 
 
 def embed_ijb(

@@ -1,9 +1,8 @@
-"""Verification metrics on similarity scores: k-fold accuracy, TAR@FAR, ROC.
+"""Verification metrics on similarity scores: TAR@FAR, ROC, the full report.
 
-Scores are cosine similarities of L2-normalised embeddings ("same" when the
-score is above a threshold). For unit vectors the squared distance insightface
-thresholds on is ``2 - 2 cos``, so a cosine grid is the same protocol with the
-grid expressed in the other unit.
+The 10-fold accuracy protocol and the pair scores live in
+:mod:`trainer.verification` (training validates with them); this module adds
+what evaluation reports on top.
 """
 from __future__ import annotations
 
@@ -12,77 +11,9 @@ from typing import Dict, Iterable, Sequence, Tuple
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-# insightface scans squared distance 0..4 in steps of 0.01 (400 values); this is
-# the same spacing in cosine (d^2 = 2 - 2cos -> step 0.005), with both ends.
-DEFAULT_THRESHOLDS = np.linspace(-1.0, 1.0, 401)
+from trainer.verification import DEFAULT_THRESHOLDS, check_scores, kfold_accuracy
+
 DEFAULT_FARS: Tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-
-
-def _check_scores(scores: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    labels = np.asarray(labels).reshape(-1).astype(bool)
-    if scores.shape != labels.shape:
-        raise ValueError(f"{scores.size} scores for {labels.size} labels")
-    if scores.size == 0:
-        raise ValueError("no pairs to evaluate")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("scores contain NaN/inf (did the model output NaN?)")
-    return scores, labels
-
-
-def contiguous_folds(n: int, nfolds: int) -> list:
-    """Index arrays of ``nfolds`` contiguous folds (sklearn ``KFold(shuffle=False)`` split)."""
-    if not 2 <= nfolds <= n:
-        raise ValueError(f"need 2 <= nfolds <= number of pairs, got nfolds={nfolds}, pairs={n}")
-    sizes = np.full(nfolds, n // nfolds, dtype=int)
-    sizes[: n % nfolds] += 1
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    return [np.arange(bounds[k], bounds[k + 1]) for k in range(nfolds)]
-
-
-def _accuracy_per_threshold(scores: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Accuracy of ``score > t`` for every t, in O((n + T) log n) via sorting."""
-    # a pair is predicted "same" when score > t: count positives above, negatives at/below
-    pos_sorted = np.sort(scores[labels])
-    neg_sorted = np.sort(scores[~labels])
-    tp = pos_sorted.size - np.searchsorted(pos_sorted, thresholds, side="right")
-    tn = np.searchsorted(neg_sorted, thresholds, side="right")
-    return (tp + tn) / scores.size
-
-
-def kfold_accuracy(
-    scores: np.ndarray,
-    labels: np.ndarray,
-    nfolds: int = 10,
-    thresholds: np.ndarray = DEFAULT_THRESHOLDS,
-) -> Dict[str, object]:
-    """The LFW protocol: for each of ``nfolds`` contiguous folds pick the grid threshold
-    with the best accuracy on the other folds, measure accuracy on the held-out fold.
-
-    Ties between thresholds go to the highest (strictest) one, as in insightface.
-    Returns accuracy (mean), accuracy_std, threshold (mean of the chosen ones),
-    fold_accuracies, fold_thresholds.
-    """
-    scores, labels = _check_scores(scores, labels)
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    accs, thrs = [], []
-    for test_idx in contiguous_folds(scores.size, nfolds):
-        train = np.ones(scores.size, dtype=bool)
-        train[test_idx] = False
-        train_acc = _accuracy_per_threshold(scores[train], labels[train], thresholds)
-        # last maximum = the strictest threshold among equals: insightface scans distance
-        # ascending and keeps the first maximum, i.e. the highest cosine
-        best = thresholds[len(thresholds) - 1 - int(np.argmax(train_acc[::-1]))]
-        pred = scores[test_idx] > best
-        accs.append(float(np.mean(pred == labels[test_idx])))
-        thrs.append(float(best))
-    return {
-        "accuracy": float(np.mean(accs)),
-        "accuracy_std": float(np.std(accs)),
-        "threshold": float(np.mean(thrs)),
-        "fold_accuracies": accs,
-        "fold_thresholds": thrs,
-    }
 
 
 def tar_at_far(scores: np.ndarray, labels: np.ndarray, fars: Iterable[float] = DEFAULT_FARS) -> Dict[float, float]:
@@ -93,7 +24,7 @@ def tar_at_far(scores: np.ndarray, labels: np.ndarray, fars: Iterable[float] = D
     when its score is strictly above it. This is the highest TAR of any threshold whose
     FAR is <= f (never interpolated). When f * n < 1 the requirement is FAR = 0.
     """
-    scores, labels = _check_scores(scores, labels)
+    scores, labels = check_scores(scores, labels)
     gen = scores[labels]
     imp = np.sort(scores[~labels])[::-1]
     if gen.size == 0 or imp.size == 0:
@@ -108,19 +39,11 @@ def tar_at_far(scores: np.ndarray, labels: np.ndarray, fars: Iterable[float] = D
 
 def roc(scores: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray, float]:
     """(fpr, tpr, auc) from scikit-learn."""
-    scores, labels = _check_scores(scores, labels)
+    scores, labels = check_scores(scores, labels)
     if labels.all() or not labels.any():
         raise ValueError("ROC needs both genuine and impostor pairs")
     fpr, tpr, _ = roc_curve(labels, scores)
     return fpr, tpr, float(roc_auc_score(labels, scores))
-
-
-def pair_scores(emb: np.ndarray) -> np.ndarray:
-    """Cosine similarity of pairs (2k, 2k+1) of already L2-normalised embeddings."""
-    emb = np.asarray(emb, dtype=np.float64)
-    if emb.ndim != 2 or emb.shape[0] % 2:
-        raise ValueError(f"expected [2P, D] embeddings, got shape {tuple(emb.shape)}")
-    return np.sum(emb[0::2] * emb[1::2], axis=1)
 
 
 def evaluate_scores(

@@ -7,7 +7,7 @@ from typing import Dict, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
-from trainer.utils.atomic import atomic_open
+from trainer.io.atomic import atomic_open
 
 
 def _plt():

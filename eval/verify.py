@@ -17,9 +17,10 @@ from typing import List, Optional
 import torch
 
 from eval import report
-from eval.metrics import pair_scores, roc
+from eval.metrics import roc
 from eval.models import load_model, parse_kwargs
-from eval.verification import embed_images, load_bin, verify_embeddings
+from eval.verification import verify_embeddings
+from trainer.verification import embed_images, load_bin, pair_scores
 
 
 def default_device() -> str:

@@ -6,7 +6,7 @@
 #     over the 2 ranks) + UNPG, a few minutes (configs/synth_demo.yaml);
 #  3. verification accuracy on the held-out identities before and after training,
 #     TensorBoard logs and model.pt in demo_out/run.
-# Extra arguments are config overrides, e.g. `bash scripts/demo.sh max_steps=100`.
+# Extra arguments are config overrides, e.g. `bash scripts/demo.sh run.max_steps=100`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -25,7 +25,7 @@ fi
 echo "== 2/3 training UNPG + Partial FC on 2 CPU processes (torchrun, gloo)"
 rm -rf "$OUT/run"   # a fresh run each time (resume: auto would continue the old one)
 "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 \
-    -m trainer.train configs/synth_demo.yaml "output=$OUT/run" "data.train_dir=$OUT/synth" "$@"
+    -m trainer.train configs/synth_demo.yaml "run.output=$OUT/run" "data.train_dir=$OUT/synth" "$@"
 
 echo "== 3/3 result"
 "$PY" - "$OUT/run" <<'PY'

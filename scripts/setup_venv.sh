@@ -15,6 +15,8 @@ fi
 # the pinned one already installed. DS_SKIP_CUDA_CHECK lets it build on CPU.
 .venv/bin/python -m pip install -q setuptools wheel packaging
 DS_SKIP_CUDA_CHECK=1 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed==0.19.8"
+# The project itself, editable, without dependencies (requirements.txt pinned them).
+.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 .venv/bin/python - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0"), f"torch {torch.__version__} replaced the pinned 2.13.0"

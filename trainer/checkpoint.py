@@ -10,7 +10,7 @@ Layout of one checkpoint ``<run>/checkpoints/step_XXXXXXXX/``::
     COMPLETE          JSON written LAST by rank 0 after every rank finished:
                       step, world size, class ranges
 
-Every file goes through trainer.utils.atomic (temp file + rename), so a crash
+Every file goes through trainer.io.atomic (temp file + rename), so a crash
 while saving leaves at most a folder without COMPLETE, which is ignored; the
 previous checkpoint stays loadable. Re-sharding (DESIGN.md §2 class ranges):
 row-aligned tensors of the old shards are concatenated in class order and the
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -30,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from trainer.utils.atomic import atomic_open, atomic_torch_save
+from trainer.io.atomic import atomic_open, atomic_torch_save
 
 log = logging.getLogger("trainer.checkpoint")
 

@@ -6,6 +6,10 @@
   (value parsed as YAML: ``optim.lr=0.02``, ``data.val_targets=[lfw,cfp_fp]``).
 - Unknown keys and wrong types raise :class:`ConfigError` naming the key and
   listing the valid ones. Nothing is silently ignored.
+- Sections, one per component: ``run`` (output, seed, length, NaN policy),
+  ``model``, ``loss``, ``data`` (with a typed ``augment``), ``optim``,
+  ``engine`` (DDP/DeepSpeed, precision), ``checkpoint``, ``logging``,
+  ``validation``. Every field is typed; there is no free-form dict.
 - ``to_yaml(cfg)`` gives the resolved config (saved in the run folder).
 """
 from __future__ import annotations
@@ -18,31 +22,44 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
+from trainer.data.augment import AugmentConfig
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid (unknown key, wrong type, bad value)."""
 
 
 @dataclass
+class RunConfig:
+    output: str = "work_dirs/run"
+    seed: int = 2048
+    num_epochs: int = 20
+    max_steps: Optional[int] = None    # optimizer steps; overrides num_epochs
+    nan_policy: str = "stop"           # stop | skip (both engines)
+    max_skips: int = 10                # nan_policy=skip: give up after this many in a row
+
+
+@dataclass
 class ModelConfig:
-    backbone: str = "r50"              # r18/r34/r50/r100/r200/mbf/tiny (trainer.backbones)
+    backbone: str = "r50"              # a name of trainer.backbones.available_backbones()
     embedding_size: int = 512
-    dropout: float = 0.0
+    dropout: float = 0.0               # before the embedding layer (iresnet, tiny)
+    width: Optional[int] = None        # channel width where the backbone has one (tiny); None: its default
+    norm: Optional[str] = None         # tiny: "batch" | "none"; None: the backbone's default
     grad_checkpointing: bool = False   # recompute iresnet stages in backward (memory for time)
     compile: bool = False              # torch.compile the backbone
-    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor args
 
 
 @dataclass
 class LossConfig:
-    margin: str = "arcface"            # arcface | cosface | combined
+    margin: str = "arcface"            # trainer.heads.MARGINS
     s: float = 64.0
     m: float = 0.5                     # ArcFace angular / CosFace additive margin
     margin_list: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])  # combined (m1, m2, m3)
-    unpg: bool = False                 # add UNPG metric negatives (DESIGN.md §1)
+    unpg: bool = False                 # add UNPG metric negatives (docs/design.md, the loss)
     wisk: float = 1.5                  # box-and-whisker width w
     negatives: str = "global"          # UNPG pairs over the gathered global batch | "local" (per rank)
-    sample_rate: float = 1.0           # Partial FC sampling rate (DESIGN.md §2)
+    sample_rate: float = 1.0           # Partial FC sampling rate (docs/design.md, sharding)
 
 
 @dataclass
@@ -50,11 +67,9 @@ class DataConfig:
     train_dir: str = ""                # folder with train.rec/train.idx/property
     num_classes: Optional[int] = None  # if set, must equal the dataset's class count
     batch_size: int = 128              # per rank, per micro-step
-    backend: str = "auto"              # auto | dali | torch (trainer.data)
+    backend: str = "auto"              # auto | dali | torch (trainer.data.BACKENDS)
     num_threads: int = 4
-    augment: Optional[Dict[str, Any]] = None  # trainer.data AugmentConfig fields; None: flip only
-    val_dir: str = ""                  # folder of <target>.bin; default: train_dir
-    val_targets: List[str] = field(default_factory=list)  # e.g. [lfw, cfp_fp, agedb_30]
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # all off by default: flip only
 
 
 @dataclass
@@ -74,43 +89,92 @@ class OptimConfig:
 
 
 @dataclass
-class Config:
-    output: str = "work_dirs/run"
-    seed: int = 2048
-    num_epochs: int = 20
-    max_steps: Optional[int] = None    # optimizer steps; overrides num_epochs
+class DeepSpeedConfig:
+    zero_stage: int = 1                # ZeRO stage 0/1/2
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+
+
+@dataclass
+class EngineConfig:
+    name: str = "ddp"                  # ddp | deepspeed (trainer.engine)
     precision: str = "auto"            # auto | fp32 | bf16 | fp16 (auto: fp16 on CUDA, fp32 on CPU)
-    engine: str = "ddp"                # ddp | deepspeed
-    zero_stage: int = 1                # DeepSpeed ZeRO stage 0/1/2
-    deepspeed: Dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config, merged last
-    log_every: int = 50
-    hist_every: int = 500              # negative-similarity histograms
-    verify_every: int = 2000           # 0: only at the end
-    save_every: int = 2000             # 0: only at the end
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 2000             # optimizer steps; 0: only at the end
     keep_last: int = 3
     resume: str = "auto"               # auto | none | path to a checkpoint folder
-    nan_policy: str = "stop"           # stop | skip
-    max_skips: int = 10                # nan_policy=skip: give up after this many in a row
-    verify_at_start: bool = True       # accuracy of the untrained/resumed model first
-    image_grid: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 50
+    hist_every: int = 500              # negative-similarity histograms; 0: never
+    image_grid: bool = True            # TensorBoard grid of the first batch
     progress_bar: Optional[bool] = None  # None: when stdout is a terminal
+
+
+@dataclass
+class ValidationConfig:
+    targets: List[str] = field(default_factory=list)  # .bin sets, e.g. [lfw, cfp_fp, agedb_30]
+    val_dir: str = ""                  # folder of <target>.bin; default: data.train_dir
+    every: int = 2000                  # optimizer steps; 0: only at the end
+    at_start: bool = True              # accuracy of the untrained/resumed model first
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
-_CHOICES = {
-    "precision": ("auto", "fp32", "bf16", "fp16"),
-    "engine": ("ddp", "deepspeed"),
-    "nan_policy": ("stop", "skip"),
-    "zero_stage": (0, 1, 2),
-    "loss.margin": ("arcface", "cosface", "combined"),
-    "loss.negatives": ("global", "local"),
-    "data.backend": ("auto", "dali", "torch"),
-    "optim.optimizer": ("sgd", "adamw"),
-    "optim.scheduler": ("poly", "cosine", "constant"),
+#: keys of the flat layout before the sections (v0.1) -> where they live now; used to
+#: turn an old key into a clear error (the shipped YAML files are migrated)
+MOVED_KEYS = {
+    "output": "run.output", "seed": "run.seed", "num_epochs": "run.num_epochs", "max_steps": "run.max_steps",
+    "nan_policy": "run.nan_policy", "max_skips": "run.max_skips",
+    "precision": "engine.precision", "engine": "engine.name", "zero_stage": "engine.deepspeed.zero_stage",
+    "deepspeed": "engine.deepspeed",
+    "log_every": "logging.log_every", "hist_every": "logging.hist_every", "image_grid": "logging.image_grid",
+    "progress_bar": "logging.progress_bar",
+    "verify_every": "validation.every", "verify_at_start": "validation.at_start",
+    "data.val_targets": "validation.targets", "data.val_dir": "validation.val_dir",
+    "save_every": "checkpoint.save_every", "keep_last": "checkpoint.keep_last", "resume": "checkpoint.resume",
+    "model.backbone_kwargs": "model.width / model.norm / model.dropout",
 }
+
+
+def _choices() -> Dict[str, tuple]:
+    """Valid values of the keys with a fixed set, each from the module that owns it."""
+    from trainer.data import BACKENDS
+    from trainer.engine import ENGINES, PRECISIONS
+    from trainer.heads.margins import MARGINS
+    from trainer.heads.unpg import NEGATIVE_MODES
+    from trainer.optim import OPTIMIZERS, SCHEDULERS
+
+    return {
+        "run.nan_policy": ("stop", "skip"),
+        "engine.name": ENGINES,
+        "engine.precision": PRECISIONS,
+        "engine.deepspeed.zero_stage": (0, 1, 2),
+        "loss.margin": MARGINS,
+        "loss.negatives": NEGATIVE_MODES,
+        "data.backend": BACKENDS,
+        "optim.optimizer": OPTIMIZERS,
+        "optim.scheduler": SCHEDULERS,
+    }
 
 
 # ---------------------------------------------------------------- YAML + _base_
@@ -185,13 +249,17 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f"section '{prefix[:-1]}'" if prefix else "top level"
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}' ({where}); valid keys: {', '.join(names)}")
+        key = f"{prefix}{unknown[0]}"
+        moved = f" (moved to '{MOVED_KEYS[key]}')" if key in MOVED_KEYS else ""
+        raise ConfigError(f"unknown config key '{key}'{moved} ({where}); valid keys: {', '.join(names)}")
     kwargs = {}
     for k, v in data.items():
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
             if not isinstance(v, dict):
+                if f"{prefix}{k}" in MOVED_KEYS:
+                    raise ConfigError(f"config key '{prefix}{k}' is now a section; the old key moved to "
+                                      f"'{MOVED_KEYS[prefix + k]}'")
                 raise ConfigError(f"config key '{prefix}{k}' is a section, expected a mapping, got {v!r}")
             kwargs[k] = _build(tp, v, f"{prefix}{k}.")
         else:
@@ -200,22 +268,20 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
 
 
 def _validate(cfg: Config) -> None:
-    for key, choices in _CHOICES.items():
+    for key, choices in _choices().items():
         obj: Any = cfg
         for part in key.split("."):
             obj = getattr(obj, part)
         if obj not in choices:
             raise ConfigError(f"config key '{key}': {obj!r} is not one of {list(choices)}")
     positive = {"data.batch_size": cfg.data.batch_size, "optim.grad_accum": cfg.optim.grad_accum,
-                "model.embedding_size": cfg.model.embedding_size, "keep_last": cfg.keep_last,
-                "log_every": cfg.log_every}
+                "model.embedding_size": cfg.model.embedding_size, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+                "logging.log_every": cfg.logging.log_every}
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"config key '{k}' must be >= 1, got {v}")
     if not 0 < cfg.loss.sample_rate <= 1:
         raise ConfigError(f"config key 'loss.sample_rate' must be in (0, 1], got {cfg.loss.sample_rate}")
-    if cfg.engine == "deepspeed" and cfg.nan_policy == "skip":
-        raise ConfigError("nan_policy=skip is not supported with engine=deepspeed (use stop)")
     if len(cfg.loss.margin_list) != 3:
         raise ConfigError("config key 'loss.margin_list' needs 3 values (m1, m2, m3)")
     from trainer.backbones import available_backbones

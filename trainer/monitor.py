@@ -1,13 +1,17 @@
-"""Rank-0 monitoring: TensorBoard scalars/histograms/images, console + log file lines."""
+"""Metrics and monitoring (rank 0): TensorBoard scalars/histograms/images, console +
+log file lines, a progress bar. :meth:`Monitor.record` is called once per optimizer
+step and decides itself what to write (``logging.*`` intervals)."""
 from __future__ import annotations
 
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
+
+from trainer.config import LoggingConfig
 
 log = logging.getLogger("trainer")
 
@@ -42,7 +46,9 @@ class Monitor:
     """No-op on ranks other than 0."""
 
     def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int,
-                 samples_per_step: int, progress_bar: Optional[bool] = None) -> None:
+                 samples_per_step: int, cfg: Optional[LoggingConfig] = None) -> None:
+        self.cfg = cfg or LoggingConfig()
+        progress_bar = self.cfg.progress_bar
         self.enabled = enabled
         self.total_steps = total_steps
         self.samples_per_step = samples_per_step
@@ -92,6 +98,32 @@ class Monitor:
                    f"samples/s {sps:.1f} eta {_fmt_eta(eta)}")
             log.info(msg)
         return sps
+
+    def record(self, step: int, epoch: int, loss: float, lr: float, grad_norm: Optional[float],
+               loss_scale: Optional[float], head_stats: Mapping[str, Any], images: Optional[torch.Tensor]) -> None:
+        """After optimizer step ``step``: progress bar; the first batch's image grid; console
+        line and scalars every ``log_every`` steps (and at the last); UNPG histograms every
+        ``hist_every``."""
+        self.tick(step)
+        if step == 1 and self.cfg.image_grid and images is not None:
+            self.images(step, "train/input", images)
+        if step % self.cfg.log_every == 0 or step == self.total_steps:
+            sps = self.line(step, epoch, loss, lr)
+            vals = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": sps}
+            if grad_norm is not None:
+                vals["train/grad_norm"] = grad_norm
+            if loss_scale is not None:
+                vals["train/loss_scale"] = loss_scale
+            vals.update({f"unpg/{k}": float(v) for k, v in head_stats.items() if isinstance(v, (int, float))})
+            self.scalars(step, vals)
+        if self.cfg.hist_every and step % self.cfg.hist_every == 0:
+            sims = head_stats.get("neg_sims")
+            if isinstance(sims, torch.Tensor):
+                self.histogram(step, "unpg/neg_sims", sims)
+
+    def validation(self, step: int, accs: Optional[Mapping[str, float]], best: Mapping[str, float]) -> None:
+        for name, acc in (accs or {}).items():
+            self.scalars(step, {f"val/{name}": acc, f"val/{name}_best": best[name]})
 
     def exclude(self, seconds: float) -> None:
         """Leave ``seconds`` (verification, checkpointing) out of samples/s and ETA."""

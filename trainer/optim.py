@@ -9,6 +9,10 @@ from torch import nn
 
 from trainer.config import OptimConfig
 
+#: optim.optimizer / optim.scheduler choices
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("poly", "cosine", "constant")
+
 
 def build_backbone_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """SGD (momentum, weight decay) or AdamW over the trainable backbone parameters."""

@@ -11,7 +11,7 @@ import simplejpeg
 
 from data_tools.cli import main
 from data_tools.synth import generate_dataset
-from eval.bin_io import read_bin
+from trainer.io.binfile import read_bin
 from trainer.data.face_rec import FaceRecDataset
 from trainer.data.recordio import IndexedRecordReader
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from eval.align import ARCFACE_REF
-from eval.bin_io import write_bin
+from trainer.io.binfile import write_bin
 
 DOT_COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255]], dtype=np.float64)
 

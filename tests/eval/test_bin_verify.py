@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.bin_io import UnsafePickleError, read_bin, write_bin
+from trainer.io.binfile import UnsafePickleError, read_bin, write_bin
 from eval.verification import BinVerifier, embed_images, load_bin, verify_embeddings
 from eval import verify
 from tests.eval.fixtures import PatchNet, aligned_face, encode, make_bin, tiny_net

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from eval.metrics import contiguous_folds, evaluate_scores, kfold_accuracy, tar_at_far
+from eval.metrics import evaluate_scores, tar_at_far
+from trainer.verification import contiguous_folds, kfold_accuracy
 from eval.verification import verify_embeddings
 
 

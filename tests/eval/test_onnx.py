@@ -12,7 +12,7 @@ from onnx import helper, TensorProto
 from eval import export_onnx as ex
 from eval import verify
 from eval.models import OnnxModule, load_model
-from eval.verification import embed_images, load_bin
+from trainer.verification import embed_images, load_bin
 from tests.eval.fixtures import TinyNet, make_bin, tiny_net
 
 

@@ -40,19 +40,18 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_config(path: Path, data_dir: Path, output: Path, **top) -> Path:
+def tiny_config(path: Path, data_dir: Path, output: Path, max_steps: int = 16, save_every: int = 4) -> Path:
     """A training config small enough for 2 CPU cores: tiny CNN, batch 8 per rank."""
     cfg = {
-        "output": str(output), "seed": 7, "max_steps": 16, "log_every": 1, "hist_every": 0,
-        "verify_every": 0, "verify_at_start": False, "save_every": 4, "keep_last": 10,
-        "image_grid": False, "progress_bar": False,
-        "model": {"backbone": "tiny", "embedding_size": 32, "backbone_kwargs": {"width": 8}},
+        "run": {"output": str(output), "seed": 7, "max_steps": max_steps},
+        "model": {"backbone": "tiny", "embedding_size": 32, "width": 8},
         "loss": {"s": 16.0, "m": 0.3},
-        "data": {"train_dir": str(data_dir), "batch_size": 8, "backend": "torch", "num_threads": 1,
-                 "val_targets": []},
+        "data": {"train_dir": str(data_dir), "batch_size": 8, "backend": "torch", "num_threads": 1},
         "optim": {"lr": 0.05, "weight_decay": 0.0},
+        "checkpoint": {"save_every": save_every, "keep_last": 10},
+        "logging": {"log_every": 1, "hist_every": 0, "image_grid": False, "progress_bar": False},
+        "validation": {"every": 0, "at_start": False, "targets": []},
     }
-    cfg.update(top)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 
 def _install() -> None:
-    from trainer import train
+    from trainer import loop
 
     step = int(os.environ["UNPG_FAULT_STEP"])
     rank = int(os.environ.get("UNPG_FAULT_RANK", "1"))
     where = Path(os.environ["UNPG_FAULT_DIR"])
-    original = train.Trainer._one_step
+    original = loop.Trainer._one_step
 
     def one_step(self):
         if self.step == step and self.d.rank == rank:
@@ -31,7 +31,7 @@ def _install() -> None:
                 time.sleep(0.5)
         return original(self)
 
-    train.Trainer._one_step = one_step
+    loop.Trainer._one_step = one_step
 
 
 def main() -> int:

@@ -81,7 +81,7 @@ def test_sbatch_starts_one_torchrun_per_node_from_slurm_variables(tmp_path):
         "MAX_RESTARTS": "2",
     }
     env.pop("MASTER_PORT", None)
-    res = _run(["bash", str(SBATCH), "configs/some.yaml", "output=/scratch/run1"], env=env,
+    res = _run(["bash", str(SBATCH), "configs/some.yaml", "run.output=/scratch/run1"], env=env,
                cwd=tmp_path)
     cmds = [shlex.split(line) for line in res.stdout.splitlines() if "torch.distributed.run" in line]
     assert len(cmds) == 3, res.stdout
@@ -92,7 +92,7 @@ def test_sbatch_starts_one_torchrun_per_node_from_slurm_variables(tmp_path):
         assert set(flags) == {"--nnodes=3", "--nproc-per-node=4", "--rdzv-backend=c10d",
                               "--rdzv-endpoint=gpu07:29401", "--rdzv-id=5001",
                               f"--rdzv-conf=is_host={int(node == 0)}", "--max-restarts=2"}
-        assert cmd[cmd.index("-m", 3):] == ["-m", "trainer.train", "configs/some.yaml", "output=/scratch/run1"]
+        assert cmd[cmd.index("-m", 3):] == ["-m", "trainer.train", "configs/some.yaml", "run.output=/scratch/run1"]
 
 
 def test_sbatch_without_config_fails_with_usage(tmp_path):

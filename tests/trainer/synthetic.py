@@ -2,7 +2,7 @@
 
 Each identity is a random 3x6x6 pattern upsampled to 112x112; its images add
 noise, a brightness change and a small shift. Held-out identities make a
-verification .bin (written with eval.bin_io.write_bin).
+verification .bin (written with trainer.io.binfile.write_bin).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.bin_io import write_bin
+from trainer.io.binfile import write_bin
 
 
 def _identity_images(protos: torch.Tensor, per_id: int, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -24,8 +24,11 @@ def test_iresnet_state_dict_matches_insightface_table(name):
 
 
 def test_iresnet_forward_and_names():
-    m = get_backbone("iresnet18", num_features=128, fp16=True).eval()
+    m = get_backbone("iresnet18", num_features=128).eval()
     assert m(torch.randn(2, 3, 112, 112)).shape == (2, 128)
+    # the trainer's autocast covers the trunk; the embedding layers stay in the weights' dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(torch.randn(2, 3, 112, 112)).dtype == torch.float32
     assert not m.features.weight.requires_grad  # fixed as in arcface_torch
     for n in ("r18", "r34", "r50", "r100", "r200", "mbf", "tiny"):
         assert n in available_backbones()
@@ -62,3 +65,11 @@ def test_tiny_flops_budget_and_grad_checkpointing():
     ga = a.conv1.weight.grad.clone()
     b(x).sum().backward()
     torch.testing.assert_close(b.conv1.weight.grad, ga, rtol=1e-4, atol=1e-5)
+
+
+def test_uniform_options_and_clear_errors():
+    assert get_backbone("tiny", num_features=16, width=4, norm="none", dropout=None).fc.in_features == 8 * 4 * 49
+    with pytest.raises(ValueError, match="'mbf' has no option 'dropout'"):
+        get_backbone("mbf", dropout=0.1)
+    with pytest.raises(ValueError, match="'r18' has no option 'width'"):
+        get_backbone("r18", width=8)

@@ -18,8 +18,8 @@ def test_torchrun_two_ranks_on_synth_recordio(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "trainer.train", os.path.join(ROOT, "configs", "synth_demo.yaml"),
-           f"output={run}", f"data.train_dir={data}", "data.batch_size=16", "max_steps=8",
-           "save_every=4", "verify_every=0", "log_every=2", "model.embedding_size=32",
+           f"run.output={run}", f"data.train_dir={data}", "data.batch_size=16", "run.max_steps=8",
+           "checkpoint.save_every=4", "validation.every=0", "logging.log_every=2", "model.embedding_size=32",
            "optim.warmup_steps=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -33,10 +33,10 @@ def test_shipped_recipes_resolve():
 def test_base_inheritance_and_overrides(tmp_path):
     (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.5\n  momentum: 0.8\nmodel:\n  backbone: r18\n")
     (tmp_path / "child.yaml").write_text("_base_: base.yaml\noptim:\n  lr: 0.2\n")
-    c = load_config(tmp_path / "child.yaml", ["optim.weight_decay=0.001", "data.val_targets=[lfw, agedb_30]",
-                                               "max_steps=7"])
+    c = load_config(tmp_path / "child.yaml", ["optim.weight_decay=0.001", "validation.targets=[lfw, agedb_30]",
+                                               "run.max_steps=7"])
     assert (c.optim.lr, c.optim.momentum, c.model.backbone) == (0.2, 0.8, "r18")
-    assert c.optim.weight_decay == 0.001 and c.data.val_targets == ["lfw", "agedb_30"] and c.max_steps == 7
+    assert c.optim.weight_decay == 0.001 and c.validation.targets == ["lfw", "agedb_30"] and c.run.max_steps == 7
     assert "lr: 0.2" in to_yaml(c)
 
 
@@ -53,8 +53,8 @@ def test_wrong_types_and_values():
         load_config(None, ["optim.lr=fast"])
     with pytest.raises(ConfigError, match=r"'data.batch_size': expected int"):
         load_config(None, ["data.batch_size=1.5"])
-    with pytest.raises(ConfigError, match=r"'engine'.*not one of"):
-        load_config(None, ["engine=horovod"])
+    with pytest.raises(ConfigError, match=r"'engine.name'.*not one of"):
+        load_config(None, ["engine.name=horovod"])
     with pytest.raises(ConfigError, match=r"model.backbone.*valid: .*r100"):
         load_config(None, ["model.backbone=vgg"])
     with pytest.raises(ConfigError, match="expected key.sub=value"):
@@ -66,3 +66,21 @@ def test_cli_reports_bad_key_and_exits_2():
                         "optim.lrr=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "unknown config key 'optim.lrr'" in r.stderr and "valid keys" in r.stderr
+
+
+def test_old_flat_key_names_its_new_place():
+    with pytest.raises(ConfigError, match=r"unknown config key 'save_every' \(moved to 'checkpoint.save_every'\)"):
+        load_config(None, ["save_every=5"])
+    with pytest.raises(ConfigError, match=r"'model.backbone_kwargs' \(moved to 'model.width"):
+        load_config(None, ["model.backbone_kwargs={width: 8}"])
+    with pytest.raises(ConfigError, match=r"'engine' is now a section; the old key moved to 'engine.name'"):
+        load_config(None, ["engine=deepspeed"])
+
+
+def test_sections_are_typed_including_augment():
+    c = load_config(None, ["data.augment.blur_prob=0.5", "engine.deepspeed.zero_stage=2"])
+    assert c.data.augment.blur_prob == 0.5 and c.engine.deepspeed.zero_stage == 2
+    with pytest.raises(ConfigError, match="data.augment.blur_prob"):
+        load_config(None, ["data.augment.blur_prob=often"])
+    with pytest.raises(ConfigError, match="unknown config key 'data.augment.sharpen'"):
+        load_config(None, ["data.augment.sharpen=1"])

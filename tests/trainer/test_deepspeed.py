@@ -8,7 +8,7 @@ from tests.distributed import run_world  # noqa: E402
 from tests.trainer.workers import phases_worker  # noqa: E402
 
 DATA = dict(identities=32, per_id=8, seed=0)
-COMMON = ["data.batch_size=16", "save_every=4", "keep_last=5", "loss.unpg=true", "max_steps=10"]
+COMMON = ["data.batch_size=16", "checkpoint.save_every=4", "checkpoint.keep_last=5", "loss.unpg=true", "run.max_steps=10"]
 
 
 def _losses(res):
@@ -17,11 +17,11 @@ def _losses(res):
 
 @pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "bf16")])
 def test_deepspeed_zero_trains_checkpoints_and_resumes(tmp_path, stage, precision):
-    ds = ["engine=deepspeed", f"zero_stage={stage}", f"precision={precision}"]
+    ds = ["engine.name=deepspeed", f"engine.deepspeed.zero_stage={stage}", f"engine.precision={precision}"]
     phases = [{"out": "a", "overrides": COMMON + ds},
               # resume from step 8: the engine's partitioned optimizer state + our own shards
               {"out": "b", "overrides": COMMON + ds, "copy": "a/checkpoints/step_00000008"}]
-    acc = ["data.batch_size=8", "optim.grad_accum=2", "max_steps=4", "loss.unpg=false"]
+    acc = ["data.batch_size=8", "optim.grad_accum=2", "run.max_steps=4", "loss.unpg=false"]
     if precision == "fp32":
         phases.append({"out": "ddp", "overrides": COMMON})
         # gradient accumulation: head stepped at the engine's accumulation boundary only

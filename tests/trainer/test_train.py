@@ -9,13 +9,13 @@ from tests.trainer.synthetic import make_dataset
 from tests.trainer.workers import phases_worker, train_worker
 
 DATA = dict(identities=32, per_id=8, val_identities=16, val_pairs=100, seed=0)
-NO_BN = "model.backbone_kwargs={width: 8, norm: none}"
+NO_BN = ["model.width=8", "model.norm=none"]
 
 
 def test_two_rank_training_lowers_loss_and_raises_accuracy(tmp_path):
     make_dataset(**DATA, bin_path=tmp_path / "val.bin")
     res = run_world(train_worker, 2, str(tmp_path / "run"),
-                    ["data.batch_size=16", "max_steps=30", "loss.unpg=true"], DATA, True)
+                    ["data.batch_size=16", "run.max_steps=30", "loss.unpg=true"], DATA, True)
     losses = [h["loss"] for h in res[0]["history"]]
     assert len(losses) == 30
     assert [h["loss"] for h in res[1]["history"]] == losses  # one global loss on every rank
@@ -40,7 +40,7 @@ def test_ddp_matches_single_process_and_accumulation(tmp_path):
     """2 ranks x B == 1 rank x 2B (UNPG over the global batch); 1 rank x B with 2
     accumulation steps == 1 rank x 2B (plain margin loss: UNPG pairs never span
     micro-batches, so accumulation is only equivalent without it)."""
-    common = [NO_BN, "max_steps=3", "optim.clip_grad_norm=0", "optim.weight_decay=0.001"]
+    common = [*NO_BN, "run.max_steps=3", "optim.clip_grad_norm=0", "optim.weight_decay=0.001"]
     kw = {"return_weights": True, "head_init_seed": 5}
     two = run_world(phases_worker, 2, str(tmp_path), [
         {"out": "a", "overrides": common + ["data.batch_size=8", "loss.unpg=true"], "kw": kw}], DATA)
@@ -68,7 +68,7 @@ def _close_losses(got, want):
 
 
 def test_resume_same_and_different_world_size(tmp_path):
-    common = [NO_BN, "max_steps=12", "save_every=4", "keep_last=5", "loss.unpg=true"]
+    common = [*NO_BN, "run.max_steps=12", "checkpoint.save_every=4", "checkpoint.keep_last=5", "loss.unpg=true"]
     # uninterrupted 2-rank run; then a run "interrupted" after step 8 resumes: bit for bit
     a, b = run_world(phases_worker, 2, str(tmp_path), [
         {"out": "a", "overrides": common + ["data.batch_size=12"]},
@@ -93,7 +93,7 @@ def test_resume_same_and_different_world_size(tmp_path):
 
 def test_corrupted_newest_checkpoint_falls_back(tmp_path):
     """(Also runs the bf16 autocast path of the DDP engine on CPU.)"""
-    common = ["max_steps=6", "save_every=2", "keep_last=5", "data.batch_size=16", "precision=bf16"]
+    common = ["run.max_steps=6", "checkpoint.save_every=2", "checkpoint.keep_last=5", "data.batch_size=16", "engine.precision=bf16"]
     ck = "a/checkpoints/"
     _, res = run_world(phases_worker, 2, str(tmp_path), [
         {"out": "a", "overrides": common},
@@ -108,9 +108,9 @@ def test_corrupted_newest_checkpoint_falls_back(tmp_path):
 
 def test_nan_loss_stops_naming_the_step_or_skips(tmp_path):
     res = run_world(phases_worker, 2, str(tmp_path), [
-        {"out": "stop", "overrides": ["max_steps=6", "data.batch_size=16"], "kw": {"nan_at_batch": 3},
+        {"out": "stop", "overrides": ["run.max_steps=6", "data.batch_size=16"], "kw": {"nan_at_batch": 3},
          "expect_error": True},
-        {"out": "skip", "overrides": ["max_steps=5", "data.batch_size=16", "nan_policy=skip"],
+        {"out": "skip", "overrides": ["run.max_steps=5", "data.batch_size=16", "run.nan_policy=skip"],
          "kw": {"nan_at_batch": 3}},
     ], DATA)
     for rank_res in res:

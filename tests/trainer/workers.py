@@ -8,19 +8,19 @@ import torch
 
 from tests.trainer.synthetic import MemoryLoader, make_dataset
 from trainer.config import load_config
-from trainer.train import Trainer
+from trainer.loop import Trainer
 
-BASE = ["model.backbone=tiny", "model.embedding_size=32", "model.backbone_kwargs={width: 8}",
-        "loss.s=32", "loss.m=0.3", "optim.lr=0.1", "log_every=5", "verify_every=0", "save_every=0",
-        "image_grid=false", "progress_bar=off", "hist_every=5"]
+BASE = ["model.backbone=tiny", "model.embedding_size=32", "model.width=8",
+        "loss.s=32", "loss.m=0.3", "optim.lr=0.1", "logging.log_every=5", "validation.every=0", "checkpoint.save_every=0",
+        "logging.image_grid=false", "logging.progress_bar=off", "logging.hist_every=5"]
 
 
 def tiny_config(out: Path, overrides: List[str], val: bool = False):
-    ov = [f"output={out}"] + BASE
+    ov = [f"run.output={out}"] + BASE
     if val:
-        ov += ["data.val_targets=[val]", f"data.val_dir={out.parent}"]
+        ov += ["validation.targets=[val]", f"validation.val_dir={out.parent}"]
     else:
-        ov += ["verify_at_start=false"]
+        ov += ["validation.at_start=false"]
     return load_config(None, ov + list(overrides))
 
 
@@ -32,7 +32,7 @@ def train_worker(rank: int, world: int, out: str, overrides: List[str], data: Di
     imgs, labels = make_dataset(**data)
 
     def factory(c, d):
-        return MemoryLoader(imgs, labels, c.data.batch_size, d.rank, d.world_size, c.seed,
+        return MemoryLoader(imgs, labels, c.data.batch_size, d.rank, d.world_size, c.run.seed,
                             nan_at_batch=nan_at_batch)
 
     t = Trainer(cfg, factory).setup()

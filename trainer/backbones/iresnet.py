@@ -57,9 +57,8 @@ class IResNet(nn.Module):
     fc_scale = 7 * 7
 
     def __init__(self, layers: Sequence[int], dropout: float = 0.0, num_features: int = 512,
-                 fp16: bool = False, grad_checkpointing: bool = False) -> None:
+                 grad_checkpointing: bool = False) -> None:
         super().__init__()
-        self.fp16 = fp16
         self.grad_checkpointing = grad_checkpointing
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
@@ -101,18 +100,16 @@ class IResNet(nn.Module):
         return layer(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp16=True mirrors arcface_torch: conv trunk under fp16 autocast (CUDA only),
-        # the fc/features head in float32.
-        use_amp = self.fp16 and x.is_cuda
-        with torch.autocast(device_type=x.device.type, dtype=torch.float16, enabled=use_amp):
-            x = self.prelu(self.bn1(self.conv1(x)))
-            for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-                x = self._stage(layer, x)
-            x = self.bn2(x)
-            x = torch.flatten(x, 1)
-            x = self.dropout(x)
-        x = self.fc(x.float() if use_amp else x)
-        return self.features(x)
+        # The trunk runs under the trainer's precision (autocast); the fc/features head
+        # in the parameters' own dtype, as arcface_torch keeps it out of fp16.
+        x = self.prelu(self.bn1(self.conv1(x)))
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = self._stage(layer, x)
+        x = self.bn2(x)
+        x = self.dropout(torch.flatten(x, 1))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = self.fc(x.to(self.fc.weight.dtype))
+            return self.features(x)
 
 
 def iresnet(depth: int, **kwargs) -> IResNet:

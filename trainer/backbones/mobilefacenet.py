@@ -87,10 +87,9 @@ class GDC(nn.Module):
 
 
 class MobileFaceNet(nn.Module):
-    def __init__(self, fp16: bool = False, num_features: int = 512,
+    def __init__(self, num_features: int = 512,
                  blocks: Sequence[int] = (1, 4, 6, 2), scale: int = 2) -> None:
         super().__init__()
-        self.fp16 = fp16
         s = scale
         self.layers = nn.ModuleList()
         self.layers.append(ConvBlock(3, 64 * s, kernel=(3, 3), stride=(2, 2), padding=(1, 1)))
@@ -118,16 +117,19 @@ class MobileFaceNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        use_amp = self.fp16 and x.is_cuda
-        with torch.autocast(device_type=x.device.type, dtype=torch.float16, enabled=use_amp):
-            for f in self.layers:
-                x = f(x)
-        x = self.conv_sep(x.float() if use_amp else x)
-        return self.features(x)
+        # trunk under the trainer's precision; the embedding layers in the parameters' dtype
+        for f in self.layers:
+            x = f(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = self.conv_sep(x.to(self.features_dtype()))
+            return self.features(x)
+
+    def features_dtype(self) -> torch.dtype:
+        return next(self.conv_sep.parameters()).dtype
 
 
-def mobilefacenet(num_features: int = 512, fp16: bool = False, large: bool = False) -> MobileFaceNet:
+def mobilefacenet(num_features: int = 512, large: bool = False) -> MobileFaceNet:
     """``mbf`` (blocks 1,4,6,2 scale 2) or ``mbf_large`` (2,8,12,4 scale 4)."""
     if large:
-        return MobileFaceNet(fp16, num_features, (2, 8, 12, 4), scale=4)
-    return MobileFaceNet(fp16, num_features, (1, 4, 6, 2), scale=2)
+        return MobileFaceNet(num_features, (2, 8, 12, 4), scale=4)
+    return MobileFaceNet(num_features, (1, 4, 6, 2), scale=2)

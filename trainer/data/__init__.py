@@ -13,7 +13,10 @@ from __future__ import annotations
 import warnings
 from typing import Any, Mapping, Optional, Union
 
-__all__ = ["build_train_loader", "resolve_backend"]
+__all__ = ["BACKENDS", "build_train_loader", "resolve_backend"]
+
+#: data.backend choices
+BACKENDS = ("auto", "dali", "torch")
 
 #: backend="auto" on CPU-only runs: DALI's CPU pipeline beat the torch fallback
 #: 1.2-2x in bench/data.py on the 2-core development machine (docs/data.md).
@@ -24,7 +27,7 @@ def resolve_backend(backend: str, device) -> str:
     """'auto' -> 'dali' when DALI imports (and is preferred for the device), else 'torch'."""
     from trainer.data.dali_loader import dali_available
 
-    if backend not in ("auto", "dali", "torch"):
+    if backend not in BACKENDS:
         raise ValueError(f"data backend must be 'auto', 'dali' or 'torch', got {backend!r}")
     if backend == "torch":
         return "torch"

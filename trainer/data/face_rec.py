@@ -46,7 +46,7 @@ def read_property(data_dir: PathLike) -> Optional[Tuple[int, int, int]]:
 
 
 def write_property(data_dir: PathLike, num_classes: int, h: int = 112, w: int = 112) -> None:
-    from trainer.utils.atomic import atomic_open
+    from trainer.io.atomic import atomic_open
 
     with atomic_open(Path(data_dir) / "property", "wb") as f:
         f.write(f"{num_classes},{h},{w}".encode())
@@ -176,7 +176,7 @@ class FaceRecDataset:
         self.labels = labels
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            from trainer.utils.atomic import atomic_open
+            from trainer.io.atomic import atomic_open
 
             with atomic_open(cache, "wb") as f:
                 np.save(f, labels)

@@ -30,7 +30,7 @@ from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from trainer.utils.atomic import atomic_open
+from trainer.io.atomic import atomic_open
 
 PathLike = Union[str, os.PathLike]
 

@@ -9,11 +9,9 @@ receives finished batches.
 """
 from __future__ import annotations
 
-import io
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
-import simplejpeg
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -22,33 +20,16 @@ from trainer.data.augment import AugmentConfig, apply_numpy
 from trainer.data.face_rec import FaceRecDataset
 from trainer.data.loader_base import FaceLoaderBase
 from trainer.data.recordio import RecordIOError
+from trainer.io.images import ImageDecodeError, decode_rgb, is_jpeg
 
 
 def decode_image(data: bytes, where: str, size: Tuple[int, int] = (112, 112),
                  out: Optional[np.ndarray] = None) -> np.ndarray:
-    """Decode to RGB uint8 HxWx3 (into ``out`` when given); errors name the record."""
-    if not data:
-        raise RecordIOError(f"{where}: empty image")
+    """:func:`trainer.io.images.decode_rgb` (strict, of ``size``); errors are RecordIOError naming the record."""
     try:
-        if data[:2] == b"\xff\xd8":
-            if out is not None:
-                w, h, _, _ = simplejpeg.decode_jpeg_header(data)
-                if (h, w) != tuple(size):
-                    raise RecordIOError(f"{where}: image is {w}x{h}, expected {size[1]}x{size[0]}")
-                return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
-            img = simplejpeg.decode_jpeg(data, colorspace="RGB")
-        else:
-            from PIL import Image
-
-            with Image.open(io.BytesIO(data)) as im:
-                img = np.asarray(im.convert("RGB"))
-    except RecordIOError:
-        raise
-    except Exception as e:
-        raise RecordIOError(f"{where}: undecodable image ({type(e).__name__}: {e})") from None
-    if img.shape[:2] != tuple(size):
-        raise RecordIOError(f"{where}: image is {img.shape[1]}x{img.shape[0]}, expected {size[1]}x{size[0]}")
-    return img
+        return decode_rgb(data, where, size=size, out=out)
+    except ImageDecodeError as e:
+        raise RecordIOError(str(e)) from None
 
 
 def normalize_nhwc(imgs: torch.Tensor, shared: bool = False) -> torch.Tensor:
@@ -110,7 +91,7 @@ class _EpochBatches(Dataset):
         for j, i in enumerate(idx):
             key = int(keys[i])
             lab, data = self.ds.read_image(key)
-            if rng is None and data[:2] == b"\xff\xd8":
+            if rng is None and is_jpeg(data):
                 decode_image(data, self.ds.reader.where(key), self.size, out=out[j])
             else:
                 img = decode_image(data, self.ds.reader.where(key), self.size)

@@ -1,6 +1,6 @@
 """Margin-softmax heads: Partial FC (model parallel) with optional UNPG negatives."""
 from trainer.collectives import class_range
-from trainer.heads.margins import ArcFace, CombinedMargin, CosFace, Margin, margin_from_list
+from trainer.heads.margins import MARGINS, ArcFace, CombinedMargin, CosFace, Margin, build_margin, margin_from_list
 from trainer.heads.optim import PartialFCSGD
 from trainer.heads.partial_fc import PartialFC
 from trainer.heads.unpg import UNPG
@@ -13,6 +13,8 @@ __all__ = [
     "PartialFC",
     "PartialFCSGD",
     "UNPG",
+    "MARGINS",
+    "build_margin",
     "class_range",
     "margin_from_list",
 ]

@@ -121,3 +121,20 @@ def margin_from_list(margin_list: Tuple[float, float, float], s: float = 64.0) -
     if m1 == 1.0 and m2 == 0.0:
         return CosFace(s=s, m=m3)
     return CombinedMargin(s=s, m1=m1, m2=m2, m3=m3)
+
+
+#: margin names accepted by :func:`build_margin` (and the config's ``loss.margin``)
+MARGINS = ("arcface", "cosface", "combined")
+
+
+def build_margin(name: str, s: float = 64.0, m: float = 0.5,
+                 margin_list: Tuple[float, float, float] = (1.0, 0.5, 0.0)) -> Margin:
+    """A margin by name: ``arcface`` / ``cosface`` use ``m``; ``combined`` uses
+    insightface's ``margin_list`` (m1, m2, m3) through :func:`margin_from_list`."""
+    if name == "arcface":
+        return ArcFace(s=s, m=m)
+    if name == "cosface":
+        return CosFace(s=s, m=m)
+    if name == "combined":
+        return margin_from_list(margin_list, s=s)
+    raise ValueError(f"unknown margin {name!r}; valid: {', '.join(MARGINS)}")

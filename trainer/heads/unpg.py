@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-_NEGATIVE_MODES = ("global", "local")
+NEGATIVE_MODES = ("global", "local")
 _HIST_SAMPLE = 4096  # negative similarities kept for monitoring histograms
 
 
@@ -38,8 +38,8 @@ class UNPG:
     negatives: str = "global"
 
     def __post_init__(self) -> None:
-        if self.negatives not in _NEGATIVE_MODES:
-            raise ValueError(f"UNPG.negatives must be one of {_NEGATIVE_MODES}, got {self.negatives!r}")
+        if self.negatives not in NEGATIVE_MODES:
+            raise ValueError(f"UNPG.negatives must be one of {NEGATIVE_MODES}, got {self.negatives!r}")
         if not (self.wisk >= 0 and math.isfinite(self.wisk)):
             raise ValueError(f"UNPG.wisk must be a finite number >= 0, got {self.wisk!r}")
 

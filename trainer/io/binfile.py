@@ -8,12 +8,11 @@ writes bytes at pickle protocol <= 2) and nothing else.
 """
 from __future__ import annotations
 
-import io
 import pickle
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
-from trainer.utils.atomic import atomic_open
+from trainer.io.atomic import atomic_open
 
 
 class UnsafePickleError(ValueError):

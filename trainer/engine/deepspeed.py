@@ -1,0 +1,132 @@
+"""DeepSpeed engine (ZeRO 0/1/2) for the backbone; the Partial FC shard stays outside.
+
+DeepSpeed scales the loss by 1/grad_accum in ``engine.backward`` (the head's
+gradients too) and steps its optimizer at the accumulation boundary; the head's
+optimizer is stepped at that same boundary, before ``engine.step()``.
+nan_policy=skip: a non-finite micro-batch back-propagates a zero loss (DeepSpeed's
+counters and gradient hooks stay consistent) and the boundary step runs with
+learning rate 0 (weights unchanged; SGD momentum / Adam moments see one zero
+gradient); the head's step is skipped.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.config import EngineConfig, OptimConfig
+from trainer.distributed import DistInfo
+from trainer.engine.base import Engine
+from trainer.optim import build_backbone_optimizer
+
+log = __import__("logging").getLogger("trainer")
+
+
+def _skip_shm_build() -> None:
+    # The CPU accelerator JIT-compiles a shared-memory all-reduce op (40-110 s) that
+    # only inference all-reduce uses; training needs plain gloo collectives.
+    import deepspeed.comm.torch as ds_torch_comm
+
+    if hasattr(ds_torch_comm, "build_shm_op"):
+        ds_torch_comm.build_shm_op = lambda: None
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, cfg: EngineConfig, optim: OptimConfig, backbone: nn.Module, head, head_opt,
+                 d: DistInfo, grad_accum: int, precision: str, batch_size: int, compile: bool = False) -> None:
+        super().__init__(optim, backbone, head, head_opt, d, grad_accum, precision)
+        if d.device.type == "cpu":
+            _skip_shm_build()
+        import deepspeed
+
+        for k, v in (("LOCAL_RANK", d.local_rank), ("RANK", d.rank), ("WORLD_SIZE", d.world_size)):
+            os.environ.setdefault(k, str(v))  # DeepSpeed asserts these even for one process
+        backend = "nccl" if d.device.type == "cuda" else "gloo"
+        if not dist.is_initialized():  # single process: DeepSpeed still wants a group
+            store = tempfile.mkdtemp(prefix="ds_store_")
+            dist.init_process_group(backend, init_method=f"file://{store}/store", rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend)
+        z = cfg.deepspeed
+        ds_cfg: Dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": batch_size,
+            "gradient_accumulation_steps": grad_accum,
+            "zero_optimization": {"stage": z.zero_stage, "overlap_comm": z.overlap_comm,
+                                  "contiguous_gradients": z.contiguous_gradients,
+                                  "reduce_bucket_size": z.reduce_bucket_size,
+                                  "allgather_bucket_size": z.allgather_bucket_size},
+            "zero_allow_untested_optimizer": True,  # our SGD/AdamW are torch optimizers (no JIT build)
+            "gradient_clipping": optim.clip_grad_norm,
+            "steps_per_print": 1 << 30,
+            "bf16": {"enabled": precision == "bf16"},
+            "fp16": {"enabled": precision == "fp16"},
+        }
+        fwd: nn.Module = torch.compile(backbone) if compile else backbone
+        engine, ds_opt, _, _ = deepspeed.initialize(model=fwd, optimizer=build_backbone_optimizer(backbone, optim),
+                                                    config=ds_cfg)
+        self.ds = engine
+        self.model = engine
+        self.backbone_opt = ds_opt
+        self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if self._dtype is not None:
+            # DeepSpeed casts parameters but not BatchNorm running stats; the CPU BN
+            # kernel wants one dtype, so bring float buffers along.
+            for b in backbone.buffers():
+                if b.is_floating_point():
+                    b.data = b.data.to(self._dtype)
+
+    def input_dtype(self) -> Optional[torch.dtype]:
+        return self._dtype
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.ds.backward(loss)
+        if not last:
+            self.ds.step()  # not a boundary: DeepSpeed only advances its micro-step counter
+
+    def _skip_backward(self, last: bool) -> None:
+        zero = sum(p.reshape(-1)[0] * 0.0 for p in self.backbone.parameters() if p.requires_grad)
+        self._backward(zero, last)
+
+    def _apply(self) -> Optional[float]:
+        assert self.ds.is_gradient_accumulation_boundary()
+        self.head_opt.step()
+        self.head_opt.zero_grad(set_to_none=True)
+        self.ds.step()
+        gn = self.ds.get_global_grad_norm()
+        return float(gn) if gn is not None else None
+
+    def _skip_apply(self) -> None:
+        self.head_opt.zero_grad(set_to_none=True)
+        groups = self.backbone_opt.param_groups
+        saved = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = 0.0
+        try:
+            self.ds.step()
+        finally:
+            for g, lr in zip(groups, saved):
+                g["lr"] = lr
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"optimizer": None, "scaler": None}  # DeepSpeed saves its own (save_extra)
+
+    def save_extra(self, ckpt_dir) -> None:
+        self.ds.save_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag="ds")
+
+    def load_state_dict(self, state: Dict[str, Any], ckpt_dir, same_world: bool) -> None:
+        ds_dir = Path(ckpt_dir) / "deepspeed"
+        if same_world and ds_dir.is_dir():
+            self.ds.load_checkpoint(str(ds_dir), tag="ds", load_optimizer_states=True,
+                                    load_lr_scheduler_states=False)
+        else:
+            log.warning("DeepSpeed optimizer state not restored (world size changed or no "
+                        "deepspeed/ folder); weights, head shards and schedule are")
+
+    def loss_scale(self) -> Optional[float]:
+        return None

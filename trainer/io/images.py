@@ -1,0 +1,100 @@
+"""The one image decoder of the project: encoded bytes -> RGB ``uint8`` [H, W, 3].
+
+JPEG goes through simplejpeg (libjpeg-turbo), anything else (PNG, BMP, ...)
+through Pillow. Used by the training loaders, ``data_tools`` (validate,
+folder2rec, make_bin) and evaluation (``.bin`` sets, IJB crops).
+
+Two policies for a JPEG that libjpeg-turbo rejects:
+- ``lenient=False`` (training data, ``data_tools validate``): it is an error, so
+  every tool gives one verdict on a damaged record;
+- ``lenient=True`` (evaluation inputs made by others): Pillow gets a second try
+  (CMYK and other flavours simplejpeg does not handle).
+"""
+from __future__ import annotations
+
+import io
+from typing import Optional, Tuple
+
+import numpy as np
+
+JPEG_SOI = b"\xff\xd8"
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are no decodable image (or not of the expected size); names the source."""
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:2] == JPEG_SOI
+
+
+def jpeg_size(data: bytes, where: str = "image") -> Tuple[int, int]:
+    """(height, width) from a JPEG header, without decoding."""
+    import simplejpeg
+
+    try:
+        w, h, _, _ = simplejpeg.decode_jpeg_header(data)
+    except Exception as e:
+        raise ImageDecodeError(f"{where}: undecodable JPEG ({type(e).__name__}: {e})") from None
+    return h, w
+
+
+def _pillow(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def decode_rgb(data: bytes, where: str = "image", size: Optional[Tuple[int, int]] = None,
+               out: Optional[np.ndarray] = None, lenient: bool = False) -> np.ndarray:
+    """Decode to RGB uint8 [H, W, 3].
+
+    ``size`` (height, width): the image must have it (an error otherwise; no resize).
+    ``out``: a contiguous [H, W, 3] uint8 buffer to decode a JPEG into (needs ``size``).
+    ``where`` names the file/record in every error (:class:`ImageDecodeError`).
+    """
+    import simplejpeg
+
+    if not data:
+        raise ImageDecodeError(f"{where}: empty image")
+    img = None
+    try:
+        if is_jpeg(data):
+            try:
+                if out is not None and size is not None:
+                    h, w = jpeg_size(data, where)
+                    if (h, w) != tuple(size):
+                        raise ImageDecodeError(f"{where}: image is {w}x{h}, expected {size[1]}x{size[0]}")
+                    return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+                img = simplejpeg.decode_jpeg(data, colorspace="RGB")
+            except ImageDecodeError:
+                raise
+            except Exception:
+                if not lenient:
+                    raise
+        if img is None:
+            img = _pillow(data)
+    except ImageDecodeError:
+        raise
+    except Exception as e:
+        raise ImageDecodeError(f"{where}: undecodable image ({len(data)} bytes; {type(e).__name__}: {e})") from None
+    if size is not None and img.shape[:2] != tuple(size):
+        raise ImageDecodeError(f"{where}: image is {img.shape[1]}x{img.shape[0]}, expected {size[1]}x{size[0]}")
+    return img
+
+
+def resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of an RGB array to ``size`` x ``size`` (no-op when already that size)."""
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+
+
+def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
+    """RGB uint8 [H, W, 3] -> JPEG bytes (simplejpeg)."""
+    import simplejpeg
+
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=quality, colorspace="RGB")

@@ -1,0 +1,221 @@
+"""The trainer: builds the components from the config sections and runs the loop.
+
+Components (each owns one concern): the data loader (``trainer.data``), the
+backbone (``trainer.backbones``), the Partial FC head and its optimizer
+(``trainer.heads``), the engine (``trainer.engine``: DDP or DeepSpeed, precision,
+the one step path), the LR schedule (``trainer.optim``), the checkpoint manager
+(``trainer.checkpointer``), the validator (``trainer.validator``) and the monitor
+(``trainer.monitor``). :meth:`Trainer.train` only sequences them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from trainer.backbones import get_backbone
+from trainer.checkpointer import CheckpointManager, Progress
+from trainer.config import Config, ConfigError, to_yaml
+from trainer.distributed import DistInfo, barrier, init_distributed
+from trainer.engine import NonFiniteLossError, build_engine
+from trainer.heads import UNPG, PartialFC, PartialFCSGD, build_margin
+from trainer.io.atomic import atomic_open, atomic_torch_save
+from trainer.monitor import Monitor, setup_logging
+from trainer.optim import LRScheduler
+from trainer.validator import Validator
+
+log = logging.getLogger("trainer")
+
+LoaderFactory = Callable[[Config, DistInfo], Any]
+
+
+def default_loader_factory(cfg: Config, d: DistInfo):
+    from trainer.data import build_train_loader
+
+    if not cfg.data.train_dir:
+        raise ConfigError("config key 'data.train_dir' is empty: set it to the dataset folder")
+    return build_train_loader(cfg.data.train_dir, cfg.data.batch_size, rank=d.rank,
+                              world_size=d.world_size, device=d.device, backend=cfg.data.backend,
+                              num_threads=cfg.data.num_threads, seed=cfg.run.seed,
+                              augment=cfg.data.augment, shuffle=True)
+
+
+def build_backbone(cfg: Config, device: torch.device) -> torch.nn.Module:
+    m = cfg.model
+    try:
+        return get_backbone(m.backbone, num_features=m.embedding_size, dropout=m.dropout or None,
+                            grad_checkpointing=m.grad_checkpointing or None, width=m.width,
+                            norm=m.norm).to(device)
+    except ValueError as e:
+        raise ConfigError(f"model.backbone={m.backbone}: {e}") from e
+
+
+def build_head(cfg: Config, num_classes: int, device: torch.device):
+    lc, oc = cfg.loss, cfg.optim
+    head = PartialFC(margin=build_margin(lc.margin, s=lc.s, m=lc.m, margin_list=tuple(lc.margin_list)),
+                     embedding_size=cfg.model.embedding_size, num_classes=num_classes,
+                     sample_rate=lc.sample_rate,
+                     unpg=UNPG(wisk=lc.wisk, negatives=lc.negatives) if lc.unpg else None, device=device)
+    head_lr = oc.head_lr if oc.head_lr is not None else oc.lr
+    return head, PartialFCSGD(head, lr=head_lr, momentum=oc.momentum, weight_decay=oc.weight_decay), head_lr
+
+
+class Trainer:
+    """``Trainer(cfg).setup().train()``; the components are public attributes (tests use them)."""
+
+    def __init__(self, cfg: Config, loader_factory: Optional[LoaderFactory] = None) -> None:
+        self.cfg = cfg
+        self.loader_factory = loader_factory or default_loader_factory
+        self.history: List[Dict[str, float]] = []   # per optimizer step: step, loss
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "Trainer":
+        cfg = self.cfg
+        self.d = d = init_distributed()
+        self.out = Path(cfg.run.output)
+        if d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        barrier()
+        setup_logging(self.out, d.rank)
+        if d.is_main:
+            with atomic_open(self.out / "config.yaml", "w") as f:
+                f.write(to_yaml(cfg))
+            log.info("resolved config (saved to %s):\n%s", self.out / "config.yaml", to_yaml(cfg))
+        # Same backbone init on every rank; per-rank streams for everything else.
+        torch.manual_seed(cfg.run.seed)
+        random.seed(cfg.run.seed + d.rank)
+        np.random.seed((cfg.run.seed + d.rank) % 2**32)
+
+        self.loader = self._build_loader()
+        self.backbone = build_backbone(cfg, d.device)
+        torch.manual_seed(cfg.run.seed + 1 + d.rank)
+        self.head, self.head_opt, head_lr = build_head(cfg, self.num_classes, d.device)
+        self.accum = cfg.optim.grad_accum
+        self.steps_per_epoch = max(1, len(self.loader) // self.accum)
+        self.total_steps = cfg.run.max_steps if cfg.run.max_steps is not None else cfg.run.num_epochs * self.steps_per_epoch
+        self.engine = build_engine(cfg.engine, cfg.optim, self.backbone, self.head, self.head_opt, d,
+                                   self.accum, cfg.data.batch_size, compile=cfg.model.compile)
+        self.precision = self.engine.precision
+        self.scheduler = LRScheduler([self.engine.backbone_opt, self.head_opt], [cfg.optim.lr, head_lr],
+                                     self.total_steps, cfg.optim)
+        self.checkpointer = CheckpointManager(cfg.checkpoint, self.out, d, self.total_steps)
+        self.validator = Validator.build(cfg.validation, cfg.data.train_dir, d, self.out, self.total_steps)
+        self.progress = Progress()
+        resumed = self.checkpointer.resume(self.engine, self.head, self.head_opt, self.scheduler,
+                                           self.num_classes, cfg.run.seed)
+        if resumed is not None:
+            self.progress, best = resumed
+            self.validator.best.update(best)
+        return self
+
+    def _build_loader(self):
+        cfg, d = self.cfg, self.d
+        loader = self.loader_factory(cfg, d)
+        self.num_classes = int(loader.num_classes)
+        log.info("data: %s, %d images, %d classes, %d batches of %d per rank per epoch",
+                 type(loader).__name__, int(loader.num_images), self.num_classes, len(loader), cfg.data.batch_size)
+        if len(loader) == 0:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} x {d.world_size} ranks is larger than "
+                              f"the dataset ({loader.num_images} images): no full batch per epoch")
+        if cfg.data.num_classes is not None and cfg.data.num_classes != self.num_classes:
+            raise ConfigError(f"config key 'data.num_classes' = {cfg.data.num_classes} but the dataset "
+                              f"{cfg.data.train_dir} has {self.num_classes} classes")
+        return loader
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    # ------------------------------------------------------------------ data
+    def _next_batch(self):
+        p = self.progress
+        while True:
+            if self._it is None:
+                self.loader.set_epoch(p.epoch, start_batch=p.batch)
+                self._it = iter(self.loader)
+            try:
+                batch = next(self._it)
+                p.batch += 1
+                return batch
+            except StopIteration:
+                p.epoch, p.batch, self._it = p.epoch + 1, 0, None
+
+    # ----------------------------------------------------------------- train
+    def _one_step(self):
+        return self.engine.train_step(self._next_batch, self.cfg.run.nan_policy, self.step + 1)
+
+    def _validate(self, monitor: Monitor) -> None:
+        accs = self.validator.run(self.step, self.engine.float_backbone(), self.engine.export_state_dict)
+        monitor.validation(self.step, accs, self.validator.best)
+
+    def _save(self) -> None:
+        self.checkpointer.save(self.progress, self.engine, self.head, self.head_opt, self.scheduler,
+                               self.num_classes, self.validator.best, self.cfg)
+
+    def train(self) -> Dict[str, Any]:
+        cfg, p = self.cfg, self.progress
+        per_step = cfg.data.batch_size * self.d.world_size * self.accum
+        monitor = Monitor(self.out, self.d.is_main, self.total_steps, p.step, per_step, cfg=cfg.logging)
+        self._it, skips = None, 0
+        try:
+            if cfg.validation.at_start and p.step < self.total_steps:
+                self._validate(monitor)
+            self.engine.model.train()
+            while p.step < self.total_steps:
+                out = self._one_step()
+                if not out.ok:
+                    skips += 1
+                    if skips > cfg.run.max_skips:
+                        raise NonFiniteLossError(f"non-finite loss at step {p.step + 1}: {skips} steps skipped "
+                                                 f"in a row (run.max_skips={cfg.run.max_skips}); stopping")
+                    log.warning("non-finite loss at step %d: step skipped (nan_policy=skip)", p.step + 1)
+                    continue
+                skips, p.step = 0, p.step + 1
+                loss, lr = float(np.mean(out.losses)), self.scheduler.get_lr()
+                self.scheduler.step()
+                stats = getattr(self.head, "last_stats", {}) or {}
+                self.history.append({"step": p.step, "loss": loss, **(
+                    {"kept_fraction": stats["kept"] / stats["neg_pairs"]} if stats.get("neg_pairs") else {})})
+                monitor.record(p.step, p.epoch, loss, lr, out.grad_norm, self.engine.loss_scale(), stats, out.images)
+                t_side = time.time()
+                if self.validator.should_validate(p.step):
+                    self._validate(monitor)
+                if self.checkpointer.should_save(p.step):
+                    self._save()
+                monitor.exclude(time.time() - t_side)
+            if not self.validator.done_at(p.step):
+                self._validate(monitor)
+            if not self.checkpointer.exists(p.step):
+                self._save()
+            if self.d.is_main:
+                atomic_torch_save(self.engine.export_state_dict(), self.out / "model.pt")
+                log.info("wrote %s", self.out / "model.pt")
+                self._write_summary()
+            barrier()
+        finally:
+            monitor.close()
+        return {"history": self.history, "val": self.validator.history, "best": dict(self.validator.best)}
+
+    def _write_summary(self) -> None:
+        """<out>/summary.json: loss per step and every verification (rank 0)."""
+        v = self.validator
+        summary = {"steps": self.step, "world_size": self.d.world_size, "history": self.history,
+                   "val": v.history, "best": dict(v.best)}
+        with atomic_open(self.out / "summary.json", "w") as f:
+            json.dump(summary, f, indent=1)
+        if len(v.history) >= 2:
+            a, b = v.history[0], v.history[-1]
+            for name in b["acc"]:
+                log.info("verification %s: %.4f at step %d -> %.4f at step %d", name,
+                         a["acc"].get(name, float("nan")), a["step"], b["acc"][name], b["step"])
+
+
+def run(cfg: Config, loader_factory: Optional[LoaderFactory] = None) -> Dict[str, Any]:
+    """Set up and train; returns the history (used by tests)."""
+    return Trainer(cfg, loader_factory).setup().train()
