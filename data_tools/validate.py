@@ -29,7 +29,7 @@ from trainer.io.images import ImageDecodeError, decode_rgb
 from trainer.data.recordio import (
     MAGIC,
     RecordIOError,
-    _parse_at,
+    parse_record_at,
     class_id,
     read_index,
     unpack,
@@ -73,7 +73,7 @@ def _walk(rec: Path, data, rep: Report) -> Dict[int, int]:
     pos = 0
     while pos < size:
         try:
-            _, nxt = _parse_at(reader, pos, size, f"{rec} (record at byte {pos})")
+            _, nxt = parse_record_at(reader, pos, size, f"{rec} (record at byte {pos})")
             starts[pos] = nxt
             pos = nxt
         except RecordIOError as e:
@@ -149,7 +149,7 @@ def validate(data_dir, decode: bool = True, write_clean_index: bool = False, siz
         rep.info.append(f"{rec}: {unindexed} record(s) not listed in the index (ignored)")
 
     def payload(k: int) -> bytes:
-        return _parse_at(reader, good[k], size_b, f"{rec} (key {k} at byte {good[k]})")[0]
+        return parse_record_at(reader, good[k], size_b, f"{rec} (key {k} at byte {good[k]})")[0]
 
     header: Optional[Tuple[int, int]] = None
     if 0 in good:

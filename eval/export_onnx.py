@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import torch
 
-from eval.models import load_model, parse_kwargs
+from eval.models import add_model_args, model_from_args
 from trainer.io.atomic import atomic_open
 
 # prefixes insightface's ArcFaceONNX inspects in graph.node[:8] (model_zoo/arcface_onnx.py)
@@ -143,12 +143,7 @@ def export_onnx(
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.export_onnx", description="export a backbone to ONNX (insightface-loadable)")
-    p.add_argument("--model", required=True, help="model.pt (+ --network) | checkpoint dir | TorchScript | module:factory")
-    p.add_argument("--network", default=None, help="backbone name (r50, ...) or module:factory")
-    p.add_argument("--num-features", type=int, default=None)
-    p.add_argument("--unsafe-load", action="store_true", help="torch.load(weights_only=False): trusted files only")
-    p.add_argument("--network-kwargs", type=parse_kwargs, default=None,
-                   help="extra backbone constructor keywords, YAML/JSON mapping, e.g. '{width: 8}' (default: from the checkpoint's config)")
+    add_model_args(p, "model.pt (+ --network) | checkpoint dir | TorchScript | module:factory")
     p.add_argument("--out", required=True)
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--opset", type=int, default=17)
@@ -157,8 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if str(args.model).endswith(".onnx"):
         p.error("--model is already ONNX")
-    model = load_model(args.model, args.network, args.num_features, "cpu", unsafe_load=args.unsafe_load,
-                       network_kwargs=args.network_kwargs)
+    model = model_from_args(args, "cpu")
     diff, scale = export_onnx(model, args.out, image_size=args.image_size, opset=args.opset, atol=args.atol, rtol=args.rtol)
     print(f"exported {args.out}; max abs diff onnxruntime vs PyTorch: {diff:.3g} (max |output| {scale:.3g})")
     return 0

@@ -34,7 +34,7 @@ from eval import report
 from eval.align import norm_crop
 from trainer.io.images import decode_rgb
 from eval.metrics import DEFAULT_FARS, roc, tar_at_far
-from eval.models import load_model, parse_kwargs
+from eval.models import add_model_args, model_from_args
 from trainer.verification import embed_images
 
 IJB_FARS: Tuple[float, ...] = DEFAULT_FARS  # 1e-6 .. 1e-1
@@ -255,12 +255,7 @@ def ijb_markdown(res: Dict[str, object]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.ijb", description="IJB-B/IJB-C 1:1 verification")
-    p.add_argument("--model", required=True, help="model.pt | checkpoint dir | TorchScript | model.onnx | module:factory")
-    p.add_argument("--network", default=None)
-    p.add_argument("--num-features", type=int, default=None)
-    p.add_argument("--unsafe-load", action="store_true", help="torch.load(weights_only=False): trusted files only")
-    p.add_argument("--network-kwargs", type=parse_kwargs, default=None,
-                   help="extra backbone constructor keywords, YAML/JSON mapping, e.g. '{width: 8}' (default: from the checkpoint's config)")
+    add_model_args(p)
     p.add_argument("--root", required=True, help="release folder, e.g. IJB_release/IJBC (holds loose_crop/ and meta/)")
     p.add_argument("--target", default=None, help="IJBB or IJBC (default: the root folder's name)")
     p.add_argument("--faceness-weight", action="store_true", help="weight image features by detector faceness score")
@@ -273,8 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from eval.verify import default_device
 
     device = args.device or default_device()
-    model = load_model(args.model, args.network, args.num_features, device, unsafe_load=args.unsafe_load,
-                       network_kwargs=args.network_kwargs)
+    model = model_from_args(args, device)
     res = evaluate_ijb(model, args.root, args.target, args.faceness_weight, args.batch_size, device, args.workers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,8 @@ from typing import Callable, Dict, Optional, Union
 import numpy as np
 import torch
 
+from trainer.checkpoint import CHECKPOINTS_DIR, SHARD_PREFIX, TRAINER_FILE, list_checkpoints
+
 _BACKBONE_KEYS = ("backbone", "state_dict_backbone", "model", "state_dict")
 
 
@@ -126,14 +128,9 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _newest_complete_step(checkpoints: Path) -> Optional[Path]:
-    steps = []
-    for p in checkpoints.glob("step_*"):
-        if p.is_dir() and (p / "COMPLETE").is_file() and (p / "trainer.pt").is_file():
-            try:
-                steps.append((int(p.name[len("step_"):]), p))
-            except ValueError:
-                continue
-    return max(steps)[1] / "trainer.pt" if steps else None
+    """trainer.pt of the newest complete checkpoint (trainer.checkpoint's layout)."""
+    done = [p for _, p in list_checkpoints(checkpoints) if (p / TRAINER_FILE).is_file()]
+    return done[-1] / TRAINER_FILE if done else None
 
 
 def checkpoint_file(directory: Path) -> Path:
@@ -144,14 +141,14 @@ def checkpoint_file(directory: Path) -> Path:
     else the newest ``*.pt``/``*.pth`` that is not a Partial FC shard.
     """
     directory = Path(directory)
-    for name in ("model.pt", "trainer.pt"):
+    for name in ("model.pt", TRAINER_FILE):
         if (directory / name).is_file():
             return directory / name
-    for sub in (directory / "checkpoints", directory):
+    for sub in (directory / CHECKPOINTS_DIR, directory):
         found = _newest_complete_step(sub) if sub.is_dir() else None
         if found is not None:
             return found
-    cands = [p for p in list(directory.glob("*.pt")) + list(directory.glob("*.pth")) if not p.name.startswith("shard_")]
+    cands = [p for p in list(directory.glob("*.pt")) + list(directory.glob("*.pth")) if not p.name.startswith(SHARD_PREFIX)]
     if not cands:
         raise FileNotFoundError(f"{directory}: no model.pt, trainer.pt, checkpoints/step_*/trainer.pt or *.pt/*.pth")
     return max(cands, key=lambda p: p.stat().st_mtime)
@@ -166,7 +163,12 @@ def _model_config(weights: Path, obj) -> Optional[dict]:
         if not isinstance(cfg, dict):
             return None
         if isinstance(cfg.get("model"), dict) and isinstance(cfg["model"].get("backbone"), str):
-            return cfg["model"]
+            m = dict(cfg["model"])
+            # constructor options as trained: the model section's (width, norm, dropout), or
+            # the v0.1 layout's free-form backbone_kwargs
+            opts = {k: m[k] for k in ("width", "norm") if m.get(k) is not None}
+            m["backbone_kwargs"] = {**(m.get("backbone_kwargs") or {}), **opts}
+            return m
         if isinstance(cfg.get("network"), str):  # insightface-style flat config
             return {"backbone": cfg["network"], "embedding_size": cfg.get("embedding_size")}
         return None
@@ -174,7 +176,7 @@ def _model_config(weights: Path, obj) -> Optional[dict]:
     if isinstance(obj, dict) and section(obj.get("config")):
         return section(obj["config"])
     dirs = [weights.parent]
-    if weights.parent.parent.name == "checkpoints":  # <run>/checkpoints/step_X/trainer.pt
+    if weights.parent.parent.name == CHECKPOINTS_DIR:  # <run>/checkpoints/step_X/trainer.pt
         dirs.append(weights.parent.parent.parent)
     for d in dirs:
         cfg_path = d / "config.yaml"
@@ -200,7 +202,8 @@ def load_model(
 
     ``network`` defaults to the checkpoint's config (``model.backbone``) when it has one;
     ``network_kwargs`` (extra constructor keywords, e.g. ``{"width": 8}`` for ``tiny``)
-    default to that config's ``model.backbone_kwargs`` when it names the same backbone.
+    default to that config's backbone options (``model.width``/``model.norm``; older runs:
+    ``model.backbone_kwargs``) when it names the same backbone.
     ``unsafe_load`` allows ``torch.load(weights_only=False)`` (arbitrary pickles: trusted files only).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -246,3 +249,22 @@ def load_model(
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit network '{network}': {e}") from e
     return model.to(device).eval()
+
+
+def add_model_args(p: argparse.ArgumentParser, what: str = "model.pt | checkpoint dir | TorchScript | model.onnx | module:factory") -> None:
+    """The model-loading flags every eval CLI shares (``--model``, ``--network``, ...)."""
+    p.add_argument("--model", required=True, help=what)
+    p.add_argument("--network", default=None,
+                   help="backbone name (r18..r200, mbf, tiny) or module:factory, for state_dicts "
+                        "(default: from the checkpoint's config)")
+    p.add_argument("--num-features", type=int, default=None, help="embedding size (default: read from the weights)")
+    p.add_argument("--unsafe-load", action="store_true", help="torch.load(weights_only=False): trusted files only")
+    p.add_argument("--network-kwargs", type=parse_kwargs, default=None,
+                   help="extra backbone constructor keywords, YAML/JSON mapping, e.g. '{width: 8}' "
+                        "(default: from the checkpoint's config)")
+
+
+def model_from_args(args: argparse.Namespace, device: Union[str, torch.device, None]) -> torch.nn.Module:
+    """:func:`load_model` from the flags of :func:`add_model_args`."""
+    return load_model(args.model, args.network, args.num_features, device, unsafe_load=args.unsafe_load,
+                      network_kwargs=args.network_kwargs)

@@ -18,7 +18,7 @@ import torch
 
 from eval import report
 from eval.metrics import roc
-from eval.models import load_model, parse_kwargs
+from eval.models import add_model_args, model_from_args
 from eval.verification import verify_embeddings
 from trainer.verification import embed_images, load_bin, pair_scores
 
@@ -29,13 +29,7 @@ def default_device() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.verify", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="model.pt | checkpoint dir | TorchScript | model.onnx | module:factory")
-    p.add_argument("--network", default=None,
-                   help="backbone name (r18..r200, mbf, tiny) or module:factory, for state_dicts (default: from the checkpoint's config)")
-    p.add_argument("--num-features", type=int, default=None, help="embedding size (default: read from the weights)")
-    p.add_argument("--unsafe-load", action="store_true", help="torch.load(weights_only=False): trusted files only")
-    p.add_argument("--network-kwargs", type=parse_kwargs, default=None,
-                   help="extra backbone constructor keywords, YAML/JSON mapping, e.g. '{width: 8}' (default: from the checkpoint's config)")
+    add_model_args(p)
     p.add_argument("--bin", nargs="+", required=True, help="verification .bin files")
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--batch-size", type=int, default=128)
@@ -51,8 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = args.device or default_device()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(args.model, args.network, args.num_features, device, unsafe_load=args.unsafe_load,
-                       network_kwargs=args.network_kwargs)
+    model = model_from_args(args, device)
     results, curves = {}, {}
     for path in args.bin:
         name = Path(path).stem

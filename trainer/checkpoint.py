@@ -12,7 +12,7 @@ Layout of one checkpoint ``<run>/checkpoints/step_XXXXXXXX/``::
 
 Every file goes through trainer.io.atomic (temp file + rename), so a crash
 while saving leaves at most a folder without COMPLETE, which is ignored; the
-previous checkpoint stays loadable. Re-sharding (DESIGN.md §2 class ranges):
+previous checkpoint stays loadable. Re-sharding (docs/design.md, class ranges):
 row-aligned tensors of the old shards are concatenated in class order and the
 new rank's range is sliced out (head and optimizer state alike).
 """
@@ -33,7 +33,11 @@ from trainer.io.atomic import atomic_open, atomic_torch_save
 
 log = logging.getLogger("trainer.checkpoint")
 
-MARKER = "COMPLETE"
+# The layout, in one place (eval reads run folders through these too).
+MARKER = "COMPLETE"             # JSON, written last: the checkpoint is complete
+TRAINER_FILE = "trainer.pt"     # rank 0's state
+SHARD_PREFIX = "shard_"         # shard_RRRRR.pt: rank R's head shard
+CHECKPOINTS_DIR = "checkpoints"  # <run>/checkpoints/step_XXXXXXXX/
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -42,7 +46,7 @@ def checkpoint_dir(root: Path, step: int) -> Path:
 
 
 def shard_file(ckpt: Path, rank: int) -> Path:
-    return Path(ckpt) / f"shard_{rank:05d}.pt"
+    return Path(ckpt) / f"{SHARD_PREFIX}{rank:05d}.pt"
 
 
 # ------------------------------------------------------------------------ RNG
@@ -173,7 +177,7 @@ def load_for_rank(ckpt: Path, rank: int, world_size: int, class_range: Tuple[int
     Same world size: the rank's own file (with its RNG state). Otherwise the
     shard is re-sliced from the overlapping old shards (RNG not restored)."""
     meta = read_marker(ckpt)
-    state = torch.load(Path(ckpt) / "trainer.pt", map_location="cpu", weights_only=False)
+    state = torch.load(Path(ckpt) / TRAINER_FILE, map_location="cpu", weights_only=False)
     if meta["world_size"] == world_size and tuple(meta["class_ranges"][rank]) == tuple(class_range):
         shard = torch.load(shard_file(ckpt, rank), map_location="cpu", weights_only=False)
         if tuple(shard["class_range"]) != tuple(class_range):

@@ -33,7 +33,7 @@ class Progress:
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, out: Path, d: DistInfo, total_steps: int) -> None:
         self.cfg = cfg
-        self.root = Path(out) / "checkpoints"
+        self.root = Path(out) / ckpt.CHECKPOINTS_DIR
         self.d = d
         self.total_steps = total_steps
 

@@ -98,7 +98,7 @@ def _read_header(buf_reader, pos: int, file_size: int, where: str) -> Tuple[int,
     return lrec >> 29, lrec & MAX_LENGTH
 
 
-def _parse_at(buf_reader, offset: int, file_size: int, where: str) -> Tuple[bytes, int]:
+def parse_record_at(buf_reader, offset: int, file_size: int, where: str) -> Tuple[bytes, int]:
     """Read one logical record starting at ``offset``; return (payload, next_offset).
 
     ``buf_reader(offset, n)`` returns up to n bytes at offset. ``where`` names the
@@ -106,7 +106,7 @@ def _parse_at(buf_reader, offset: int, file_size: int, where: str) -> Tuple[byte
     """
     if callable(where):  # built lazily: only an error needs the text
         try:
-            return _parse_at(buf_reader, offset, file_size, "")
+            return parse_record_at(buf_reader, offset, file_size, "")
         except RecordIOError as e:
             raise RecordIOError(f"{where()}{e}") from None
     parts: List[bytes] = []
@@ -148,7 +148,7 @@ def iter_records(rec_path: PathLike) -> Iterator[Tuple[int, bytes]]:
         reader = lambda off, n: os.pread(fd, n, off)  # noqa: E731
         pos, i = 0, 0
         while pos < size:
-            payload, nxt = _parse_at(reader, pos, size, f"{rec_path} (record #{i} at byte {pos})")
+            payload, nxt = parse_record_at(reader, pos, size, f"{rec_path} (record #{i} at byte {pos})")
             yield pos, payload
             pos, i = nxt, i + 1
     finally:
@@ -272,7 +272,7 @@ class IndexedRecordReader:
             off = self.offsets[key]
         except KeyError:
             raise KeyError(f"{self.rec_path}: no key {key} in {self.idx_path}") from None
-        payload, _ = _parse_at(self._pread, off, self.file_size, lambda: self.where(key))
+        payload, _ = parse_record_at(self._pread, off, self.file_size, lambda: self.where(key))
         return payload
 
     def read_head(self, key: int, n: int = IR_SIZE + 64) -> Tuple[bytes, int]:

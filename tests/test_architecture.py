@@ -1,0 +1,113 @@
+"""The import rule of docs/architecture.md, checked on the source with ``ast``.
+
+Layers, lowest first; a module may import its own package and the packages below:
+
+    trainer.io  <  trainer (the rest)  <  eval, data_tools  (side by side, never each other)
+    launch stands alone: it imports nothing of the project.
+
+Inside ``trainer``: ``trainer.io`` imports nothing else of the project, and
+``trainer.heads`` / ``trainer.collectives`` (the algorithm) import no orchestration
+(config, engine, loop, checkpoint, data, ...).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = ("trainer", "eval", "data_tools", "launch")
+
+# importer prefix -> project prefixes it may import (besides itself)
+ALLOWED: List[Tuple[str, Tuple[str, ...]]] = [
+    ("trainer.io", ()),
+    ("trainer.heads", ("trainer.collectives",)),
+    ("trainer.collectives", ()),
+    ("trainer.backbones", ()),
+    ("trainer", ("trainer",)),
+    ("eval", ("trainer",)),
+    ("data_tools", ("trainer",)),
+    ("launch", ()),
+]
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def project_imports(source: str, mod: str, is_package: bool) -> List[Tuple[int, str]]:
+    """(line, imported module) for every import of a project package in ``source`` (module
+    ``mod``), at any depth (function-level imports count too)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base = mod.split(".") if is_package else mod.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                names = [".".join(base + ([node.module] if node.module else []))]
+            else:
+                names = [node.module or ""]
+        else:
+            continue
+        out += [(node.lineno, n) for n in names if n.split(".")[0] in PROJECT]
+    return out
+
+
+def rule_for(mod: str) -> Tuple[str, Tuple[str, ...]]:
+    for prefix, allowed in ALLOWED:
+        if mod == prefix or mod.startswith(prefix + "."):
+            return prefix, allowed
+    raise AssertionError(f"{mod}: no layer in ALLOWED (add the new package to the rule)")
+
+
+def check(path: Path, source: str = None) -> List[str]:
+    """Forbidden imports of the module at ``path`` (its text, or ``source`` in its place)."""
+    mod = module_name(path)
+    own, allowed = rule_for(mod)
+    bad = []
+    for line, imp in project_imports(path.read_text() if source is None else source, mod, path.name == "__init__.py"):
+        if not any(imp == p or imp.startswith(p + ".") for p in (own,) + allowed):
+            bad.append(f"{path.relative_to(ROOT)}:{line}: {mod} imports {imp} "
+                       f"(layer '{own}' may import {', '.join((own,) + allowed)})")
+    return bad
+
+
+def source_files():
+    return sorted(p for pkg in PROJECT for p in (ROOT / pkg).rglob("*.py"))
+
+
+def test_imports_flow_one_way():
+    files = source_files()
+    assert len(files) > 50
+    bad = [v for f in files for v in check(f)]
+    assert not bad, "forbidden imports (docs/architecture.md):\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("where, line", [
+    ("trainer/loop.py", "from eval.verification import verify_embeddings"),
+    ("trainer/io/atomic.py", "from trainer.config import Config"),
+    ("launch/cli.py", "import trainer.train"),
+    ("data_tools/synth.py", "from eval import report"),
+    ("trainer/heads/softmax.py", "from trainer.loop import Trainer"),
+    ("trainer/heads/partial_fc.py", "from ..config import Config"),
+])
+def test_rule_catches_a_wrong_import(where, line):
+    """The check fails when a forbidden import is added, even inside a function."""
+    src = ROOT / where
+    assert not check(src)
+    bad = check(src, src.read_text() + f"\n\ndef _added():\n    {line}\n")
+    assert len(bad) == 1 and where in bad[0], bad
+
+
+def test_no_sys_path_edits_outside_tests():
+    hits = [f"{p.relative_to(ROOT)}" for p in ROOT.rglob("*.py")
+            if ".venv" not in p.parts and "tests" not in p.parts and "sys.path" in p.read_text()]
+    assert not hits, hits
