@@ -1,4 +1,4 @@
-"""Write a dataset in insightface's RecordIO layout (DESIGN.md §3).
+"""Write a dataset in insightface's RecordIO layout (docs/design.md §3).
 
 key 0           header, flag 2, labels (N+1, N+1+K)
 keys 1..N       images, grouped by label (flag 0, scalar label)

@@ -28,7 +28,7 @@ def world_info(group: ProcessGroup = None) -> Tuple[int, int]:
 
 
 def class_range(num_classes: int, rank: int, world_size: int) -> Tuple[int, int]:
-    """Contiguous shard ``[start, stop)`` of rank ``rank`` (DESIGN.md §2).
+    """Contiguous shard ``[start, stop)`` of rank ``rank`` (docs/design.md §2).
 
     Sizes differ by at most one; the first ``num_classes % world_size`` ranks get
     one extra class (insightface's split, so shards map one to one).

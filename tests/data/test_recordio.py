@@ -1,4 +1,4 @@
-"""RecordIO framing, index and IRHeader against byte fixtures written from the format (DESIGN.md §3)."""
+"""RecordIO framing, index and IRHeader against byte fixtures written from the format (docs/design.md §3)."""
 import multiprocessing as mp
 import pickle
 import struct

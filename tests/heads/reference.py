@@ -1,4 +1,4 @@
-"""Dense single-process reference of the loss, written from DESIGN.md §1 literally.
+"""Dense single-process reference of the loss, written from docs/design.md §1 literally.
 
 Float64 autograd; no chunking, no sharding, a full sort for the quartiles and
 the kept similarities appended as extra logit columns shared by every row (as

@@ -1,4 +1,4 @@
-"""Single process, float64: loss and gradients equal the dense reference (DESIGN.md §1)."""
+"""Single process, float64: loss and gradients equal the dense reference (docs/design.md §1)."""
 import math
 
 import pytest

@@ -1,6 +1,6 @@
 """insightface face datasets on top of RecordIO: header record, identity records, labels.
 
-Layout (DESIGN.md §3): ``data_dir/train.rec``, ``train.idx``, ``property``
+Layout (docs/design.md §3): ``data_dir/train.rec``, ``train.idx``, ``property``
 ("num_classes,112,112"). Record 0 may be a header with flag > 0 whose labels
 are ``(first_identity_key, end_key)``: images are keys ``1 .. label[0]-1``,
 keys ``label[0] .. label[1]-1`` are identity records (labels = that identity's

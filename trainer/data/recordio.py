@@ -1,6 +1,6 @@
 """MXNet RecordIO in plain Python (no MXNet): framing, index, IRHeader.
 
-Byte format (DESIGN.md §3, dmlc-core ``recordio.h``):
+Byte format (docs/design.md §3, dmlc-core ``recordio.h``):
 
 * record = ``uint32 magic 0xced7230a``, ``uint32 lrec = (cflag << 29) | length``,
   ``length`` payload bytes, zero padding to a multiple of 4.
@@ -41,7 +41,7 @@ IR_FORMAT = "<IfQQ"
 _IR = struct.Struct(IR_FORMAT)
 IR_SIZE = _IR.size  # 24
 MAX_LENGTH = (1 << 29) - 1
-#: float32 represents every integer exactly only below 2**24 (DESIGN.md §3).
+#: float32 represents every integer exactly only below 2**24 (docs/design.md §3).
 MAX_EXACT_LABEL = 1 << 24
 
 
@@ -406,7 +406,7 @@ def class_id(header: IRHeader, where: str = "record", num_classes: Optional[int]
     """The class id of an image record (first label), checked exact and in range.
 
     Refuses ids that float32 cannot hold exactly (>= 2**24): two classes could
-    have been merged by the rounding (DESIGN.md §3).
+    have been merged by the rounding (docs/design.md §3).
     """
     value = float(header.labels[0]) if header.flag > 0 else float(header.label)
     if not np.isfinite(value) or value != int(value):

@@ -1,4 +1,4 @@
-"""Additive-angular / additive-cosine margins on the target logit (DESIGN.md §1).
+"""Additive-angular / additive-cosine margins on the target logit (docs/design.md §1).
 
 A margin maps the target cosine ``c = cos(theta)`` to ``f(c)``; the target logit
 is ``s * f(c)`` and every other logit is ``s * c``. Each margin gives ``f`` and
@@ -9,7 +9,7 @@ theta + m > pi (ArcFace / Combined): ``cos(theta + m)`` is not monotonic in
 theta. For a sample whose angle to its own centre exceeds ``pi - m`` the exact
 margin logit *rises* as theta grows, so its gradient pushes the embedding
 further from its centre. We keep the exact function by default (it is what the
-paper and DESIGN.md §1 define; with random init and D = 512, cos stays near 0
+paper and docs/design.md §1 define; with random init and D = 512, cos stays near 0
 and the region, cos < cos(pi - m) ~ -0.88 for m = 0.5, is essentially never
 reached). ``ArcFace(..., pi_fallback=True)`` switches to insightface's fix:
 for theta > pi - m use the monotonic ``cos(theta) - m * sin(m)``.

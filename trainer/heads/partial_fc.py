@@ -1,4 +1,4 @@
-"""Partial FC: the model-parallel margin-softmax classifier, with UNPG (DESIGN.md §1-2).
+"""Partial FC: the model-parallel margin-softmax classifier, with UNPG (docs/design.md §1-2).
 
 Every rank holds a contiguous shard of class centres and sees the global batch
 (all-gathered embeddings and labels). The loss is the mean over the global
@@ -152,7 +152,7 @@ class PartialFC(nn.Module):
             return None, local_label
         positives = torch.unique(local_label[in_shard])  # sorted
         num_sample = max(positives.numel(), math.floor(self.sample_rate * self.num_local))
-        # Uniform random others: random scores, positives forced to the top (DESIGN.md §2).
+        # Uniform random others: random scores, positives forced to the top (docs/design.md §2).
         scores = torch.rand(self.num_local, device=self.weight.device)
         scores[positives] = 2.0
         rows = torch.topk(scores, num_sample, sorted=False).indices.sort().values

@@ -1,4 +1,4 @@
-"""Margin softmax across class shards, fused and chunked (DESIGN.md §1-2).
+"""Margin softmax across class shards, fused and chunked (docs/design.md §1-2).
 
 For the global batch ``x`` (N rows, raw embeddings) and this rank's class
 centres, computes per row i

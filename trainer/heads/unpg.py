@@ -1,4 +1,4 @@
-"""UNPG's metric negatives: the box-and-whisker-filtered negative pairs (DESIGN.md §1).
+"""UNPG's metric negatives: the box-and-whisker-filtered negative pairs (docs/design.md §1).
 
 For embeddings ``x^`` (L2-normalised) with labels ``y``:
 
@@ -55,7 +55,7 @@ def metric_negatives_lse(
     """``V = log sum_{t in K} exp(s t)`` and monitoring statistics.
 
     Returns ``(None, stats)`` when there is no negative pair (every label equal):
-    the UNPG term is then absent (DESIGN.md §1).
+    the UNPG term is then absent (docs/design.md §1).
     """
     n_rows = x_hat.shape[0]
     sims = x_hat @ x_hat.t()  # [N, N]

@@ -1,6 +1,6 @@
 """insightface verification ``.bin`` files (lfw.bin, cfp_fp.bin, agedb_30.bin, ...).
 
-Format (DESIGN.md §3): a pickle of ``(bins, issame_list)``; ``bins`` holds 2P
+Format (docs/design.md §3): a pickle of ``(bins, issame_list)``; ``bins`` holds 2P
 encoded images, pair k is (bins[2k], bins[2k+1]). A pickle can run code, so
 files are read with a restricted unpickler that only rebuilds bytes, lists,
 tuples, bools, ints (plus ``_codecs.encode(str, 'latin1')``, which is how Python 3
