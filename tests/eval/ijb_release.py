@@ -66,8 +66,12 @@ def make_release(
     templates_per_subject: int = 3,
     seed: int = 0,
     one_n: bool = True,
+    max_pairs: int = 0,
 ) -> Dict[str, object]:
-    """Write ``root/loose_crop`` and ``root/meta`` (1:1 files; 1:N csvs when ``one_n``)."""
+    """Write ``root/loose_crop`` and ``root/meta`` (1:1 files; 1:N csvs when ``one_n``).
+
+    Pairs: every template pair, or (``max_pairs`` > 0) all genuine pairs plus random
+    impostor pairs up to ``max_pairs`` in all."""
     rng = np.random.default_rng(seed)
     t = target.lower()
     (root / "loose_crop").mkdir(parents=True, exist_ok=True)
@@ -96,6 +100,11 @@ def make_release(
             tid += 1
     tids = sorted(template_subject)
     pair_lines = [f"{a} {b} {int(template_subject[a] == template_subject[b])}" for i, a in enumerate(tids) for b in tids[i + 1 :]]
+    if max_pairs and len(pair_lines) > max_pairs:
+        gen = [p for p in pair_lines if p.endswith(" 1")]
+        imp = [p for p in pair_lines if p.endswith(" 0")]
+        keep = rng.choice(len(imp), size=max(0, max_pairs - len(gen)), replace=False)
+        pair_lines = gen + [imp[i] for i in sorted(keep)]
     rng.shuffle(pair_lines)
     (root / "meta" / f"{t}_face_tid_mid.txt").write_text("\n".join(tid_lines) + "\n")
     (root / "meta" / f"{t}_name_5pts_score.txt").write_text("\n".join(lmk_lines) + "\n")
@@ -114,3 +123,24 @@ def make_release(
                 rows += [f"{tid_},{template_subject[tid_] + 100},img/{n},{k}" for k, n in enumerate(template_images[tid_])]
             (root / "meta" / f"{t}_1N_{fname}.csv").write_text("\n".join(rows) + "\n")
     return {"template_subject": template_subject, "num_images": img_no - 1, "num_pairs": len(pair_lines), "split": split}
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tests.eval.ijb_release", description="write a generated IJB-layout release")
+    p.add_argument("--root", required=True, help="e.g. /tmp/IJB_release/IJBC (the folder name gives the target)")
+    p.add_argument("--subjects", type=int, default=30)
+    p.add_argument("--family-size", type=int, default=3)
+    p.add_argument("--templates-per-subject", type=int, default=6)
+    p.add_argument("--max-pairs", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    root = Path(a.root)
+    t = make_release(root, root.name.upper(), a.subjects, a.family_size, a.templates_per_subject, a.seed, max_pairs=a.max_pairs)
+    print(f"{root}: {a.subjects} subjects, {len(t['template_subject'])} templates, {t['num_images']} images, {t['num_pairs']} pairs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

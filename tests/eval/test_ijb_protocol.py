@@ -38,7 +38,7 @@ def _independent_scores(root, model, flip=True, norm_score=True, faceness=True):
                     [62.7299, 92.2041]], dtype=np.float32)
     ref[:, 0] += 8.0
     lines = (root / "meta" / "ijbc_name_5pts_score.txt").read_text().split("\n")
-    feats, scores_f = [], []
+    feats = []
     with torch.no_grad():
         for line in filter(str.strip, lines):
             parts = line.split(" ")
@@ -300,3 +300,34 @@ def test_insightface_val_far_against_restatement():
     val, std, far = _restated_calculate_val(scores, labels)
     assert (res["val"], res["val_std"], res["far"]) == pytest.approx((val, std, far), abs=1e-12)
     assert 0 < res["val"] < 1 and len(res["fold_val"]) == 10
+
+
+def test_verify_cli_reports_insightface_val(tmp_path, capsys):
+    from eval import verify
+    from eval.metrics import pair_scores
+    from eval.verification import embed_images, load_bin
+    from tests.eval.fixtures import make_bin
+
+    make_bin(tmp_path / "s.bin", pairs=40, seed=1)
+    torch.jit.script(tiny_net(16)).save(str(tmp_path / "net.ts"))
+    assert verify.main(["--model", str(tmp_path / "net.ts"), "--bin", str(tmp_path / "s.bin"), "--out", str(tmp_path / "o"),
+                        "--device", "cpu", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "our own definition" in printed and "insightface val@far=1e-3" in printed
+    data = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["s"]
+    images, issame = load_bin(tmp_path / "s.bin")
+    expect = insightface_val_far(pair_scores(embed_images(tiny_net(16), images).numpy()), issame)
+    assert data["insightface_val"]["val"] == pytest.approx(expect["val"], abs=1e-12)
+    assert data["insightface_val"]["far"] == pytest.approx(expect["far"], abs=1e-12)
+    assert "own definition" in data["tar_at_far_definition"]
+
+
+def test_ijbb_layout_and_pair_subset(tmp_path):
+    """IJB-B names its galleries S1/S2; the 1:N part runs on them; a pair subset keeps every genuine pair."""
+    root = tmp_path / "IJBB"
+    truth = make_release(root, "IJBB", subjects=4, templates_per_subject=3, seed=5, max_pairs=30)
+    assert (root / "meta" / "ijbb_1N_gallery_S1.csv").is_file()
+    res = ijb.evaluate_ijb(tiny_net(16), root, workers=2, progress=False)
+    assert res["target"] == "IJBB" and res["num_pairs"] == truth["num_pairs"] == 30
+    assert res["num_genuine"] == 4 * 3
+    assert set(res["identification_1n"]["galleries"]) == {"S1", "S2"}
