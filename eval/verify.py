@@ -70,7 +70,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         results[name] = res
         scores = pair_scores(emb.numpy())
         # insightface's val/far (10-fold, interpolated threshold) beside our TAR@FAR
-        res["insightface_val"] = insightface_val_far(scores, issame, far_target=1e-3, nfolds=args.nfolds)
+        try:
+            res["insightface_val"] = insightface_val_far(scores, issame, far_target=1e-3, nfolds=args.nfolds)
+        except ValueError as e:  # a fold without genuine or impostor pairs (insightface divides by zero)
+            res["insightface_val"] = {"error": f"{path}: {e}"}
         res["tar_at_far_definition"] = TAR_AT_FAR_NOTE
         fpr, tpr, _ = roc(scores, issame)
         curves[name] = (fpr, tpr)
@@ -79,8 +82,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             report.plot_score_hist(scores, issame, out / f"hist_{name}.png", title=name, threshold=res["threshold"])
     table = report.markdown_table(results, fars=(1e-4, 1e-3))
     table += "\n" + TAR_AT_FAR_NOTE + "\n\n| set | insightface val@far=1e-3 (%) | far reached |\n|---|---|---|\n" + "".join(
-        f"| {n} | {100 * r['insightface_val']['val']:.2f} ± {100 * r['insightface_val']['val_std']:.2f} | "
-        f"{r['insightface_val']['far']:.2e} |\n" for n, r in results.items())
+        f"| {n} | {100 * v['val']:.2f} ± {100 * v['val_std']:.2f} | {v['far']:.2e} |\n" if "val" in v else f"| {n} | - | - |\n"
+        for n, v in ((n, r["insightface_val"]) for n, r in results.items()))
     print(table, end="")
     report.write_text(table, out / "results.md")
     report.write_json({"model": str(args.model), "network": args.network, "results": results}, out / "results.json")

@@ -331,3 +331,18 @@ def test_ijbb_layout_and_pair_subset(tmp_path):
     assert res["target"] == "IJBB" and res["num_pairs"] == truth["num_pairs"] == 30
     assert res["num_genuine"] == 4 * 3
     assert set(res["identification_1n"]["galleries"]) == {"S1", "S2"}
+
+
+def test_val_far_fold_without_impostors_is_reported_not_fatal(tmp_path, capsys):
+    from eval import verify
+    from tests.eval.fixtures import make_bin
+
+    make_bin(tmp_path / "s.bin", pairs=10, seed=2)  # 10 pairs, 10 folds: each test fold has one class
+    torch.jit.script(tiny_net(16)).save(str(tmp_path / "net.ts"))
+    assert verify.main(["--model", str(tmp_path / "net.ts"), "--bin", str(tmp_path / "s.bin"), "--out", str(tmp_path / "o"),
+                        "--device", "cpu", "--no-plots"]) == 0
+    assert "| s | - | - |" in capsys.readouterr().out
+    data = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["s"]
+    assert "s.bin" in data["insightface_val"]["error"] and "accuracy" in data
+    with pytest.raises(ValueError, match="test fold has"):
+        insightface_val_far(np.linspace(-1, 1, 10), np.arange(10) % 2 == 0)
