@@ -1,4 +1,4 @@
-"""IJB-B / IJB-C 1:1 template verification.
+"""IJB-B / IJB-C 1:1 template verification (and 1:N identification, eval/ijb_1n.py).
 
 Reads the release layout insightface's IJB evaluation uses (``<root>`` = e.g. ``IJB_release/IJBC``)::
 
@@ -44,7 +44,7 @@ from eval import report
 from eval.align import norm_crop
 from eval.metrics import DEFAULT_FARS, READOUTS, roc, tar_fpr_at_far
 from eval.models import load_model, parse_kwargs
-from eval.verification import _model_device, to_model_input
+from eval.verification import to_model_input
 from trainer.utils.atomic import atomic_open
 
 IJB_FARS: Tuple[float, ...] = DEFAULT_FARS  # 1e-6 .. 1e-1
@@ -157,6 +157,12 @@ def _cv2():
     return cv2
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for t in list(model.parameters())[:1] + list(model.buffers())[:1]:
+        return t.device
+    return torch.device("cpu")
+
+
 def load_aligned(root: Path, name: str, landmarks: np.ndarray, image_size: int = 112) -> np.ndarray:
     """Read ``loose_crop/<name>`` as insightface does (``cv2.imread``: OpenCV's decoder, BGR),
     align it with ``cv2.warpAffine`` and return the RGB crop [S, S, 3] uint8."""
@@ -204,7 +210,7 @@ def embed_ijb(
     n = len(meta.names)
     feats: Optional[np.ndarray] = None
     chunk = batch_size * 8
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else _device_of(model)
 
     def job(i: int) -> np.ndarray:
         return load_aligned(meta.root, meta.names[i], meta.landmarks[i], image_size)
