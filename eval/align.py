@@ -3,20 +3,46 @@
 A similarity transform (rotation, uniform scale, translation) is fitted from the five
 detected landmarks (left eye, right eye, nose tip, left mouth corner, right mouth
 corner, in image pixels) to the reference points below by least squares (Umeyama
-1991, the estimator skimage's SimilarityTransform uses), then the image is warped
-with bilinear sampling and black borders, as ``cv2.warpAffine`` does in insightface's
-``norm_crop``.
+1991, the estimator skimage's SimilarityTransform uses), then the image is warped with
+OpenCV's own ``cv2.warpAffine`` (bilinear, constant black border), exactly as
+insightface's ``eval_ijbc.py`` / ``norm_crop`` do. OpenCV interpolates in fixed point
+(1/32 pixel steps), rounds to nearest and fades the border over one pixel; no other
+library reproduces that bit for bit, so we call it rather than re-implement it.
+
+Landmarks and reference points are rounded to float32 before the fit, as insightface
+parses them (``np.float32`` landmarks, float32 reference ``[30.2946, ...] + 8``), so the
+transform is the reference's to the last bit that can change a fixed-point sample.
 """
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
 # insightface's arcface reference landmarks for a 112x112 crop (pixel-centre coordinates)
 ARCFACE_REF = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
     dtype=np.float64,
 )
+
+
+def _arcface_ref_float32() -> np.ndarray:
+    """The reference points as insightface's eval_ijbc.py builds them (float32, x + 8)."""
+    ref = np.array(
+        [[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655], [62.7299, 92.2041]],
+        dtype=np.float32,
+    )
+    ref[:, 0] += np.float32(8.0)
+    return ref.astype(np.float64)
+
+
+ARCFACE_REF_F32 = _arcface_ref_float32()
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError as e:  # pragma: no cover - a requirement
+        raise ImportError("eval.align needs OpenCV: pip install 'opencv-python-headless>=4.8,<6'") from e
+    return cv2
 
 
 def umeyama_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -44,27 +70,23 @@ def umeyama_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def warp_affine(img: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
-    """``cv2.warpAffine(img, m, (size, size))`` (bilinear, black border) with Pillow.
+    """``cv2.warpAffine(img, m, (size, size), borderValue=0.0)``: bilinear, black border.
 
-    ``m`` maps input pixel coordinates to output ones (OpenCV convention: pixel centres
-    at integers). Pillow wants the output->input map in its own convention (centres
-    at +0.5), hence the inverse and the half-pixel shifts.
+    ``m`` maps input pixel coordinates to output ones (pixel centres at integers).
+    Works on any channel order (the warp is per channel).
     """
-    full = np.vstack([m, [0.0, 0.0, 1.0]])
-    inv = np.linalg.inv(full)
-    a, b, c = inv[0]
-    d, e, f = inv[1]
-    c = c - 0.5 * (a + b) + 0.5
-    f = f - 0.5 * (d + e) + 0.5
-    pil = Image.fromarray(np.ascontiguousarray(img))
-    out = pil.transform((size, size), Image.AFFINE, data=(a, b, c, d, e, f), resample=Image.BILINEAR, fillcolor=(0, 0, 0))
-    return np.asarray(out)
+    img = np.ascontiguousarray(img)
+    return _cv2().warpAffine(img, np.asarray(m, dtype=np.float64), (int(size), int(size)), borderValue=0.0)
+
+
+def similarity_to_template(landmarks: np.ndarray, image_size: int = 112) -> np.ndarray:
+    """The 2x3 transform of 5 landmarks onto the ArcFace template, fitted as insightface does."""
+    if image_size % 112:
+        raise ValueError(f"image_size must be a multiple of 112, got {image_size}")
+    lm = np.asarray(landmarks, dtype=np.float32).astype(np.float64).reshape(5, 2)
+    return umeyama_similarity(lm, ARCFACE_REF_F32 * (image_size / 112.0))
 
 
 def norm_crop(img: np.ndarray, landmarks: np.ndarray, image_size: int = 112) -> np.ndarray:
-    """Aligned ``image_size`` x ``image_size`` RGB crop (image_size a multiple of 112)."""
-    if image_size % 112:
-        raise ValueError(f"image_size must be a multiple of 112, got {image_size}")
-    lm = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
-    m = umeyama_similarity(lm, ARCFACE_REF * (image_size / 112.0))
-    return warp_affine(img, m, image_size)
+    """Aligned ``image_size`` x ``image_size`` crop (image_size a multiple of 112), same channel order as ``img``."""
+    return warp_affine(img, similarity_to_template(landmarks, image_size), image_size)

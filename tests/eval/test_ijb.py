@@ -44,12 +44,12 @@ def test_umeyama_matches_skimage():
     assert np.allclose(umeyama_similarity(src, ARCFACE_REF), ref.params[:2], atol=1e-9)
 
 
-def test_warp_matches_cv2():
-    cv2 = pytest.importorskip("cv2")
+def test_warp_is_cv2():
+    import cv2
+
     img, lmk = loose_crop(1, np.random.default_rng(2))
     M = umeyama_similarity(lmk, ARCFACE_REF)
-    diff = np.abs(warp_affine(img, M, 112).astype(int) - cv2.warpAffine(img, M, (112, 112), borderValue=0.0).astype(int))
-    assert diff.max() <= 2 and diff.mean() < 0.5
+    assert np.array_equal(warp_affine(img, M, 112), cv2.warpAffine(img, M, (112, 112), borderValue=0.0))
 
 
 def test_alignment_puts_landmarks_on_reference_points():
@@ -145,8 +145,8 @@ def test_alignment_matters(release, tmp_path):
     (bad / "meta" / "ijbc_name_5pts_score.txt").write_text(
         "\n".join(f"{l.split()[0]} {fixed} {l.split()[-1]}" for l in lines if l.strip()) + "\n"
     )
-    good = ijb.evaluate_ijb(PatchNet(), root, workers=2, progress=False)
-    misaligned = ijb.evaluate_ijb(PatchNet(), bad, workers=2, progress=False)
+    good = ijb.evaluate_ijb(PatchNet(), root, workers=2, progress=False, readout="strict")
+    misaligned = ijb.evaluate_ijb(PatchNet(), bad, workers=2, progress=False, readout="strict")
     gap = lambda r: r["scores"][r["labels"]].mean() - r["scores"][~r["labels"]].mean()
     assert gap(misaligned) < gap(good) - 0.2
     assert good["auc"] == 1.0 and misaligned["auc"] < 1.0
@@ -156,10 +156,10 @@ def test_alignment_matters(release, tmp_path):
 @pytest.mark.parametrize("faceness", [False, True])
 def test_tar_at_far_against_independent_computation(release, faceness):
     root, _ = release
-    res = ijb.evaluate_ijb(tiny_net(16), root, faceness_weight=faceness, workers=2, progress=False)
+    res = ijb.evaluate_ijb(tiny_net(16), root, faceness_weight=faceness, workers=2, progress=False, readout="strict")
     # independent: template features by loops over the meta files, ROC from scikit-learn
     meta = ijb.read_ijb_meta(root)
-    feats = ijb.embed_ijb(tiny_net(16), meta, batch_size=5, workers=1, progress=False)
+    feats = ijb.embed_ijb(tiny_net(16), meta, batch_size=5, workers=1, progress=False)  # raw (norm score)
     naive = _naive_templates(feats.astype(np.float64), meta.templates, meta.medias,
                              meta.faceness if faceness else np.ones(len(meta.names)))
     scores = np.array([naive[int(a)] @ naive[int(b)] for a, b in meta.pairs])
@@ -175,7 +175,7 @@ def test_cli_writes_report(release, tmp_path, capsys):
     out = tmp_path / "out"
     assert ijb.main(["--model", str(tmp_path / "patch.ts"), "--root", str(root), "--out", str(out),
                      "--faceness-weight", "--workers", "2", "--device", "cpu"]) == 0
-    assert "| IJBC (faceness) | 100.00 |" in capsys.readouterr().out
+    assert "| IJBC (faceness) | 100.00 (0.00e+00) |" in capsys.readouterr().out
     data = json.loads((out / "ijbc.json").read_text())
     assert data["tar_at_far"]["1e-4"] == 1.0 and data["num_templates"] == 12
     assert len(data["roc"]["far"]) == len(data["roc"]["tar"]) > 0
