@@ -12,14 +12,28 @@ Layout of one checkpoint ``<run>/checkpoints/step_XXXXXXXX/``::
 
 Every file goes through trainer.io.atomic (temp file + rename), so a crash
 while saving leaves at most a folder without COMPLETE, which is ignored; the
-previous checkpoint stays loadable. Re-sharding (docs/design.md, class ranges):
-row-aligned tensors of the old shards are concatenated in class order and the
-new rank's range is sliced out (head and optimizer state alike).
+previous checkpoint stays loadable. Pruning removes a checkpoint's COMPLETE
+first, so a half-deleted folder is never a resume candidate. Re-sharding
+(docs/design.md, class ranges): row-aligned tensors of the old shards are
+concatenated in class order and the new rank's range is sliced out (head and
+optimizer state alike).
+
+Loading runs no code: every file is read with ``torch.load(weights_only=True)``
+(:func:`load_file`). What we write is tensors, numbers, strings, None, dicts,
+lists and tuples only (RNG states included: numpy's state is stored as a tensor
+and a dict). Checkpoints of earlier versions stored numpy's RNG state as an
+``ndarray``; those load through a narrow allow-list (``numpy.ndarray``,
+``numpy.dtype`` and its array reconstructor, nothing that can call a function).
+Any other object in a file is refused with :class:`UnsafeCheckpointError`
+naming the file and the object; the file is never unpickled with
+``weights_only=False``. (DeepSpeed's own files under ``deepspeed/`` are read
+by DeepSpeed's loader, not by this module.)
 """
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import re
 import shutil
@@ -51,7 +65,15 @@ def shard_file(ckpt: Path, rank: int) -> Path:
 
 # ------------------------------------------------------------------------ RNG
 def rng_state() -> Dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as plain values (tensors, ints, floats, strings, lists)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    st: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": [int(version), [int(x) for x in internal], gauss],
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state()
     return st
@@ -59,10 +81,53 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(st: Dict[str, Any]) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
+    npst = st["numpy"]
+    if isinstance(npst, dict):
+        np.random.set_state((npst["name"], np.asarray(npst["keys"].numpy(), dtype=np.uint32), int(npst["pos"]),
+                             int(npst["has_gauss"]), float(npst["cached_gaussian"])))
+    else:  # checkpoints of earlier versions: numpy's own tuple (an ndarray inside)
+        np.random.set_state(npst)
+    version, internal, gauss = st["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(st["cuda"])
+
+
+# ----------------------------------------------------------------------- load
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds objects that only an unrestricted unpickler would build."""
+
+
+def _legacy_globals() -> list:
+    """What checkpoints of earlier versions hold besides plain values: numpy's RNG state
+    (an ``ndarray`` of uint32). Building an array runs no user code."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    out = [_reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        out += [dtypes.UInt32DType, dtypes.Int64DType, dtypes.Float64DType]
+    return out
+
+
+def load_file(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; an object outside the allow-list
+    is refused (:class:`UnsafeCheckpointError` naming the file and the object)."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_legacy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise
+        m = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({m.group(1)})" if m else ""
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it holds an object{what} that is not a tensor or a plain value, "
+            "and loading it would run code (torch.load(weights_only=False)). This trainer never writes "
+            "such files: delete it or move it out of the run folder if you did not put it there") from None
 
 
 # ----------------------------------------------------------------------- save
@@ -86,11 +151,17 @@ def finish_save(ckpt: Path, step: int, world_size: int, class_ranges: Sequence[T
     prune(ckpt.parent, keep_last)
 
 
+def remove_checkpoint(path: Path) -> None:
+    """Marker first (the folder stops being a candidate at once), then the files."""
+    (Path(path) / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def prune(root: Path, keep_last: int) -> None:
     """Keep the newest ``keep_last`` complete checkpoints; drop incomplete ones older than those."""
     done = list_checkpoints(root)
     for step, path in done[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_checkpoint(path)
     if done:
         newest = done[-1][0]
         for step, path in _all_step_dirs(root):
@@ -157,7 +228,7 @@ def load_shard_for_range(ckpt: Path, new_range: Tuple[int, int],
     for r, (s, e) in enumerate(old_ranges):
         overlaps = s < hi and e > lo
         if overlaps or (lo == hi and not parts and s <= lo <= e):  # empty range: structure only
-            d = torch.load(shard_file(ckpt, r), map_location="cpu", weights_only=False)
+            d = load_file(shard_file(ckpt, r))
             if tuple(d["class_range"]) != (s, e):
                 raise ValueError(f"{shard_file(ckpt, r)}: class_range {d['class_range']} != marker {(s, e)}")
             parts.append(((s, e), d))
@@ -169,7 +240,7 @@ def load_shard_for_range(ckpt: Path, new_range: Tuple[int, int],
     return merged
 
 
-# ----------------------------------------------------------------------- load
+# ------------------------------------------------------------- load a rank
 def load_for_rank(ckpt: Path, rank: int, world_size: int, class_range: Tuple[int, int]
                   ) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
     """(marker, trainer state, shard state) for this rank; raises on any unreadable file.
@@ -177,9 +248,9 @@ def load_for_rank(ckpt: Path, rank: int, world_size: int, class_range: Tuple[int
     Same world size: the rank's own file (with its RNG state). Otherwise the
     shard is re-sliced from the overlapping old shards (RNG not restored)."""
     meta = read_marker(ckpt)
-    state = torch.load(Path(ckpt) / TRAINER_FILE, map_location="cpu", weights_only=False)
+    state = load_file(Path(ckpt) / TRAINER_FILE)
     if meta["world_size"] == world_size and tuple(meta["class_ranges"][rank]) == tuple(class_range):
-        shard = torch.load(shard_file(ckpt, rank), map_location="cpu", weights_only=False)
+        shard = load_file(shard_file(ckpt, rank))
         if tuple(shard["class_range"]) != tuple(class_range):
             raise ValueError(f"{shard_file(ckpt, rank)}: class_range {shard['class_range']} != {class_range}")
     else:
@@ -204,17 +275,21 @@ def find_resume_candidates(resume: str, ckpt_root: Path) -> List[Path]:
 
 
 def try_load(candidates: List[Path], loader: Callable[[Path], Any],
-             all_ok: Callable[[bool], bool]) -> Tuple[Optional[Path], Any]:
+             all_ok: Callable[[bool], bool]) -> Tuple[Optional[Path], Any, List[Tuple[Path, str]]]:
     """Try candidates in order; ``loader`` loads this rank's part, ``all_ok`` agrees
-    across ranks. A failing candidate is skipped with a warning naming it."""
+    across ranks. A failing candidate is skipped with a warning naming it. Returns
+    (path, result, [(candidate, why it failed on this rank)]); path is None when none loaded."""
+    failures: List[Tuple[Path, str]] = []
     for path in candidates:
         err = None
         try:
             result = loader(path)
-        except Exception as e:  # corrupt/truncated/missing file
+        except Exception as e:  # corrupt/truncated/missing file, unsafe pickle, wrong class count
             err, result = e, None
         if all_ok(err is None):
-            return path, result
-        log.warning("checkpoint %s is unreadable (%s); falling back to the previous one",
-                    path, err if err is not None else "another rank failed to load it")
-    return None, None
+            return path, result, failures
+        why = (f"{type(err).__name__}: {err}" if err is not None else "another rank failed to load its part")
+        why = " ".join(why.split())
+        failures.append((path, why))
+        log.warning("checkpoint %s is unreadable (%s); falling back to the previous one", path, why)
+    return None, None, failures

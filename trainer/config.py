@@ -10,11 +10,19 @@
   ``model``, ``loss``, ``data`` (with a typed ``augment``), ``optim``,
   ``engine`` (DDP/DeepSpeed, precision), ``checkpoint``, ``logging``,
   ``validation``. Every field is typed; there is no free-form dict.
-- ``to_yaml(cfg)`` gives the resolved config (saved in the run folder).
+- Every numeric field is range-checked (step counts >= 1, intervals >= 0, rates
+  in their ranges, ``loss.s`` > 0, margins >= 0, ...); a float field also takes a
+  string that spells a number (``optim.lr=1e-3`` on the command line: YAML 1.1
+  reads ``1e-3`` as a string).
+- ``to_yaml(cfg)`` gives the resolved config (saved in the run folder once the
+  run's checks passed).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import signal
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +45,9 @@ class RunConfig:
     max_steps: Optional[int] = None    # optimizer steps; overrides num_epochs
     nan_policy: str = "stop"           # stop | skip (both engines)
     max_skips: int = 10                # nan_policy=skip: give up after this many in a row
+    # signals that stop the run with a checkpoint at the current step (trainer.preemption);
+    # [] disables: the signal then acts as the default (the process ends at once)
+    preempt_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -108,7 +119,8 @@ class EngineConfig:
 class CheckpointConfig:
     save_every: int = 2000             # optimizer steps; 0: only at the end
     keep_last: int = 3
-    resume: str = "auto"               # auto | none | path to a checkpoint folder
+    resume: str = "auto"               # auto | none (start over, old files moved aside) | path
+    allow_config_change: bool = False  # resume although model/loss/data/optim keys changed
 
 
 @dataclass
@@ -212,6 +224,9 @@ def load_yaml_with_bases(path: Union[str, Path], _stack: Sequence[Path] = ()) ->
 
 
 # --------------------------------------------------------------- typed building
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -236,6 +251,8 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp in (bool, str) and isinstance(value, tp):
@@ -274,12 +291,7 @@ def _validate(cfg: Config) -> None:
             obj = getattr(obj, part)
         if obj not in choices:
             raise ConfigError(f"config key '{key}': {obj!r} is not one of {list(choices)}")
-    positive = {"data.batch_size": cfg.data.batch_size, "optim.grad_accum": cfg.optim.grad_accum,
-                "model.embedding_size": cfg.model.embedding_size, "checkpoint.keep_last": cfg.checkpoint.keep_last,
-                "logging.log_every": cfg.logging.log_every}
-    for k, v in positive.items():
-        if v < 1:
-            raise ConfigError(f"config key '{k}' must be >= 1, got {v}")
+    _check_ranges(cfg)
     if not 0 < cfg.loss.sample_rate <= 1:
         raise ConfigError(f"config key 'loss.sample_rate' must be in (0, 1], got {cfg.loss.sample_rate}")
     if len(cfg.loss.margin_list) != 3:
@@ -289,6 +301,88 @@ def _validate(cfg: Config) -> None:
     if cfg.model.backbone.lower() not in available_backbones():
         raise ConfigError(f"config key 'model.backbone': unknown {cfg.model.backbone!r}; "
                           f"valid: {', '.join(available_backbones())}")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every numeric field's range; the message names the key and the value."""
+    r, m, lo, d, o, c, lg, v = cfg.run, cfg.model, cfg.loss, cfg.data, cfg.optim, cfg.checkpoint, cfg.logging, cfg.validation
+
+    def need(key: str, value: Any, ok: bool, what: str) -> None:
+        if value is not None and not ok:
+            raise ConfigError(f"config key '{key}' must be {what}, got {value!r}")
+
+    for key, val in {"run.num_epochs": r.num_epochs, "run.max_steps": r.max_steps, "data.batch_size": d.batch_size,
+                     "data.num_threads": d.num_threads, "data.num_classes": d.num_classes,
+                     "optim.grad_accum": o.grad_accum, "model.embedding_size": m.embedding_size,
+                     "model.width": m.width, "checkpoint.keep_last": c.keep_last, "logging.log_every": lg.log_every,
+                     "engine.deepspeed.reduce_bucket_size": cfg.engine.deepspeed.reduce_bucket_size,
+                     "engine.deepspeed.allgather_bucket_size": cfg.engine.deepspeed.allgather_bucket_size}.items():
+        need(key, val, val is None or val >= 1, ">= 1")
+    need("data.num_classes", d.num_classes, d.num_classes is None or d.num_classes >= 2,
+         ">= 2 (a classifier needs at least two identities)")
+    for key, val in {"run.max_skips": r.max_skips, "checkpoint.save_every": c.save_every,
+                     "logging.hist_every": lg.hist_every, "validation.every": v.every,
+                     "optim.warmup_steps": o.warmup_steps}.items():
+        need(key, val, val >= 0, ">= 0 (0: never/off)")
+    floats = {"loss.s": lo.s, "loss.m": lo.m, "loss.wisk": lo.wisk, "model.dropout": m.dropout, "optim.lr": o.lr,
+              "optim.head_lr": o.head_lr, "optim.momentum": o.momentum, "optim.weight_decay": o.weight_decay,
+              "optim.power": o.power, "optim.min_lr": o.min_lr, "optim.clip_grad_norm": o.clip_grad_norm}
+    for key, val in floats.items():
+        need(key, val, val is None or math.isfinite(val), "a finite number")
+    need("loss.s", lo.s, lo.s > 0, "> 0 (the logit scale)")
+    for key in ("loss.m", "loss.wisk", "optim.weight_decay", "optim.min_lr", "optim.clip_grad_norm", "optim.power"):
+        need(key, floats[key], floats[key] >= 0, ">= 0")
+    need("model.dropout", m.dropout, 0 <= m.dropout < 1, "in [0, 1)")
+    need("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)")
+    need("optim.lr", o.lr, o.lr > 0, "> 0")
+    need("optim.head_lr", o.head_lr, o.head_lr is None or o.head_lr > 0, "> 0")
+    need("optim.min_lr", o.min_lr, o.min_lr <= o.lr, f"<= optim.lr ({o.lr})")
+    if len(o.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1) (Adam's beta1, beta2), "
+                          f"got {o.betas!r}")
+    if len(lo.margin_list) == 3:
+        m1, m2, m3 = lo.margin_list
+        need("loss.margin_list", lo.margin_list, all(math.isfinite(x) for x in lo.margin_list) and m1 > 0
+             and m2 >= 0 and m3 >= 0, "(m1, m2, m3) with m1 > 0, m2 >= 0, m3 >= 0")
+    need("run.seed", r.seed, 0 <= r.seed < 2**31, "an integer in [0, 2**31)")
+    for name in r.preempt_signals:
+        sig = getattr(signal, name, None) if name.startswith("SIG") and not name.startswith("SIG_") else None
+        if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise ConfigError(f"config key 'run.preempt_signals': {name!r} is not a signal that can be caught "
+                              "(e.g. SIGTERM, SIGUSR1, SIGUSR2, SIGINT)")
+
+
+#: configuration keys a resumed run must share with its checkpoint (a section name covers
+#: all its keys); anything else (batch size, loader, logging, engine, lengths) may change
+RESUME_KEYS = ("model.backbone", "model.embedding_size", "model.dropout", "model.width", "model.norm",
+               "loss", "data.train_dir", "data.num_classes", "optim.optimizer", "optim.lr", "optim.head_lr",
+               "optim.momentum", "optim.weight_decay", "optim.betas", "optim.scheduler", "optim.power",
+               "optim.warmup_steps", "optim.min_lr", "optim.clip_grad_norm")
+
+
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def config_diff(saved: dict, current: dict, keys: Sequence[str] = RESUME_KEYS) -> List[tuple]:
+    """[(key, saved value, current value)] of the ``keys`` that differ; keys the saved
+    config does not have (an older version) are not compared."""
+    a, b = _flatten(saved), _flatten(current)
+    out = []
+    for k in sorted(b):
+        if not any(k == p or k.startswith(p + ".") for p in keys) or k not in a:
+            continue
+        x, y = a[k], b[k]
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+            x, y = list(x), list(y)
+        if x != y:
+            out.append((k, a[k], b[k]))
+    return out
 
 
 def parse_override(text: str) -> tuple:

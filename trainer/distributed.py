@@ -54,3 +54,12 @@ def all_ok(ok: bool) -> bool:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
     return ok
+
+
+def gather_strings(text: str) -> list:
+    """Every rank's ``text``, in rank order, on every rank (error paths only: pickles over the group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, text)
+        return out
+    return [text]

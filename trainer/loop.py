@@ -6,6 +6,13 @@ backbone (``trainer.backbones``), the Partial FC head and its optimizer
 the one step path), the LR schedule (``trainer.optim``), the checkpoint manager
 (``trainer.checkpointer``), the validator (``trainer.validator``) and the monitor
 (``trainer.monitor``). :meth:`Trainer.train` only sequences them.
+
+Order of :meth:`Trainer.setup`, so that a refused run changes nothing: take the
+run folder's lock (rank 0, :mod:`trainer.ownership`), move a previous run aside
+(``resume: none``) or refuse a finished one, build the components, check the
+data's class count, resume (checkpoint and configuration checks), and only then
+write ``config.yaml``. :meth:`Trainer.train` stops on a preemption signal after
+a checkpoint at the current step (:mod:`trainer.preemption`).
 """
 from __future__ import annotations
 
@@ -20,14 +27,16 @@ import numpy as np
 import torch
 
 from trainer.backbones import get_backbone
-from trainer.checkpointer import CheckpointManager, Progress
+from trainer.checkpointer import CheckpointManager, Progress, is_restart
 from trainer.config import Config, ConfigError, to_yaml
-from trainer.distributed import DistInfo, barrier, init_distributed
+from trainer.distributed import DistInfo, all_ok, barrier, gather_strings, init_distributed
 from trainer.engine import NonFiniteLossError, build_engine
 from trainer.heads import UNPG, PartialFC, PartialFCSGD, build_margin
 from trainer.io.atomic import atomic_open, atomic_torch_save
 from trainer.monitor import Monitor, setup_logging
 from trainer.optim import LRScheduler
+from trainer.ownership import RunLock, RunLockedError, die_with_parent, under_torchrun
+from trainer.preemption import Preempted, PreemptionHandler
 from trainer.validator import Validator
 
 log = logging.getLogger("trainer")
@@ -77,16 +86,40 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
         cfg = self.cfg
+        if under_torchrun():
+            die_with_parent()  # no orphan keeps training if the agent dies
         self.d = d = init_distributed()
         self.out = Path(cfg.run.output)
-        if d.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        barrier()
-        setup_logging(self.out, d.rank)
-        if d.is_main:
-            with atomic_open(self.out / "config.yaml", "w") as f:
-                f.write(to_yaml(cfg))
-            log.info("resolved config (saved to %s):\n%s", self.out / "config.yaml", to_yaml(cfg))
+        self.lock: Optional[RunLock] = None
+        self.preempt = PreemptionHandler(cfg.run.preempt_signals, d.device).install()
+        try:
+            self._on_main(self._take_folder, RunLockedError, "rank 0 could not lock the run folder")
+            barrier()
+            setup_logging(self.out, d.rank)
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _on_main(self, fn: Callable[[], Any], exc: type, other: str) -> None:
+        """Run ``fn`` on rank 0; if it raises, every rank raises (the others: ``exc(other)``)."""
+        err = None
+        if self.d.is_main:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - re-raised below on every rank
+                err = e
+        if not all_ok(err is None):
+            raise err if err is not None else exc(other)
+
+    def _take_folder(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.out).acquire(wait_s=60.0 if is_restart() else 0.0)
+
+    def _build(self) -> None:
+        cfg, d = self.cfg, self.d
+        self.checkpointer = None
         # Same backbone init on every rank; per-rank streams for everything else.
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed + d.rank)
@@ -105,14 +138,33 @@ class Trainer:
         self.scheduler = LRScheduler([self.engine.backbone_opt, self.head_opt], [cfg.optim.lr, head_lr],
                                      self.total_steps, cfg.optim)
         self.checkpointer = CheckpointManager(cfg.checkpoint, self.out, d, self.total_steps)
+        from trainer.checkpointer import ResumeError
+
+        self._on_main(self.checkpointer.prepare, ResumeError, "rank 0 refused the run folder")
+        barrier()
         self.validator = Validator.build(cfg.validation, cfg.data.train_dir, d, self.out, self.total_steps)
         self.progress = Progress()
         resumed = self.checkpointer.resume(self.engine, self.head, self.head_opt, self.scheduler,
-                                           self.num_classes, cfg.run.seed)
+                                           self.num_classes, cfg.run.seed, config=cfg)
         if resumed is not None:
-            self.progress, best = resumed
-            self.validator.best.update(best)
-        return self
+            self.progress = resumed.progress
+            self.validator.best.update(resumed.best)
+            self.history = list(resumed.history)
+            if d.is_main:
+                self.validator.history = list(resumed.val_history)
+        if d.is_main:  # only now: every check of this run has passed
+            with atomic_open(self.out / "config.yaml", "w") as f:
+                f.write(to_yaml(cfg))
+            log.info("resolved config (saved to %s):\n%s", self.out / "config.yaml", to_yaml(cfg))
+        barrier()
+
+    def close(self) -> None:
+        """Release the run folder and the signal handlers (also after a failed setup)."""
+        if getattr(self, "preempt", None) is not None:
+            self.preempt.uninstall()
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
 
     def _build_loader(self):
         cfg, d = self.cfg, self.d
@@ -126,7 +178,30 @@ class Trainer:
         if cfg.data.num_classes is not None and cfg.data.num_classes != self.num_classes:
             raise ConfigError(f"config key 'data.num_classes' = {cfg.data.num_classes} but the dataset "
                               f"{cfg.data.train_dir} has {self.num_classes} classes")
+        self._check_labels(loader)
         return loader
+
+    def _check_labels(self, loader) -> None:
+        """Once at startup, from the dataset's labels: at least 2 identities (with one, every
+        global batch has one class and the loss is 0), and a class count (``property``) not
+        larger than the labels' range unless ``data.num_classes`` says so (classes that never
+        appear would be trained as negatives only)."""
+        labels = getattr(loader, "labels", None)
+        if labels is None:
+            return
+        labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
+        if labels.size == 0:
+            return
+        where = self.cfg.data.train_dir or "the dataset"
+        present = int(np.unique(labels).size)
+        if present < 2:
+            raise ConfigError(f"{where}: {present} identity in the labels; training needs at least 2 classes in "
+                              "the global batch (with one the loss is 0 and nothing is learnt)")
+        top = int(labels.max()) + 1
+        if top < self.num_classes and self.cfg.data.num_classes is None:
+            raise ConfigError(f"{where}: the class count is {self.num_classes} (property file) but the labels stop "
+                              f"at {top - 1}: classes {top}..{self.num_classes - 1} have no image. Fix the property "
+                              f"file, or set data.num_classes={self.num_classes} to train with them anyway")
 
     @property
     def step(self) -> int:
@@ -156,7 +231,24 @@ class Trainer:
 
     def _save(self) -> None:
         self.checkpointer.save(self.progress, self.engine, self.head, self.head_opt, self.scheduler,
-                               self.num_classes, self.validator.best, self.cfg)
+                               self.num_classes, self.validator.best, self.cfg, self.history,
+                               self.validator.history)
+
+    def _stop_if_preempted(self) -> None:
+        """Collective, once per step: if any rank got a preemption signal, save at this step and stop."""
+        if self.progress.step >= self.total_steps:
+            return  # the run ends normally with its final checkpoint
+        signum = self.preempt.agreed()
+        if not signum:
+            return
+        step = self.progress.step
+        self.preempt.saving = True
+        if not self.checkpointer.exists(step):
+            self._save()
+        if self.d.is_main:
+            self._write_summary()
+        barrier()
+        raise Preempted(signum, step)
 
     def train(self) -> Dict[str, Any]:
         cfg, p = self.cfg, self.progress
@@ -188,6 +280,7 @@ class Trainer:
                     self._validate(monitor)
                 if self.checkpointer.should_save(p.step):
                     self._save()
+                self._stop_if_preempted()
                 monitor.exclude(time.time() - t_side)
             if not self.validator.done_at(p.step):
                 self._validate(monitor)
@@ -200,6 +293,7 @@ class Trainer:
             barrier()
         finally:
             monitor.close()
+            self.close()
         return {"history": self.history, "val": self.validator.history, "best": dict(self.validator.best)}
 
     def _write_summary(self) -> None:

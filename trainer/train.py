@@ -5,7 +5,11 @@ One process without torchrun; with torchrun every rank joins the process group
 (NCCL on CUDA, gloo on CPU) and takes its device from LOCAL_RANK. The backbone
 runs under DDP (default) or a DeepSpeed engine; the Partial FC shard always
 stays outside with its own optimizer (docs/design.md). Nothing runs at import.
-Exit codes: 0 done, 2 config error, 3 non-finite loss.
+Exit codes: 0 done, 2 config error (also a resumed run whose configuration
+changed), 3 non-finite loss, 4 run folder refused (in use by another job, or
+checkpoints present but none loadable), 128+N stopped by signal N of
+``run.preempt_signals`` after a checkpoint at the current step (143 for SIGTERM,
+138 for SIGUSR1; ``trainer.preemption``).
 """
 from __future__ import annotations
 
@@ -15,9 +19,12 @@ from typing import Optional, Sequence
 
 import torch.distributed as dist
 
+from trainer.checkpointer import ResumeError
 from trainer.config import ConfigError, load_config
 from trainer.engine import NonFiniteLossError
 from trainer.loop import run
+from trainer.ownership import RunLockedError
+from trainer.preemption import Preempted
 
 log = logging.getLogger("trainer")
 
@@ -41,6 +48,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except (RunLockedError, ResumeError) as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    except Preempted as e:
+        log.warning("%s", e)
+        return e.code
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,106 @@
+"""One writer per run folder, and no worker outliving its launcher.
+
+- :class:`RunLock`: an exclusive ``fcntl.flock`` on ``<output>/.lock``, taken by rank 0
+  before anything in the folder is written and held for the life of the process. The
+  file records the holder (host, pid, time) for the error message of a second job. The
+  kernel drops the lock when the holder dies (also ``kill -9``), so a torchrun restart
+  or a requeue of the same job gets it again. Limits: ``flock`` is per host on some
+  network file systems (NFS without lock support, some FUSE mounts); there it protects
+  only against a second job on the same host.
+- :func:`die_with_parent`: under torchrun, ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` (Linux)
+  so a worker is killed when its agent dies, instead of training on beside a restarted
+  job (torchrun starts each worker in its own session: signals to the agent's process
+  group do not reach it).
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("trainer")
+
+LOCK_FILE = ".lock"
+_PR_SET_PDEATHSIG = 1
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run folder."""
+
+
+class RunLock:
+    """``RunLock(folder).acquire()``; released by :meth:`release` or by the process ending."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self.fd: Optional[int] = None
+
+    def acquire(self, wait_s: float = 0.0) -> "RunLock":
+        """Take the lock; ``wait_s`` > 0 retries that long (a restart of the same job: the
+        previous holder may take a moment to be reaped)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                try:
+                    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown holder"
+                finally:
+                    os.close(fd)
+                raise RunLockedError(
+                    f"run folder {self.folder} is in use by another job ({holder}; lock file {self.path}). "
+                    "Two jobs writing one run would overwrite and prune each other's checkpoints: wait for "
+                    "it to end, stop it, or choose another run.output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC\n".encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "TORCHELASTIC_RESTART_COUNT" in os.environ
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux only).
+    Returns whether it was set. Exits at once if the parent is already gone."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this worker will not die with its agent",
+                        ctypes.get_errno())
+            return False
+    except (OSError, AttributeError) as e:
+        log.warning("prctl unavailable (%s): this worker will not die with its agent", e)
+        return False
+    if os.getppid() != parent or parent == 1:  # the agent died before the request took effect
+        os._exit(1)
+    return True
+
+
+__all__ = ["LOCK_FILE", "RunLock", "RunLockedError", "die_with_parent", "under_torchrun"]
