@@ -11,9 +11,14 @@ Accepted forms:
   else the newest ``*.pt``/``*.pth``; backbone weights are found under one of the keys
   ``backbone``, ``state_dict_backbone``, ``model``, ``state_dict``. Without ``--network``
   the backbone name comes from the checkpoint's config (``model.backbone``) or a
-  ``config.yaml`` next to it.
+  ``config.yaml`` next to it; that name must be one of the trainer's backbones: a
+  ``module:factory`` read from a file is never imported or called (it would run code
+  the user did not choose); pass it as ``--network`` to use it.
 - ``model.onnx``: run with onnxruntime (wrapped in an ``nn.Module``).
 - ``package.module:factory``: call the factory (a model with built-in weights, tests).
+
+Nothing read from a file runs code: weights are loaded with ``torch.load(weights_only=True)``
+(``--unsafe-load`` lifts that for trusted files), and factories come only from the command line.
 """
 from __future__ import annotations
 
@@ -229,6 +234,11 @@ def load_model(
         return obj.to(device).eval()
     cfg = _model_config(path, obj)
     if network is None and cfg is not None:
+        if ":" in cfg["backbone"]:
+            raise ValueError(
+                f"{path}: the run's configuration names the factory '{cfg['backbone']}' (code to import and "
+                "call); a factory is used only when given on the command line: pass "
+                f"--network {cfg['backbone']} if you trust it")
         network = cfg["backbone"]
     if network is None:
         raise ValueError(f"{path}: a state_dict needs --network (e.g. r50, or package.module:factory)")

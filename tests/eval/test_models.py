@@ -40,20 +40,39 @@ def test_run_directory_layouts(tmp_path):
         torch.save({"head": {"weight": torch.zeros(3, 24)}}, d / "shard_00000.pt")
         if complete:
             (d / "COMPLETE").write_text(json.dumps({"step": step}))
-    # newest COMPLETE step wins over a newer incomplete one; network read from the checkpoint's config
+    net = "tests.eval.fixtures:TinyNet"  # a factory: only from the command line, never from the config
+    # newest COMPLETE step wins over a newer incomplete one
     assert checkpoint_file(run) == ck / "step_00000010" / "trainer.pt"
-    assert _same(load_model(run), good)
-    assert _same(load_model(ck / "step_00000020"), newer_incomplete)  # explicit step dir
-    # final model.pt is preferred; its network comes from <run>/config.yaml
+    assert _same(load_model(run, network=net), good)
+    assert _same(load_model(ck / "step_00000020", network=net), newer_incomplete)  # explicit step dir
+    # final model.pt is preferred
     final = _other_weights()
     torch.save(final.state_dict(), run / "model.pt")
     (run / "config.yaml").write_text("model:\n  backbone: tests.eval.fixtures:TinyNet\n")
-    assert _same(load_model(run), final)
-    # a step whose trainer.pt carries no config: network from <run>/config.yaml
+    assert _same(load_model(run, network=net), final)
     d = ck / "step_00000030"
     d.mkdir()
     torch.save({"backbone": final.state_dict()}, d / "trainer.pt")
-    assert _same(load_model(d), final)
+    assert _same(load_model(d, network=net), final)
+
+
+def test_factory_named_in_a_run_folder_is_never_called(tmp_path):
+    """A run folder's config.yaml / checkpoint config naming `module:function` does not make
+    eval import and call it (os:abort would end this test process)."""
+    net = tiny_net(24)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(net.state_dict(), run / "model.pt")
+    (run / "config.yaml").write_text("model:\n  backbone: os:abort\n")
+    with pytest.raises(ValueError, match=r"os:abort.*--network"):
+        load_model(run)
+    d = tmp_path / "step"
+    d.mkdir()
+    torch.save({"backbone": net.state_dict(), "config": {"model": {"backbone": "torch.hub:load"}}}, d / "trainer.pt")
+    with pytest.raises(ValueError, match="torch.hub:load"):
+        load_model(d)
+    # the same factory given on the command line is the user's choice
+    assert _same(load_model(run, network="tests.eval.fixtures:TinyNet"), net)
 
 
 def test_backbone_kwargs_from_config_or_flag(tmp_path):
@@ -63,7 +82,8 @@ def test_backbone_kwargs_from_config_or_flag(tmp_path):
     run.mkdir()
     torch.save(net.state_dict(), run / "model.pt")
     (run / "config.yaml").write_text("model:\n  backbone: tests.eval.fixtures:TinyNet\n  backbone_kwargs: {width: 4}\n")
-    assert _same(load_model(run), net)
+    # the factory comes from the command line; its constructor options from the run's config
+    assert _same(load_model(run, network="tests.eval.fixtures:TinyNet"), net)
     torch.save(net.state_dict(), tmp_path / "bare.pt")
     with pytest.raises(ValueError, match="do not fit"):
         load_model(tmp_path / "bare.pt", network="tests.eval.fixtures:TinyNet")  # default width 8
