@@ -84,3 +84,34 @@ def test_sections_are_typed_including_augment():
         load_config(None, ["data.augment.blur_prob=often"])
     with pytest.raises(ConfigError, match="unknown config key 'data.augment.sharpen'"):
         load_config(None, ["data.augment.sharpen=1"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("run.max_steps=0", "run.max_steps"), ("run.max_steps=-3", "run.max_steps"),
+    ("run.num_epochs=0", "run.num_epochs"), ("run.max_skips=-1", "run.max_skips"),
+    ("checkpoint.save_every=-5", "checkpoint.save_every"), ("optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("optim.clip_grad_norm=-1", "optim.clip_grad_norm"), ("loss.s=0", "loss.s"), ("loss.s=-64", "loss.s"),
+    ("loss.m=-0.5", "loss.m"), ("loss.margin_list=[1.0,-0.5,0.0]", "loss.margin_list"),
+    ("loss.margin_list=[0,0.5,0.0]", "loss.margin_list"), ("loss.wisk=-1", "loss.wisk"),
+    ("optim.lr=0", "optim.lr"), ("optim.lr=-0.1", "optim.lr"), ("optim.head_lr=0", "optim.head_lr"),
+    ("optim.momentum=1.5", "optim.momentum"), ("optim.weight_decay=-1e-4", "optim.weight_decay"),
+    ("optim.min_lr=0.5", "optim.min_lr"), ("optim.power=-1", "optim.power"), ("model.dropout=1", "model.dropout"),
+    ("validation.every=-1", "validation.every"), ("logging.hist_every=-1", "logging.hist_every"),
+    ("data.num_threads=0", "data.num_threads"), ("data.num_classes=1", "data.num_classes"),
+    ("model.width=0", "model.width"), ("run.seed=-1", "run.seed"), ("run.seed=4294967296", "run.seed"),
+    ("optim.betas=[0.9]", "optim.betas"), ("optim.betas=[0.9,1.5]", "optim.betas"),
+    ("optim.lr=.nan", "optim.lr"), ("run.preempt_signals=[SIGKILL]", "run.preempt_signals"),
+    ("run.preempt_signals=[SIGNOPE]", "run.preempt_signals"),
+])
+def test_numeric_ranges_are_checked(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_numbers_written_as_yaml_strings_are_accepted():
+    c = load_config(None, ["optim.lr=1e-3", "optim.weight_decay=5E-4", "loss.s=6.4e1", "optim.head_lr=+2e-2"])
+    assert (c.optim.lr, c.optim.weight_decay, c.loss.s, c.optim.head_lr) == (1e-3, 5e-4, 64.0, 0.02)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(None, ["optim.lr=fast"])
+    c = load_config(None, ["run.preempt_signals=[SIGUSR2]", "run.max_skips=0", "checkpoint.save_every=0"])
+    assert c.run.preempt_signals == ["SIGUSR2"]
