@@ -12,6 +12,13 @@ Subcommands (everything after ``--`` goes to the training module, by default
     python -m launch env
         the environment defaults (NCCL...) and whether they apply
 
+Preemption: torchrun forwards the signals it handles to the workers and kills them
+after its shutdown timeout. The launcher adds SIGUSR1 (SLURM's ``--signal``) to
+torchrun's signals (``--signals-to-handle``) and sets ``--shutdown-timeout``
+(``--shutdown-timeout`` here, default 300 s, or $UNPG_SHUTDOWN_TIMEOUT) so the
+workers have time to save a checkpoint (trainer.preemption). ``python -m launch``
+execs torchrun, so signals sent to it reach torchrun itself.
+
 The backend follows the hardware: the trainer picks NCCL when CUDA is
 available and gloo otherwise, so the same commands work on CPU machines.
 Environment defaults (launch/env_defaults.py) are applied first; anything
@@ -30,6 +37,9 @@ from typing import List, Optional, Sequence
 from launch import env_defaults, slurm_env
 
 DEFAULT_MODULE = "trainer.train"
+#: torchrun's default signals + SIGUSR1 (SLURM --signal); every one is forwarded to the workers
+SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+DEFAULT_SHUTDOWN_TIMEOUT = 300
 
 
 class LaunchError(ValueError):
@@ -74,6 +84,19 @@ def _check_endpoint(text: str) -> str:
     return text
 
 
+def _shutdown_timeout(args: argparse.Namespace, env: dict) -> int:
+    v = args.shutdown_timeout
+    if v is None:
+        raw = env.get("UNPG_SHUTDOWN_TIMEOUT", "")
+        try:
+            v = int(raw) if raw else DEFAULT_SHUTDOWN_TIMEOUT
+        except ValueError:
+            raise LaunchError(f"UNPG_SHUTDOWN_TIMEOUT={raw!r}: expected seconds (an integer)") from None
+    if v < 0:
+        raise LaunchError(f"--shutdown-timeout must be >= 0, got {v}")
+    return v
+
+
 def torchrun_command(torchrun_flags: Sequence[str], module: str, target_args: Sequence[str],
                      python: str = sys.executable) -> List[str]:
     """``python -m torch.distributed.run FLAGS -m MODULE ARGS`` (same interpreter as the launcher)."""
@@ -86,7 +109,8 @@ def torchrun_command(torchrun_flags: Sequence[str], module: str, target_args: Se
 def build_command(args: argparse.Namespace, env: Optional[dict] = None) -> List[str]:
     """The full torchrun command for parsed CLI ``args`` (pure apart from GPU counting)."""
     env = dict(os.environ if env is None else env)
-    common = [f"--max-restarts={args.max_restarts}"]
+    common = [f"--max-restarts={args.max_restarts}", f"--signals-to-handle={SIGNALS_TO_HANDLE}",
+              f"--shutdown-timeout={_shutdown_timeout(args, env)}"]
     if args.log_dir:
         common.append(f"--log-dir={args.log_dir}")
     common += list(args.torchrun_arg or [])
@@ -120,6 +144,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-dir", default=None, help="torchrun --log-dir: per-rank stdout/stderr files")
     p.add_argument("-T", "--torchrun-arg", action="append", metavar="FLAG",
                    help="extra torchrun flag, e.g. -T=--tee=3 (repeatable)")
+    p.add_argument("--shutdown-timeout", type=int, default=None,
+                   help="seconds torchrun waits for workers after forwarding a signal before SIGKILL "
+                        f"(time to save a checkpoint; default $UNPG_SHUTDOWN_TIMEOUT or {DEFAULT_SHUTDOWN_TIMEOUT})")
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command, do not run it")
     p.add_argument("target", nargs=argparse.REMAINDER,
                    help="-- CONFIG.yaml [key=value ...] (arguments of the module)")

@@ -3,10 +3,13 @@ Kubernetes manifests (YAML with the fields the operator / Job controller need), 
 entrypoint's dispatch, and the torchrun commands ``python -m launch`` builds."""
 import json
 import os
+import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,8 +94,42 @@ def test_sbatch_starts_one_torchrun_per_node_from_slurm_variables(tmp_path):
         flags = cmd[3:cmd.index("-m", 3)]
         assert set(flags) == {"--nnodes=3", "--nproc-per-node=4", "--rdzv-backend=c10d",
                               "--rdzv-endpoint=gpu07:29401", "--rdzv-id=5001",
-                              f"--rdzv-conf=is_host={int(node == 0)}", "--max-restarts=2"}
+                              f"--rdzv-conf=is_host={int(node == 0)}", "--max-restarts=2",
+                              f"--signals-to-handle={cli.SIGNALS_TO_HANDLE}", "--shutdown-timeout=300"}
         assert cmd[cmd.index("-m", 3):] == ["-m", "trainer.train", "configs/some.yaml", "run.output=/scratch/run1"]
+
+
+def test_sbatch_forwards_the_preemption_signal_and_requeues(tmp_path):
+    """SLURM signals the batch script (--signal=B:USR1@...): srun gets the signal, and once it
+    has exited the job is requeued."""
+    directives = dict(re.findall(r"^#SBATCH (--[a-z-]+)(?:=(\S+))?", SBATCH.read_text(), re.M))
+    assert directives["--signal"].startswith("B:USR1@") and "--requeue" in directives
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "calls.log"
+    (bindir / "srun").write_text(f"""#!/bin/bash
+trap 'echo "srun got USR1" >> {shlex.quote(str(log))}; exit 138' USR1
+echo started > {shlex.quote(str(tmp_path / "started"))}
+for i in $(seq 600); do sleep 0.1; done
+""")
+    (bindir / "scontrol").write_text(f"#!/bin/bash\necho \"scontrol $*\" >> {shlex.quote(str(log))}\n")
+    for f in ("srun", "scontrol"):
+        (bindir / f).chmod(0o755)
+    env = {"PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_ID": "77"}
+    p = subprocess.Popen(["bash", str(SBATCH), "c.yaml"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(200):
+            if (tmp_path / "started").exists():
+                break
+            time.sleep(0.05)
+        p.send_signal(signal.SIGUSR1)
+        out, _ = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 138, out
+    assert log.read_text().splitlines() == ["srun got USR1", "scontrol requeue 77"], out
 
 
 def test_sbatch_without_config_fails_with_usage(tmp_path):
@@ -133,6 +170,10 @@ def test_pytorchjob_manifest():
     args = c["args"]
     assert args[:3] == ["torchrun", "-m", "trainer.train"] and args[3].endswith(".yaml")
     assert (ROOT / args[3]).parent.name == "configs"
+    # a preemption checkpoint fits: torchrun waits for the workers, Kubernetes waits for torchrun
+    env = {e["name"]: e["value"] for e in c["env"]}
+    shutdown = int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
+    assert shutdown >= 120 and worker["template"]["spec"]["terminationGracePeriodSeconds"] >= shutdown + 60
 
 
 def test_indexed_job_manifest():
@@ -156,6 +197,8 @@ def test_indexed_job_manifest():
     assert host == f"{job['metadata']['name']}-0.{svc['metadata']['name']}"  # pod 0's DNS name
     assert int(port) in {p["port"] for p in svc["spec"]["ports"]}
     assert parsed.nproc_per_node == int(c["resources"]["limits"]["nvidia.com/gpu"])
+    shutdown = int(next(f for f in cli.build_command(parsed, env={}) if f.startswith("--shutdown-timeout=")).split("=")[1])
+    assert shutdown >= 120 and pod["terminationGracePeriodSeconds"] >= shutdown + 60
     assert parsed.target[0].endswith(".yaml")
 
 
@@ -201,7 +244,10 @@ def _cmd(*argv, env=None):
 def test_single_node_command():
     cmd = _cmd("single", "--nproc-per-node", "2", "--max-restarts", "1", "--", "c.yaml", "k=v")
     assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                   "--nproc-per-node=2", "--max-restarts=1", "-m", "trainer.train", "c.yaml", "k=v"]
+                   "--nproc-per-node=2", "--max-restarts=1", "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                   "--shutdown-timeout=300", "-m", "trainer.train", "c.yaml", "k=v"]
+    assert "--shutdown-timeout=60" in _cmd("single", "--shutdown-timeout", "60", "--", "c.yaml")
+    assert "--shutdown-timeout=90" in _cmd("single", "--", "c.yaml", env={"UNPG_SHUTDOWN_TIMEOUT": "90"})
 
 
 def test_single_node_default_nproc_is_one_on_cpu(monkeypatch):
@@ -228,7 +274,8 @@ def test_multi_node_command():
     flags = cmd[3:cmd.index("-m", 3)]
     assert flags == ["--nnodes=1:4", "--nproc-per-node=8", "--rdzv-backend=c10d",
                      "--rdzv-endpoint=node0:29400", "--rdzv-id=job7", "--rdzv-conf=is_host=1",
-                     "--max-restarts=3", "--tee=3"]
+                     "--max-restarts=3", f"--signals-to-handle={cli.SIGNALS_TO_HANDLE}", "--shutdown-timeout=300",
+                     "--tee=3"]
 
 
 @pytest.mark.parametrize("argv, words", [
