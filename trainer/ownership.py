@@ -1,12 +1,16 @@
 """One writer per run folder, and no worker outliving its launcher.
 
-- :class:`RunLock`: an exclusive ``fcntl.flock`` on ``<output>/.lock``, taken by rank 0
-  before anything in the folder is written and held for the life of the process. The
-  file records the holder (host, pid, time) for the error message of a second job. The
-  kernel drops the lock when the holder dies (also ``kill -9``), so a torchrun restart
-  or a requeue of the same job gets it again. Limits: ``flock`` is per host on some
-  network file systems (NFS without lock support, some FUSE mounts); there it protects
-  only against a second job on the same host.
+- :class:`RunLock`: an exclusive lock on ``<output>/.lock``, taken by rank 0 before
+  anything in the folder is written and held for the life of the process. The file
+  records the holder (host, pid, time) for the error message of a second job. The kernel
+  drops the lock when the holder dies (also ``kill -9``), so a torchrun restart or a
+  requeue of the same job gets it again. It is a POSIX record lock (``fcntl.lockf``),
+  not ``flock``: a ``flock`` is shared with forked children (data-loader workers), which
+  would keep a dead trainer's folder locked until they exit; a record lock belongs to
+  the process alone, and NFS (lockd) honours it across hosts. Limits: some file systems
+  (certain FUSE mounts) do not implement locks; there it protects nothing, and one
+  process must not open ``.lock`` elsewhere (closing any descriptor of the file drops a
+  record lock).
 - :func:`die_with_parent`: under torchrun, ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` (Linux)
   so a worker is killed when its agent dies, instead of training on beside a restarted
   job (torchrun starts each worker in its own session: signals to the agent's process
@@ -15,6 +19,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import logging
 import os
@@ -51,9 +56,12 @@ class RunLock:
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise
                 if time.monotonic() < deadline:
                     time.sleep(0.5)
                     continue
@@ -75,7 +83,7 @@ class RunLock:
     def release(self) -> None:
         if self.fd is not None:
             fd, self.fd = self.fd, None
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.lockf(fd, fcntl.LOCK_UN)
             os.close(fd)
 
 

@@ -32,6 +32,19 @@ log = logging.getLogger("trainer")
 DUPLICATE_WINDOW_S = 2.0
 
 
+#: what torchrun forwards to a worker's process group: loader worker processes ignore them
+#: (their trainer process handles the signal and shuts them down after its checkpoint)
+FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
+
+
+def ignore_preemption_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of data-loading worker processes: torchrun signals the worker's
+    whole process group, and a loader worker killed by SIGTERM would make the trainer fail
+    before it can save. The workers still end with their parent (torch's watchdog)."""
+    for name in FORWARDED:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def exit_code(signum: int) -> int:
     """The documented exit code of a run stopped by ``signum``: 128 + signum."""
     return 128 + int(signum)
@@ -102,4 +115,4 @@ class PreemptionHandler:
         return got
 
 
-__all__ = ["DUPLICATE_WINDOW_S", "Preempted", "PreemptionHandler", "exit_code"]
+__all__ = ["DUPLICATE_WINDOW_S", "FORWARDED", "ignore_preemption_signals", "Preempted", "PreemptionHandler", "exit_code"]
