@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Dict, Optional, Sequence
 
@@ -72,6 +73,9 @@ class PreemptionHandler:
         self._device = device
 
     def install(self) -> "PreemptionHandler":
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("the trainer runs outside the main thread: preemption signals are not handled")
+            return self
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._on_signal)
         return self

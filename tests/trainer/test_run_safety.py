@@ -196,3 +196,54 @@ def test_class_count_must_match_the_labels(tmp_path):
     t.close()
     with pytest.raises(ConfigError, match="at least 2 classes"):
         _trainer(tmp_path / "c", labels=torch.zeros_like(LABELS)).setup()
+
+
+# ------------------------------------------------------------------------- preemption
+def test_signal_stops_the_run_with_a_checkpoint_at_the_current_step(tmp_path):
+    import signal
+
+    from trainer.preemption import Preempted
+
+    out = tmp_path / "run"
+    t = _trainer(out, ["run.max_steps=50", "checkpoint.save_every=1000"]).setup()
+    one_step = t._one_step
+
+    def step_with_signal():
+        if t.step == 3:  # the signal lands while step 4 runs
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return one_step()
+
+    t._one_step = step_with_signal
+    with pytest.raises(Preempted) as e:
+        t.train()
+    assert (e.value.step, e.value.code) == (4, 128 + signal.SIGUSR1)
+    assert [s for s, _ in ck.list_checkpoints(out / "checkpoints")] == [4]
+    assert not (out / "model.pt").exists()
+    assert [h["step"] for h in json.loads((out / "summary.json").read_text())["history"]] == [1, 2, 3, 4]
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
+    t = _trainer(out, ["run.max_steps=6", "checkpoint.save_every=1000"]).setup()
+    assert t.step == 4
+    t.close()
+
+
+SECOND_SIGNAL = """
+import os, signal, sys, time
+from trainer.preemption import PreemptionHandler
+h = PreemptionHandler(["SIGTERM"]).install()
+os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGTERM)   # the same request delivered twice: ignored
+time.sleep(0.1)
+print("flag", h.requested, flush=True)
+time.sleep(2.2)
+h.saving = True                        # a checkpoint is being written
+os.kill(os.getpid(), signal.SIGTERM)   # the user insists: out now
+time.sleep(5)
+print("still running", flush=True)
+"""
+
+
+def test_second_signal_during_the_save_exits_at_once():
+    r = subprocess.run([sys.executable, "-c", SECOND_SIGNAL], capture_output=True, text=True, timeout=60,
+                       cwd=os.getcwd())
+    assert r.returncode == 143 and "flag True" in r.stdout and "still running" not in r.stdout, (r.stdout, r.stderr)
+    assert "during the checkpoint save" in r.stderr
