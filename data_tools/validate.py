@@ -9,6 +9,9 @@ decodable, of --size). Prints a report; exit status 1 when anything is wrong.
 
 --write-index rewrites train.idx without the bad image records (the original
 is kept as train.idx.orig), so both loaders skip them (counted in a warning).
+When every (remaining) image decodes, the verdict is recorded in the dataset
+cache (trainer.data.decode_check), so the DALI loader does not decode the
+dataset again before training.
 """
 from __future__ import annotations
 
@@ -233,6 +236,19 @@ def validate(data_dir, decode: bool = True, write_clean_index: bool = False, siz
         write_index(idx, keep)
         rep.info.append(f"wrote clean index {idx} ({len(keep)} entries, {len(items) - len(keep)} dropped; "
                         f"original kept as {idx.with_suffix('.idx.orig')})")
+    only_bad_images = set(rep.problems) <= {"image", "label"}
+    if decode and (rep.ok or (write_clean_index and only_bad_images)):
+        try:
+            from trainer.data.decode_check import mark_all_decodable
+            from trainer.data.face_rec import FaceRecDataset
+
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the cleaned index's "missing keys" note
+                rep.info.append(f"decode verdict recorded: {mark_all_decodable(FaceRecDataset(data_dir))}")
+        except (OSError, RecordIOError) as e:
+            rep.info.append(f"decode verdict not recorded: {e}")
     return rep
 
 

@@ -33,17 +33,16 @@ log = logging.getLogger("trainer")
 DUPLICATE_WINDOW_S = 2.0
 
 
-#: what torchrun forwards to a worker's process group: loader worker processes ignore them
-#: (their trainer process handles the signal and shuts them down after its checkpoint)
-FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
-
-
-def ignore_preemption_signals(worker_id: int = 0) -> None:
-    """``worker_init_fn`` of data-loading worker processes: torchrun signals the worker's
-    whole process group, and a loader worker killed by SIGTERM would make the trainer fail
-    before it can save. The workers still end with their parent (torch's watchdog)."""
-    for name in FORWARDED:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+def own_process_group(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of data-loading worker processes: move the worker into a process
+    group of its own. torchrun signals each trainer's whole process group (``killpg``); a
+    loader worker killed by that SIGTERM would make the trainer fail before it can save.
+    Signals from the trainer itself (its shutdown of the workers) still reach the worker,
+    and torch's watchdog ends a worker whose trainer died."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # pragma: no cover - not permitted (e.g. a session leader)
+        pass
 
 
 def exit_code(signum: int) -> int:
@@ -119,4 +118,4 @@ class PreemptionHandler:
         return got
 
 
-__all__ = ["DUPLICATE_WINDOW_S", "FORWARDED", "ignore_preemption_signals", "Preempted", "PreemptionHandler", "exit_code"]
+__all__ = ["DUPLICATE_WINDOW_S", "own_process_group", "Preempted", "PreemptionHandler", "exit_code"]

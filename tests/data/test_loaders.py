@@ -140,8 +140,9 @@ def test_dali_missing_falls_back_to_torch(synth_dir, monkeypatch):
 _CORRUPT = textwrap.dedent('''
     import sys
     from trainer.data import build_train_loader
-    L = build_train_loader(sys.argv[1], 32, backend=sys.argv[2], shuffle=False, num_threads=1)
     try:
+        # DALI: refused before the first epoch (trainer.data.decode_check); torch: while reading
+        L = build_train_loader(sys.argv[1], 32, backend=sys.argv[2], shuffle=False, num_threads=1)
         for _ in L:
             pass
     except Exception as e:
@@ -256,3 +257,70 @@ def test_dali_warns_on_identity_sorted_file(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_train_loader(tmp_path / "r", 8, backend="dali", shuffle_buffer=32)
+
+
+def _flip_entropy_bytes(d, key):
+    """Flip bytes inside the entropy-coded data of image ``key``: simplejpeg/PIL (validate,
+    the torch loader) reject it; DALI's decoder returns garbled pixels without an error."""
+    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, pack, unpack
+
+    r = IndexedRecordReader(d / "train.rec")
+    recs = {k: r.read(k) for k in r.keys}
+    order = sorted(r.keys, key=r.offsets.get)
+    h, img = unpack(recs[key])
+    sos = img.index(b"\xff\xda")
+    body = bytearray(img)
+    for i in range(sos + 20, len(body) - 4, 7):
+        body[i] ^= 0xA5
+    recs[key] = pack(IRHeader(0, h.label), bytes(body))
+    r.close()
+    with IndexedRecordWriter(d / "train.rec") as w:
+        for k in order:
+            w.write(k, recs[k])
+
+
+def test_dali_refuses_what_validate_rejects(synth_copy, monkeypatch):
+    """The decode check the DALI loader runs first: same verdict as validate, once, cached."""
+    from data_tools.validate import validate
+    from trainer.data import decode_check
+    from trainer.data.torch_loader import decode_image
+
+    _flip_entropy_bytes(synth_copy, 7)
+    ds = FaceRecDataset(synth_copy)
+    with pytest.raises(Exception):
+        decode_image(ds.read_image(7)[1], "key 7")  # the torch loader's decoder rejects it
+    for rank in (0, 1):  # rank 1 of 2 checks keys 2, 4, ...; 7 is rank 0's
+        if rank == 0:
+            with pytest.raises(decode_check.BadRecordError, match=r"train\.rec \(key 7\).*validate .*--write-index"):
+                decode_check.ensure_decodable(FaceRecDataset(synth_copy), rank, 2, num_threads=2)
+        else:
+            assert decode_check.ensure_decodable(FaceRecDataset(synth_copy), rank, 2) == 48
+            assert decode_check.ensure_decodable(FaceRecDataset(synth_copy), rank, 2) == 0  # cached
+    rep = validate(synth_copy, write_clean_index=True, progress=False, workers=1)
+    assert not rep.ok and "key 7" in rep.text() and "decode verdict recorded" in rep.text()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clean = FaceRecDataset(synth_copy)
+    monkeypatch.setattr(decode_check, "decode_rgb", lambda *a, **k: pytest.fail("decoded again"))
+    assert decode_check.ensure_decodable(clean, 0, 2) == 0  # validate's verdict is trusted
+
+
+def test_dali_loader_runs_the_decode_check(synth_copy, monkeypatch):
+    """DaliFaceLoader's constructor (no DALI needed up to its first epoch) applies the check."""
+    import types
+
+    from trainer.data import dali_loader
+
+    fake = types.ModuleType("nvidia.dali")
+    fake.__version__ = dali_loader.DALI_VERSION
+    parent = types.ModuleType("nvidia")
+    parent.dali = fake
+    monkeypatch.setitem(sys.modules, "nvidia", parent)
+    monkeypatch.setitem(sys.modules, "nvidia.dali", fake)
+    _flip_entropy_bytes(synth_copy, 7)
+    from trainer.data.decode_check import BadRecordError
+
+    with pytest.raises(BadRecordError, match=r"key 7"):
+        dali_loader.DaliFaceLoader(FaceRecDataset(synth_copy), 4, 0, 1, torch.device("cpu"), num_threads=1)

@@ -13,6 +13,9 @@ How the DALI pitfalls found with 2.x are handled (docs/data.md):
   Undecodable JPEG payloads reach the decoder: DALI 2.2-2.4 segfault on one in
   a batch >= 32, so ``nvidia-dali-cuda120`` is pinned to 2.1.1, which raises;
   we re-raise naming the file and the ``validate`` command that finds it.
+  Corrupt JPEGs that DALI decodes without an error (garbled pixels) are caught
+  before the first epoch by :mod:`trainer.data.decode_check` (the decoder
+  ``validate`` and the torch loader use, once per dataset version, cached).
 * Shards: each epoch we write the epoch's selection (``world_size * len *
   batch`` images, a random subset from (seed, epoch)) and let DALI cut it with
   ``shard_id``/``num_shards`` from the process group; the count divides evenly,
@@ -35,6 +38,7 @@ import torch
 
 from trainer.data import plan
 from trainer.data.augment import AugmentConfig, apply_dali
+from trainer.data.decode_check import ensure_decodable
 from trainer.data.face_rec import FaceRecDataset, warn_if_identity_sorted
 from trainer.data.loader_base import FaceLoaderBase
 from trainer.data.recordio import write_index
@@ -116,6 +120,7 @@ class DaliFaceLoader(FaceLoaderBase):
             )
         super().__init__(ds, batch_size, rank, world_size, device, num_threads, seed, augment,
                          shuffle, flip, image_size)
+        ensure_decodable(ds, rank, world_size, num_threads, self.image_size)  # validate's verdict
         per_rank = self._len * batch_size
         self.shuffle_buffer = min(shuffle_buffer or DEFAULT_SHUFFLE_BUFFER, per_rank)
         if shuffle:

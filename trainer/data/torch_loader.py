@@ -21,7 +21,7 @@ from trainer.data.face_rec import FaceRecDataset
 from trainer.data.loader_base import FaceLoaderBase
 from trainer.data.recordio import RecordIOError
 from trainer.io.images import ImageDecodeError, decode_rgb, is_jpeg
-from trainer.preemption import ignore_preemption_signals
+from trainer.preemption import own_process_group
 
 
 def decode_image(data: bytes, where: str, size: Tuple[int, int] = (112, 112),
@@ -151,7 +151,7 @@ class TorchFaceLoader(FaceLoaderBase):
                 self._set, batch_size=None, sampler=self._sampler, num_workers=workers,
                 prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
                 pin_memory=self.device.type == "cuda",
-                worker_init_fn=ignore_preemption_signals,  # the trainer saves, then stops the workers
+                worker_init_fn=own_process_group,  # torchrun's SIGTERM to the group: the trainer saves first
             )
         return self._dl
 
