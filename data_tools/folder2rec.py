@@ -8,13 +8,20 @@ copied byte for byte unless --reencode; anything else is decoded, resized to
 --size if needed and encoded as JPEG (--quality). Image records are stored
 in random physical order unless --sorted (UNPG wants many identities per
 batch and DALI's shuffle buffer follows byte order).
+
+Refused: symbolic links (identity folders or images) that point outside SRC
+(--follow-external-links includes them), and identity names with control
+characters (newline, tab, ...: identities.txt is one ``id<TAB>name`` per line).
+Identity folders without images get no class id; they are listed in the report.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import multiprocessing as mp
+import unicodedata
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -26,15 +33,51 @@ from trainer.io.atomic import atomic_open
 EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-def list_folder(src) -> Tuple[List[str], List[Path], np.ndarray]:
+class SourceError(ValueError):
+    """A source folder entry folder2rec refuses (named in the message)."""
+
+
+def _inside(p: Path, root: Path) -> bool:
+    try:
+        p.resolve().relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def list_folder(src, follow_external_links: bool = False, empty: Optional[List[str]] = None
+                ) -> Tuple[List[str], List[Path], np.ndarray]:
+    """(identity names, image files, labels); identities without images are skipped and
+    appended to ``empty`` when given."""
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"source folder not found: {src}")
-    names = sorted(d.name for d in src.iterdir() if d.is_dir())
+    root = src.resolve()
+
+    def check_link(p: Path) -> None:
+        if not follow_external_links and not _inside(p, root):
+            raise SourceError(f"{p}: a symbolic link to {p.resolve()}, outside the source folder {src}; "
+                              "pass --follow-external-links to include it")
+
+    dirs = sorted(d for d in src.iterdir() if d.is_dir())
+    names: List[str] = []
     files: List[Path] = []
     labels: List[int] = []
-    for c, name in enumerate(names):
-        imgs = sorted(p for p in (src / name).iterdir() if p.suffix.lower() in EXTS and p.is_file())
+    for d in dirs:
+        bad = [c for c in d.name if unicodedata.category(c) == "Cc"]
+        if bad:
+            raise SourceError(f"{d!r}: identity folder name contains control character(s) {bad!r} "
+                              "(identities.txt holds one name per line); rename the folder")
+        check_link(d)
+        imgs = sorted(p for p in d.iterdir() if p.suffix.lower() in EXTS and p.is_file())
+        for p in imgs:
+            check_link(p)
+        if not imgs:
+            if empty is not None:
+                empty.append(d.name)
+            continue
+        c = len(names)
+        names.append(d.name)
         files += imgs
         labels += [c] * len(imgs)
     if not files:
@@ -61,8 +104,10 @@ def _init(opts):
 
 
 def folder2rec(src, out, reencode: bool = False, quality: int = 95, size: int = 112,
-               shuffle: bool = True, seed: int = 0, workers: int = 2, progress: bool = True) -> dict:
-    names, files, labels = list_folder(src)
+               shuffle: bool = True, seed: int = 0, workers: int = 2, progress: bool = True,
+               follow_external_links: bool = False) -> dict:
+    empty: List[str] = []
+    names, files, labels = list_folder(src, follow_external_links, empty)
     opts = {"size": (size, size), "quality": quality, "reencode": reencode}
 
     def payloads(src_idx):
@@ -79,7 +124,7 @@ def folder2rec(src, out, reencode: bool = False, quality: int = 95, size: int = 
                        progress=("folder2rec" if progress else None), image_size=(size, size))
     with atomic_open(Path(out) / "identities.txt", "wb") as f:
         f.write("".join(f"{i}\t{n}\n" for i, n in enumerate(names)).encode())
-    return s
+    return {**s, "empty_identities": empty}
 
 
 def add_parser(sub) -> None:
@@ -93,13 +138,24 @@ def add_parser(sub) -> None:
     p.add_argument("--sorted", action="store_true",
                    help="store image records in identity order like insightface (default: random physical "
                         "order, keys still grouped by identity, so DALI's local shuffle mixes identities)")
+    p.add_argument("--follow-external-links", action="store_true",
+                   help="include symbolic links that point outside SRC (refused by default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=_main)
 
 
 def _main(a) -> int:
-    s = folder2rec(a.src, a.out, a.reencode, a.quality, a.size, not a.sorted, a.seed, a.workers)
+    try:
+        s = folder2rec(a.src, a.out, a.reencode, a.quality, a.size, not a.sorted, a.seed, a.workers,
+                       follow_external_links=a.follow_external_links)
+    except SourceError as e:
+        print(f"folder2rec: {e}", file=sys.stderr)
+        return 2
+    if s["empty_identities"]:
+        shown = ", ".join(repr(n) for n in s["empty_identities"][:10])
+        print(f"folder2rec: {len(s['empty_identities'])} identity folder(s) without images were skipped "
+              f"(no class id): {shown}{' ...' if len(s['empty_identities']) > 10 else ''}", file=sys.stderr)
     print(f"folder2rec: {s['images']} images of {s['identities']} identities "
           f"({s['image_bytes'] / 1e6:.1f} MB) -> {a.out}/train.rec, train.idx, property, identities.txt")
     return 0

@@ -88,6 +88,37 @@ def test_folder2rec_rec2folder_round_trip(tmp_path, synth_dir):
     assert main(["validate", str(tmp_path / "r")]) == 0
 
 
+def test_folder2rec_refuses_outside_links_and_control_characters_reports_empty(tmp_path, synth_dir, capsys):
+    assert main(["rec2folder", str(synth_dir), str(tmp_path / "f")]) == 0
+    src, outside = tmp_path / "f", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes((src / "3" / sorted(os.listdir(src / "3"))[0]).read_bytes())
+    (src / "3" / "link.jpg").symlink_to(outside / "secret.jpg")
+    assert main(["folder2rec", str(src), str(tmp_path / "r"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "link.jpg" in err and "outside the source folder" in err and "--follow-external-links" in err
+    assert not (tmp_path / "r" / "train.rec").exists()
+    os.symlink(outside, src / "ext_identity")  # a whole identity folder outside
+    (src / "3" / "link.jpg").unlink()
+    assert main(["folder2rec", str(src), str(tmp_path / "r"), "--workers", "1"]) == 2
+    assert "ext_identity" in capsys.readouterr().err
+    assert main(["folder2rec", str(src), str(tmp_path / "r"), "--workers", "1", "--follow-external-links"]) == 0
+    assert FaceRecDataset(tmp_path / "r").num_classes == 17
+    (src / "ext_identity").unlink()
+    # a link inside the source is fine
+    (src / "3" / "inner.jpg").symlink_to(src / "4" / sorted(os.listdir(src / "4"))[0])
+    (src / "bad\nname").mkdir()
+    assert main(["folder2rec", str(src), str(tmp_path / "r2"), "--workers", "1"]) == 2
+    assert "control character" in capsys.readouterr().err
+    (src / "bad\nname").rmdir()
+    (src / "zz_empty").mkdir()
+    assert main(["folder2rec", str(src), str(tmp_path / "r3"), "--workers", "1"]) == 0
+    assert "1 identity folder(s) without images were skipped" in capsys.readouterr().err
+    out = FaceRecDataset(tmp_path / "r3")
+    assert out.num_classes == 16 and out.num_images == 97
+    assert "zz_empty" not in (tmp_path / "r3" / "identities.txt").read_text()
+
+
 def test_shuffle_keeps_records_changes_order(tmp_path, synth_dir):
     generate_dataset(tmp_path / "s", 6, 5, seed=2, workers=1, shuffle=False)
     assert main(["shuffle", str(tmp_path / "s"), str(tmp_path / "t"), "--seed", "1"]) == 0
