@@ -150,8 +150,8 @@ class Trainer:
             self.progress = resumed.progress
             self.validator.best.update(resumed.best)
             self.history = list(resumed.history)
-            if d.is_main:
-                self.validator.history = list(resumed.val_history)
+            # every rank: done_at() decides a collective validation
+            self.validator.history = list(resumed.val_history)
         if d.is_main:  # only now: every check of this run has passed
             with atomic_open(self.out / "config.yaml", "w") as f:
                 f.write(to_yaml(cfg))
