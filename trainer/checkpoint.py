@@ -27,7 +27,8 @@ and a dict). Checkpoints of earlier versions stored numpy's RNG state as an
 Any other object in a file is refused with :class:`UnsafeCheckpointError`
 naming the file and the object; the file is never unpickled with
 ``weights_only=False``. (DeepSpeed's own files under ``deepspeed/`` are read
-by DeepSpeed's loader, not by this module.)
+by DeepSpeed's loader; :func:`trainer.engine.deepspeed.check_deepspeed_files`
+checks their pickles against an allow-list first.)
 """
 from __future__ import annotations
 

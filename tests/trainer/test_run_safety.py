@@ -247,3 +247,17 @@ def test_second_signal_during_the_save_exits_at_once():
                        cwd=os.getcwd())
     assert r.returncode == 143 and "flag True" in r.stdout and "still running" not in r.stdout, (r.stdout, r.stderr)
     assert "during the checkpoint save" in r.stderr
+
+
+def test_deepspeed_files_naming_foreign_code_are_refused(tmp_path):
+    pytest.importorskip("deepspeed")
+    from trainer.engine.deepspeed import check_deepspeed_files
+
+    ds = tmp_path / "deepspeed" / "ds"
+    ds.mkdir(parents=True)
+    torch.save({"module": {"w": torch.zeros(2)}}, ds / "mp_rank_00_model_states.pt")
+    check_deepspeed_files(tmp_path / "deepspeed")  # plain: fine
+    torch.save({"optimizer_state_dict": _Payload(tmp_path / "PAYLOAD_RAN")}, ds / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(ck.UnsafeCheckpointError, match=r"zero_pp_rank_0.*io.open"):
+        check_deepspeed_files(tmp_path / "deepspeed")
+    assert not (tmp_path / "PAYLOAD_RAN").exists()

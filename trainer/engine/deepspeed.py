@@ -36,6 +36,30 @@ def _skip_shm_build() -> None:
         ds_torch_comm.build_shm_op = lambda: None
 
 
+#: the classes DeepSpeed's own checkpoint files hold besides tensors and plain values
+#: (ZeRO 1/2, fp32/bf16/fp16); data holders whose unpickling calls no other code
+DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.zero.config.ZeroStageEnum",
+})
+
+
+def check_deepspeed_files(ds_dir: Path) -> None:
+    """DeepSpeed loads its files with ``torch.load(weights_only=False)``; refuse one that names any
+    global outside :data:`DEEPSPEED_GLOBALS` (read from the pickle's opcodes, nothing is executed)."""
+    from trainer.checkpoint import UnsafeCheckpointError
+
+    for f in sorted(Path(ds_dir).rglob("*.pt")):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+        except Exception as e:  # not a torch zip file: DeepSpeed's loader would fail on it too
+            raise ValueError(f"{f}: unreadable DeepSpeed checkpoint file: {e}") from e
+        bad = sorted(set(names) - DEEPSPEED_GLOBALS)
+        if bad:
+            raise UnsafeCheckpointError(f"{f}: refused to load: it names {', '.join(bad)}, which is not part of a "
+                                        "DeepSpeed checkpoint; loading it would run code")
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -122,6 +146,7 @@ class DeepSpeedEngine(Engine):
     def load_state_dict(self, state: Dict[str, Any], ckpt_dir, same_world: bool) -> None:
         ds_dir = Path(ckpt_dir) / "deepspeed"
         if same_world and ds_dir.is_dir():
+            check_deepspeed_files(ds_dir)  # DeepSpeed unpickles with weights_only=False
             self.ds.load_checkpoint(str(ds_dir), tag="ds", load_optimizer_states=True,
                                     load_lr_scheduler_states=False)
         else:
