@@ -119,3 +119,22 @@ def test_nan_loss_stops_naming_the_step_or_skips(tmp_path):
     assert not (tmp_path / "stop" / "model.pt").exists()
     losses = _losses(res[0][1])
     assert len(losses) == 5 and all(l == l for l in losses)  # 5 real steps, no NaN trained on
+
+
+def test_no_loadable_checkpoint_stops_every_rank_naming_each(tmp_path):
+    """Both checkpoints unreadable for rank 1 only: every rank stops (no fresh start on top of
+    the old run) and the message lists each candidate with rank 1's reason."""
+    common = ["run.max_steps=4", "checkpoint.save_every=2", "checkpoint.keep_last=5", "data.batch_size=16"]
+    ck = "a/checkpoints/"
+    res = run_world(phases_worker, 2, str(tmp_path), [
+        {"out": "a", "overrides": common},
+        {"out": "a", "overrides": common, "expect_error": True,
+         "corrupt": [ck + "step_00000004/shard_00001.pt", ck + "step_00000002/shard_00001.pt"]},
+    ], DATA)
+    for rank_res in res:
+        kind, msg = rank_res[1]
+        assert kind == "ResumeError", msg
+        assert "step_00000004: rank 1:" in msg and "step_00000002: rank 1:" in msg, msg
+    for step in (2, 4):  # nothing pruned, overwritten or moved
+        assert (tmp_path / ck / f"step_{step:08d}" / "COMPLETE").is_file()
+    assert (tmp_path / "a" / "model.pt").is_file()
