@@ -106,7 +106,9 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     except (OSError, AttributeError) as e:
         log.warning("prctl unavailable (%s): this worker will not die with its agent", e)
         return False
-    if os.getppid() != parent or parent == 1:  # the agent died before the request took effect
+    # the agent died before the request took effect (the parent changed); a parent that IS
+    # pid 1 is fine (torchrun as a container's entrypoint)
+    if os.getppid() != parent:
         os._exit(1)
     return True
 
