@@ -103,7 +103,7 @@ def test_workers_die_with_their_agent(tmp_path, tiny_dataset):
         with reaped([(proc, log)]):
             _wait_for_steps(output, 2, proc, tmp_path / "a.log")
             workers = _children(proc.pid)
-            assert len(workers) == 2, workers
+            assert len(workers) == 2, (workers, [Path(f"/proc/{w}/cmdline").read_text() for w in workers])
             proc.kill()  # kill -9 of the torchrun agent only
             proc.wait(timeout=60)
         deadline = time.time() + 60
@@ -113,7 +113,7 @@ def test_workers_die_with_their_agent(tmp_path, tiny_dataset):
         # the folder's lock went with them: a new job gets it
         from trainer.ownership import RunLock
 
-        RunLock(output).acquire().release()
+        RunLock(output).acquire(wait_s=10).release()
     finally:
         for w in workers:  # the old code's orphans
             if _alive(w):
