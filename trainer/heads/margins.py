@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import ClassVar, Optional, Tuple
 
 import torch
 
@@ -56,6 +56,24 @@ class Margin:
         if self.straight_through:
             return value, torch.ones_like(c)
         return value, self.derivative(c)
+
+    # Hooks of the fused softmax (see ``adaptive.py`` for margins that use them):
+    # a fixed margin has no state, no per-row parameter, no extra term.
+    cos_eps: ClassVar[float] = 0.0
+    needs_target_cos: ClassVar[bool] = False
+    modulates_negatives: ClassVar[bool] = False
+
+    def prepare(self, x_norm: torch.Tensor, target_cos: Optional[torch.Tensor]) -> dict:
+        return {}
+
+    def target_value(self, c: torch.Tensor, idx, prep: dict) -> torch.Tensor:
+        return self.value(c)
+
+    def target_grads(self, c: torch.Tensor, prep: dict) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.target(c)[1], None
+
+    def extra_loss(self, global_x: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
 
 
 @dataclass(frozen=True, kw_only=True)
