@@ -35,7 +35,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    margin: str = "arcface"            # arcface | cosface | combined
+    margin: str = "arcface"            # arcface | cosface | combined | adaface | magface | curricularface
     s: float = 64.0
     m: float = 0.5                     # ArcFace angular / CosFace additive margin
     margin_list: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])  # combined (m1, m2, m3)
@@ -43,6 +43,13 @@ class LossConfig:
     wisk: float = 1.5                  # box-and-whisker width w
     negatives: str = "global"          # UNPG pairs over the gathered global batch | "local" (per rank)
     sample_rate: float = 1.0           # Partial FC sampling rate (DESIGN.md §2)
+    h: float = 0.333                   # adaface: margin scaler width (uses s and m too)
+    t_alpha: float = 0.01              # adaface: EMA rate of the global-batch norm statistics
+    l_a: float = 10.0                  # magface: norm range [l_a, u_a] ...
+    u_a: float = 110.0
+    l_m: float = 0.45                  # magface: ... mapped linearly to margins [l_m, u_m]
+    u_m: float = 0.8
+    lambda_g: float = 35.0             # magface: weight of the norm regulariser g(a)
 
 
 @dataclass
@@ -105,7 +112,7 @@ _CHOICES = {
     "engine": ("ddp", "deepspeed"),
     "nan_policy": ("stop", "skip"),
     "zero_stage": (0, 1, 2),
-    "loss.margin": ("arcface", "cosface", "combined"),
+    "loss.margin": ("arcface", "cosface", "combined", "adaface", "magface", "curricularface"),
     "loss.negatives": ("global", "local"),
     "data.backend": ("auto", "dali", "torch"),
     "optim.optimizer": ("sgd", "adamw"),

@@ -59,6 +59,18 @@ def build_margin(cfg: Config):
         return ArcFace(s=lc.s, m=lc.m)
     if lc.margin == "cosface":
         return CosFace(s=lc.s, m=lc.m)
+    if lc.margin == "adaface":
+        from trainer.heads import AdaFace
+
+        return AdaFace(s=lc.s, m=lc.m, h=lc.h, t_alpha=lc.t_alpha)
+    if lc.margin == "magface":
+        from trainer.heads import MagFace
+
+        return MagFace(s=lc.s, l_a=lc.l_a, u_a=lc.u_a, l_m=lc.l_m, u_m=lc.u_m, lambda_g=lc.lambda_g)
+    if lc.margin == "curricularface":
+        from trainer.heads import CurricularFace
+
+        return CurricularFace(s=lc.s, m=lc.m)
     m1, m2, m3 = lc.margin_list
     return CombinedMargin(s=lc.s, m1=m1, m2=m2, m3=m3)
 
