@@ -23,6 +23,15 @@ Backward (chain rule written out, g = incoming gradients, replicated on ranks):
     dL/dx           = (g - x^ <x^, g>) / |x|     (normalisation Jacobian)
 The gradient w.r.t. ``x`` is this rank's share; the caller's all-gather sums
 the shares of all ranks.
+
+Margin hooks (``margins.Margin`` defaults are no-ops; ``adaptive.py`` uses them):
+``cos_eps`` clamps every cosine to [-1 + eps, 1 - eps]; ``prepare(|x|, c_y)``
+runs once per forward on the global batch (running statistics, per-row
+margins); ``target_value``/``target_grads`` give f and (df/dc, df/d|x|) per row;
+with ``needs_target_cos`` every row's target cosine is computed by its owner
+and shared by one all-reduce SUM before the logit pass; ``modulates_negatives``
+maps every non-target cosine (value and derivative). A norm-dependent target
+adds ``s * df/d|x| * dL/dz_target * x^`` to dL/dx.
 """
 from __future__ import annotations
 
