@@ -139,6 +139,18 @@ def test_export_merges_shards(tmp_path):
     assert ck.main(["export", str(tmp_path / "nothing"), "--out", str(out)]) == 2
 
 
+def test_head_state_without_margin_state_loads_with_initial_statistics():
+    """An imported (or ArcFace) head state has only the weight: running statistics start fresh."""
+    w = torch.randn(C, D)
+    for margin, initial in ((AdaFace(), {"batch_mean": 20.0, "batch_std": 100.0}), (CurricularFace(), {"t": 0.0})):
+        head = PartialFC(margin, D, C)
+        head.load_state_dict({"weight": w})
+        assert torch.equal(head.weight, w)
+        assert {k: float(getattr(head.margin, k)) for k in initial} == initial
+        with pytest.raises(RuntimeError, match="weight"):
+            head.load_state_dict({"margin." + next(iter(initial)): torch.tensor(1.0)})
+
+
 def test_margin_buffers_survive_resharding(tmp_path):
     """Non-row head state (AdaFace/CurricularFace buffers) is carried, not sliced, at a new world size."""
     for margin in (AdaFace(), CurricularFace()):
@@ -166,3 +178,54 @@ def test_margin_buffers_survive_resharding(tmp_path):
                 for k, v in head.state_dict().items():
                     if k.startswith("margin."):
                         assert float(v) == 3.5 + len(k)
+
+
+# ------------------------------------------------- end to end: train, 4-rank arcface files, resume at 3
+def _to_arcface_format(ckpt, folder, world):
+    """Our checkpoint -> arcface_torch's per-rank files (its key names, split rule, one SGD)."""
+    meta = ck.read_marker(ckpt)
+    num_classes = meta["class_ranges"][-1][1]
+    state = torch.load(ckpt / "trainer.pt", weights_only=False)
+    full = ck.load_shard_for_range(ckpt, (0, num_classes), meta["class_ranges"])
+    w, mom = full["head"]["weight"], full["optimizer"]["state"][0]["momentum_buffer"]
+    bb_opt = state["optimizer"]
+    n_bb = len(bb_opt["param_groups"][0]["params"])
+    folder.mkdir(parents=True)
+    for rank in range(world):
+        s, e = _arcface_split(num_classes, rank, world)
+        opt_state = {i: {"momentum_buffer": bb_opt["state"][i]["momentum_buffer"]} for i in range(n_bb)}
+        opt_state[n_bb] = {"momentum_buffer": mom[s:e].clone()}
+        g0 = {**bb_opt["param_groups"][0], "params": list(range(n_bb))}
+        g1 = {**full["optimizer"]["param_groups"][0], "params": [n_bb]}
+        torch.save({"epoch": state["epoch"], "global_step": state["step"],
+                    "state_dict_backbone": state["backbone"], "state_dict_softmax_fc": {"weight": w[s:e].clone()},
+                    "state_optimizer": {"state": opt_state, "param_groups": [g0, g1]},
+                    "state_lr_scheduler": {"last_epoch": state["step"]}}, folder / f"checkpoint_gpu_{rank}.pt")
+    return state
+
+
+def test_two_rank_run_continues_at_three_ranks_from_imported_four_rank_checkpoint(tmp_path):
+    from tests.distributed import run_world
+    from tests.trainer.workers import phases_worker
+
+    data = dict(identities=32, per_id=8, val_identities=16, val_pairs=100, seed=0)
+    common = ["model.backbone_kwargs={width: 8, norm: none}", "max_steps=14", "save_every=10",
+              "keep_last=5", "loss.unpg=true"]
+    src = run_world(phases_worker, 2, str(tmp_path), [
+        {"out": "a", "overrides": common + ["data.batch_size=12"]}], data)[0][0]
+    losses = [h["loss"] for h in src["history"]]
+    state = _to_arcface_format(tmp_path / "a" / "checkpoints" / "step_00000010", tmp_path / "arc", 4)
+    assert state["step"] == 10
+    import_run(tmp_path / "arc", tmp_path / "b", num_classes=32)
+    res = run_world(phases_worker, 3, str(tmp_path), [
+        {"out": "b", "overrides": common + ["data.batch_size=8"]}], data)
+    assert [r[0]["class_range"] for r in res] == [(0, 11), (11, 22), (22, 32)]
+    b = res[0][0]
+    assert b["start_step"] == 10
+    resumed = [h["loss"] for h in b["history"]]
+    assert len(resumed) == 4
+    print(f"source (2 ranks) losses steps 1-14: {[round(v, 3) for v in losses]}; "
+          f"imported 4-rank step 10, resumed at 3 ranks, steps 11-14: {[round(v, 3) for v in resumed]}")
+    # continues where the source was (same step, weights, momentum, lr), not from scratch
+    assert abs(resumed[0] - losses[10]) < 0.15 * losses[10], (losses, resumed)
+    assert resumed[0] < 0.8 * losses[0], (losses, resumed)

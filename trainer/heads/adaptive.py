@@ -7,7 +7,9 @@ sees the all-gathered embeddings, so R ranks x B rows behave exactly as one
 process with R*B rows. Running state is kept in buffers (0-dim tensors) of the
 margin module, which ``PartialFC`` registers as its submodule ``margin``: the
 head's ``state_dict`` carries it (``margin.batch_mean`` ...), it is identical on
-every rank, and checkpoints restore it at any world size.
+every rank, and checkpoints restore it at any world size. A head state without
+it (an ArcFace run, an arcface_torch import) loads with the state at its
+current (initial) values.
 
 Notation: ``c`` target cosine (clamped), ``theta = acos c``, ``a = |x|`` the raw
 embedding norm of the row, ``s`` the scale.
@@ -106,6 +108,14 @@ class AdaptiveMargin(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self._params().items())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A head state without this margin's running state (a run with another margin, an
+        # arcface_torch import) keeps the current values (initial ones on a fresh head).
+        for name, buf in self._buffers.items():
+            if buf is not None and prefix + name not in state_dict:
+                state_dict[prefix + name] = buf.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _params(self) -> dict:
         return {"s": self.s}
