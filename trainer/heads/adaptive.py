@@ -98,8 +98,9 @@ class AdaptiveMargin(nn.Module):
         """``(df/dc, df/d|x|)`` for all N rows (the second is None when f ignores the norm)."""
         raise NotImplementedError
 
-    def negatives(self, cos: torch.Tensor, prep: Prep) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Modulated non-target cosines of a [N, k] block and their derivative."""
+    def negatives(self, cos: torch.Tensor, prep: Prep, need_grad: bool = True
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Modulated non-target cosines of a [N, k] block and (if need_grad) their derivative."""
         raise NotImplementedError
 
     def extra_loss(self, global_x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -227,9 +228,11 @@ class CurricularFace(AdaptiveMargin):
         d = self.cos_m + c * self.sin_m / torch.clamp(_sin_theta(c), min=_SIN_EPS)
         return torch.where(c > self.threshold, d, torch.ones_like(c)), None
 
-    def negatives(self, cos, prep):
+    def negatives(self, cos, prep, need_grad=True):
         t = prep["t"]
         mask = cos > prep["hard"].unsqueeze(1)
         value = torch.where(mask, cos * (t + cos), cos)
+        if not need_grad:
+            return value, None
         deriv = torch.where(mask, t + 2.0 * cos, torch.ones_like(cos))
         return value, deriv

@@ -130,7 +130,7 @@ class MarginSoftmaxParts(torch.autograd.Function):
             cos_t = logits[t_rows, t_cols] if all_target_cos is None else all_target_cos[t_rows]
             target_cos[t_rows] = cos_t
             if margin.modulates_negatives:
-                logits = margin.negatives(logits, prep)[0]
+                logits = margin.negatives(logits, prep, need_grad=False)[0]
             logits.mul_(s)
             logits[t_rows, t_cols] = s * margin.target_value(cos_t, t_rows, prep)
             new_max = torch.maximum(run_max, logits.max(dim=1).values)
