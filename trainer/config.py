@@ -60,6 +60,13 @@ class LossConfig:
     wisk: float = 1.5                  # box-and-whisker width w
     negatives: str = "global"          # UNPG pairs over the gathered global batch | "local" (per rank)
     sample_rate: float = 1.0           # Partial FC sampling rate (docs/design.md, sharding)
+    h: float = 0.333                   # adaface: margin scaler width (uses s and m too)
+    t_alpha: float = 0.01              # adaface: EMA rate of the global-batch norm statistics
+    l_a: float = 10.0                  # magface: norm range [l_a, u_a] ...
+    u_a: float = 110.0
+    l_m: float = 0.45                  # magface: ... mapped linearly to margins [l_m, u_m]
+    u_m: float = 0.8
+    lambda_g: float = 35.0             # magface: weight of the norm regulariser g(a)
 
 
 @dataclass

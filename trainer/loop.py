@@ -58,7 +58,9 @@ def build_backbone(cfg: Config, device: torch.device) -> torch.nn.Module:
 
 def build_head(cfg: Config, num_classes: int, device: torch.device):
     lc, oc = cfg.loss, cfg.optim
-    head = PartialFC(margin=build_margin(lc.margin, s=lc.s, m=lc.m, margin_list=tuple(lc.margin_list)),
+    margin = build_margin(lc.margin, s=lc.s, m=lc.m, margin_list=tuple(lc.margin_list), h=lc.h,
+                          t_alpha=lc.t_alpha, l_a=lc.l_a, u_a=lc.u_a, l_m=lc.l_m, u_m=lc.u_m, lambda_g=lc.lambda_g)
+    head = PartialFC(margin=margin,
                      embedding_size=cfg.model.embedding_size, num_classes=num_classes,
                      sample_rate=lc.sample_rate,
                      unpg=UNPG(wisk=lc.wisk, negatives=lc.negatives) if lc.unpg else None, device=device)

@@ -31,6 +31,7 @@ from trainer.collectives import (
     scale_grad,
     world_info,
 )
+from trainer.heads.adaptive import AdaptiveMargin
 from trainer.heads.margins import Margin
 from trainer.heads.softmax import margin_softmax_parts
 from trainer.heads.unpg import UNPG, metric_negatives_lse
@@ -44,7 +45,9 @@ class PartialFC(nn.Module):
     """Model-parallel margin softmax with optional Partial FC sampling and UNPG.
 
     Args:
-        margin: ``ArcFace``, ``CosFace`` or ``CombinedMargin`` (carries the scale ``s``).
+        margin: ``ArcFace``, ``CosFace``, ``CombinedMargin``, ``AdaFace``, ``MagFace`` or
+            ``CurricularFace`` (carries the scale ``s``; the last three keep their
+            running state in buffers of the submodule ``margin``).
         embedding_size: D.
         num_classes: C, the total over all ranks.
         sample_rate: fraction of each shard's centres used per step (1.0 = all).
@@ -70,12 +73,16 @@ class PartialFC(nn.Module):
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
-        if not isinstance(margin, Margin):
-            raise TypeError(f"margin must be ArcFace/CosFace/CombinedMargin, got {type(margin).__name__}")
+        if not isinstance(margin, (Margin, AdaptiveMargin)):
+            raise TypeError("margin must be ArcFace/CosFace/CombinedMargin/AdaFace/MagFace/CurricularFace, "
+                            f"got {type(margin).__name__}")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if unpg is not None and not isinstance(unpg, UNPG):
             raise TypeError(f"unpg must be a trainer.heads.UNPG or None, got {type(unpg).__name__}")
+        if isinstance(margin, AdaptiveMargin):
+            # a submodule: its running state (buffers) is part of the head's state_dict
+            margin = margin.to(device=device, dtype=dtype)
         self.margin, self.unpg = margin, unpg
         self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
         self.sample_rate, self.chunk_elements = float(sample_rate), chunk_elements
@@ -188,6 +195,10 @@ class PartialFC(nn.Module):
                 if v_rows is not None:
                     denominator = torch.logaddexp(lse, v_rows)
             loss = (denominator - target).mean()
+            extra = self.margin.extra_loss(global_x)
+            if extra is not None:
+                # replicated on every rank: each contributes 1/R of its gradient
+                loss = loss + scale_grad(extra, 1.0 / self.world_size)
         stats["loss"] = float(loss.detach())
         self.last_stats = stats
         return loss
