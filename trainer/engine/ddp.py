@@ -3,6 +3,7 @@ for bf16/fp16, ``torch.amp.GradScaler`` for fp16 over both optimizers."""
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, ContextManager, Dict, Optional
 
 import torch
@@ -12,6 +13,15 @@ from trainer.config import EngineConfig, OptimConfig
 from trainer.distributed import DistInfo
 from trainer.engine.base import Engine
 from trainer.optim import build_backbone_optimizer
+
+
+def _grads_finite(opt: torch.optim.Optimizer) -> bool:
+    for group in opt.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is not None and not bool(torch.isfinite(g._values() if g.is_sparse else g).all()):
+                return False
+    return True
 
 
 class DDPEngine(Engine):
@@ -59,8 +69,11 @@ class DDPEngine(Engine):
             self.scaler.unscale_(self.head_opt)
         gn = self.grad_norm_and_clip()
         if self.scaler is not None:
-            self.scaler.step(self.backbone_opt)
-            self.scaler.step(self.head_opt)
+            # An inf/NaN gradient anywhere skips BOTH optimizers (GradScaler alone would
+            # decide per optimizer); update() then lowers the scale.
+            if math.isfinite(gn) and _grads_finite(self.head_opt):
+                self.backbone_opt.step()
+                self.head_opt.step()
             self.scaler.update()
         else:
             self.backbone_opt.step()
