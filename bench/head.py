@@ -123,12 +123,13 @@ class _DenseGradPartialFC(torch.nn.Module):
         in_shard = (labels >= self.start) & (labels < self.stop)
         local_lab = torch.where(in_shard, labels - self.start, torch.full_like(labels, -1))
         if self.rate < 1:
+            dev = self.weight.device
             pos = torch.unique(local_lab[in_shard])
-            score = torch.rand(self.num_local)
+            score = torch.rand(self.num_local, device=dev)
             score[pos] = 2.0
             index = torch.topk(score, max(self.num_sample, pos.numel()))[1].sort()[0]
-            remap = torch.full((self.num_local,), -1, dtype=torch.long)
-            remap[index] = torch.arange(index.numel())
+            remap = torch.full((self.num_local,), -1, dtype=torch.long, device=dev)
+            remap[index] = torch.arange(index.numel(), device=dev)
             local_lab = torch.where(in_shard, remap[local_lab.clamp(min=0)], local_lab)
             weight = self.weight[index]
         else:
@@ -141,7 +142,7 @@ class _DenseGradPartialFC(torch.nn.Module):
         mx = logits.detach().max(dim=1, keepdim=True)[0]
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
         sum_exp = dnn.all_reduce((logits - mx).exp().sum(dim=1))
-        tgt = torch.zeros(emb.shape[0]).index_put((rows,), logits[rows, local_lab[rows]])
+        tgt = torch.zeros(emb.shape[0], device=emb.device).index_put((rows,), logits[rows, local_lab[rows]])
         tgt = dnn.all_reduce(tgt)
         return (sum_exp.log() + mx.squeeze(1) - tgt).mean()
 
