@@ -9,9 +9,13 @@ an image. The physical order in the file may differ from key order.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import socket
+import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -20,11 +24,14 @@ import numpy as np
 
 from trainer.data.recordio import (
     IR_SIZE,
+    MAGIC,
+    MAX_EXACT_LABEL,
+    MAX_LENGTH,
     IndexedRecordReader,
     RecordIOError,
     class_id,
     unpack,
-    write_index,
+    write_index_arrays,
 )
 
 PathLike = Union[str, os.PathLike]
@@ -107,6 +114,15 @@ class FaceRecDataset:
         return self.reader.rec_path
 
     @property
+    def image_offsets(self) -> np.ndarray:
+        """Byte offsets (int64) of the image records, aligned with ``image_keys``."""
+        if getattr(self, "_image_offsets", None) is None:
+            get = self.reader.offsets.__getitem__
+            self._image_offsets = np.fromiter(map(get, self.image_keys.tolist()), np.int64,
+                                              count=self.image_keys.size)
+        return self._image_offsets
+
+    @property
     def num_images(self) -> int:
         return int(self.image_keys.size)
 
@@ -140,49 +156,106 @@ class FaceRecDataset:
         base = Path(os.environ.get("UNPG_DATA_CACHE", Path(tempfile.gettempdir()) / "unpg-data-cache"))
         return base / f"{self.reader.rec_path.stem}-{digest}"
 
-    def scan(self, progress: bool = False) -> np.ndarray:
+    def scan(self, progress: Optional[bool] = None, lock_timeout: Optional[float] = None) -> np.ndarray:
         """Labels of every image record (int64, aligned with ``image_keys``).
 
         Reads only the record headers (plus the IRHeader), checks framing, that
         the image is not empty and the label is an exact integer in range.
-        Cached on disk keyed by the files' size and mtime.
+        Cached on disk keyed by the files' size and mtime. One process per
+        cache directory scans (a lock file, :class:`ScanLock`); the others wait
+        for its cache file, and scan themselves if the scanner died.
+        ``progress``: a tqdm bar (None: when stderr is a terminal).
         """
         if self.labels is not None:
             return self.labels
         cache = self._cache_dir() / "labels.npy"
-        if cache.is_file():
+        lab = self._load_labels(cache)
+        if lab is None:
             try:
-                lab = np.load(cache)
-                if lab.shape == self.image_keys.shape:
-                    self.labels = lab
-                    return lab
-            except Exception:
-                pass
-        labels = np.empty(self.image_keys.size, dtype=np.int64)
-        it = self.image_keys
-        if progress:
-            from tqdm import tqdm
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                lock: Optional[ScanLock] = ScanLock(cache.parent / "labels.lock", str(self.rec_path),
+                                                    timeout=lock_timeout)
+            except OSError:
+                lock = None  # read-only cache location: scan without sharing
+            if lock is None:
+                lab = self._scan_records(progress)
+            else:
+                with lock:
+                    lab = self._load_labels(cache)  # written by the process we waited for
+                    if lab is None:
+                        lab = self._scan_records(progress)
+                        self._save_labels(cache, lab)
+        self.labels = lab
+        return lab
 
-            it = tqdm(it, desc=f"scanning {self.rec_path.name}", unit="rec")
-        nc = self._property_classes
-        for i, key in enumerate(it):
-            key = int(key)
-            where = self.reader.where(key)
-            head, length = self.reader.read_head(key, IR_SIZE + 64)
-            h, rest = unpack(head, where)
-            labels[i] = class_id(h, where, nc)
-            if length - IR_SIZE - 4 * max(h.flag, 0) <= 0:
-                raise RecordIOError(f"{where}: empty image (record holds a header only)")
-        self.labels = labels
+    def _load_labels(self, cache: Path) -> Optional[np.ndarray]:
+        if not cache.is_file():
+            return None
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
+            lab = np.load(cache, allow_pickle=False)
+        except Exception:
+            return None
+        return lab if lab.shape == self.image_keys.shape and lab.dtype == np.int64 else None
+
+    @staticmethod
+    def _save_labels(cache: Path, labels: np.ndarray) -> None:
+        try:
             from trainer.utils.atomic import atomic_open
 
             with atomic_open(cache, "wb") as f:
                 np.save(f, labels)
         except OSError:
             pass
+
+    def _scan_records(self, progress: Optional[bool]) -> np.ndarray:
+        """Vectorised header scan: large sequential reads, numpy checks; any record the
+        fast path does not accept (split records, errors) goes through :meth:`_scan_one`
+        in key order, which gives the exact label or the error naming file and key."""
+        n = self.image_keys.size
+        labels = np.zeros(n, dtype=np.int64)
+        if n == 0:
+            return labels
+        offs = self.image_offsets
+        order = np.argsort(offs, kind="stable")
+        so = offs[order]
+        bad = np.zeros(n, dtype=bool)
+        if progress is None:
+            progress = sys.stderr.isatty()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n, desc=f"scanning {self.rec_path.name}", unit="rec", unit_scale=True)
+        fd = os.open(self.rec_path, os.O_RDONLY)
+        try:
+            size = self.reader.file_size
+            i = 0
+            while i < n:
+                j = int(np.searchsorted(so, so[i] + SCAN_CHUNK_BYTES, side="left"))
+                j = min(max(j, i + 1), i + SCAN_CHUNK_RECORDS)
+                lab, ok = _scan_group(fd, so[i:j], size, self._property_classes)
+                labels[order[i:j]] = lab
+                bad[order[i:j]] = ~ok
+                if bar is not None:
+                    bar.update(j - i)
+                i = j
+        finally:
+            os.close(fd)
+            if bar is not None:
+                bar.close()
+        for i in np.flatnonzero(bad).tolist():  # key order: the first bad key raises
+            labels[i] = self._scan_one(int(self.image_keys[i]))
         return labels
+
+    def _scan_one(self, key: int) -> int:
+        """The per-record path (split records; exact errors naming file and key)."""
+        where = self.reader.where(key)
+        head, length = self.reader.read_head(key, IR_SIZE + 64)
+        h, _ = unpack(head, where)
+        cid = class_id(h, where, self._property_classes)
+        if length - IR_SIZE - 4 * max(h.flag, 0) <= 0:
+            raise RecordIOError(f"{where}: empty image (record holds a header only)")
+        return cid
 
     def image_index_path(self) -> Path:
         """Path of an index listing only image records (what DALI must be fed).
@@ -193,7 +266,7 @@ class FaceRecDataset:
         p = self._cache_dir() / "images.idx"
         if not p.is_file():
             p.parent.mkdir(parents=True, exist_ok=True)
-            write_index(p, [(int(k), self.reader.offsets[int(k)]) for k in self.image_keys])
+            write_index_arrays(p, self.image_keys, self.image_offsets)
         return p
 
     def identity_order_stats(self) -> Dict[str, float]:
@@ -201,13 +274,123 @@ class FaceRecDataset:
         labels = self.scan()
         if labels.size == 0:
             return {"mean_run": 0.0, "images_per_identity": 0.0}
-        offs = np.asarray([self.reader.offsets[int(k)] for k in self.image_keys])
-        lab = labels[np.argsort(offs, kind="stable")]
+        lab = labels[np.argsort(self.image_offsets, kind="stable")]
         runs = 1 + int(np.count_nonzero(lab[1:] != lab[:-1]))
         return {
             "mean_run": lab.size / runs,
-            "images_per_identity": lab.size / max(1, np.unique(lab).size),
+            "images_per_identity": lab.size / max(1, int(np.count_nonzero(np.bincount(lab)))),
         }
+
+
+#: the vectorised scan reads the file in sequential pieces of at most this many bytes / records.
+SCAN_CHUNK_BYTES = 64 << 20
+SCAN_CHUNK_RECORDS = 1 << 20
+#: bytes gathered per record: 8 framing + 24 IRHeader + the first float32 of a label array.
+_HEAD_BYTES = 8 + IR_SIZE + 4
+#: mean bytes per record above which a group is read with one small pread per record.
+_SPARSE_BYTES = 64 << 10
+
+
+def _scan_group(fd: int, offs: np.ndarray, file_size: int, num_classes: Optional[int]
+                ) -> Tuple[np.ndarray, np.ndarray]:
+    """(labels, ok) of the records starting at sorted byte offsets ``offs``.
+
+    ``ok`` is False for every record the fast path does not vouch for: bad
+    magic, a split record (cflag != 0), truncation, a payload shorter than its
+    IRHeader and label array, an empty image, a label that is not an exact
+    integer in [0, min(num_classes, 2^24)). Those are re-read one by one.
+    """
+    m = offs.size
+    start = int(offs[0])
+    stop = min(int(offs[-1]) + _HEAD_BYTES, file_size)
+    if (stop - start) / m <= _SPARSE_BYTES:
+        buf = os.pread(fd, stop - start, start)
+        arr = np.zeros(stop - start + _HEAD_BYTES, np.uint8)
+        arr[:len(buf)] = np.frombuffer(buf, np.uint8)
+        rel = offs - start
+        heads = arr[rel[:, None] + np.arange(_HEAD_BYTES)]
+    else:  # big records: only their heads, one small read each
+        heads = np.zeros((m, _HEAD_BYTES), np.uint8)
+        for r, off in enumerate(offs.tolist()):
+            b = os.pread(fd, _HEAD_BYTES, off)
+            heads[r, :len(b)] = np.frombuffer(b, np.uint8)
+    u = heads.view("<u4")  # [m, 9]: magic, lrec, flag, label, id lo/hi, id2 lo/hi, first array label
+    f = heads.view("<f4")
+    magic, lrec, flag = u[:, 0], u[:, 1], u[:, 2].astype(np.int64)
+    length = (lrec & MAX_LENGTH).astype(np.int64)
+    ok = (magic == MAGIC) & ((lrec >> 29) == 0) & (offs + 8 + length <= file_size)
+    ok &= length - IR_SIZE - 4 * flag > 0  # IRHeader + label array + a non-empty image
+    val = np.where(flag > 0, f[:, 8], f[:, 3]).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        ok &= np.isfinite(val) & (val == np.floor(val)) & (val >= 0)
+        ok &= val < (MAX_EXACT_LABEL if num_classes is None else min(num_classes, MAX_EXACT_LABEL))
+    lab = np.where(ok, val, 0).astype(np.int64)
+    return lab, ok
+
+
+class ScanLock:
+    """An exclusive ``flock`` on ``path`` (context manager) so one process per node scans.
+
+    The kernel drops the lock when its holder exits or is killed, so a crashed
+    scanner never blocks the others: they then find no cache and scan
+    themselves. The holder writes ``pid host time`` into the file; a waiter
+    names it on stderr. ``timeout`` (seconds, None = no limit) raises
+    ``TimeoutError`` naming the holder, for a live but hung scanner.
+    Where ``flock`` is unsupported (some network filesystems) it does nothing.
+    """
+
+    POLL_S = 0.2
+
+    def __init__(self, path: PathLike, what: str, timeout: Optional[float] = None):
+        self.path, self.what, self.timeout = Path(path), what, timeout
+        self.fd: Optional[int] = None
+        self.waited = False
+
+    def __enter__(self) -> "ScanLock":
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        t0 = time.monotonic()
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        os.close(fd)  # ENOLCK etc.: no locking here, scan unshared
+                        return self
+                if not self.waited:
+                    self.waited = True
+                    print(f"{self.what}: waiting for the label scan by {self.holder()} ({self.path})",
+                          file=sys.stderr, flush=True)
+                if self.timeout is not None and time.monotonic() - t0 > self.timeout:
+                    raise TimeoutError(f"{self.path}: {self.holder()} still holds the scan lock of "
+                                       f"{self.what} after {self.timeout:.0f} s")
+                time.sleep(self.POLL_S)
+        except BaseException:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def holder(self) -> str:
+        try:
+            pid, host, ts = self.path.read_text().split()
+            return f"pid {pid} on {host} (since {time.time() - float(ts):.0f} s)"
+        except (OSError, ValueError):
+            return "another process"
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
 
 
 def warn_if_identity_sorted(ds: FaceRecDataset, batch_size: int, shuffle_buffer: Optional[int]) -> None:
