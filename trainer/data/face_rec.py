@@ -251,6 +251,9 @@ class FaceRecDataset:
         """The per-record path (split records; exact errors naming file and key)."""
         where = self.reader.where(key)
         head, length = self.reader.read_head(key, IR_SIZE + 64)
+        flag = int.from_bytes(head[:4], "little") if len(head) >= 4 else 0
+        if len(head) < IR_SIZE + 4 * flag <= length:  # a long label array (face2rec with many labels)
+            head, length = self.reader.read_head(key, IR_SIZE + 4 * flag)
         h, _ = unpack(head, where)
         cid = class_id(h, where, self._property_classes)
         if length - IR_SIZE - 4 * max(h.flag, 0) <= 0:
