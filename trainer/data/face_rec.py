@@ -211,38 +211,11 @@ class FaceRecDataset:
         """Vectorised header scan: large sequential reads, numpy checks; any record the
         fast path does not accept (split records, errors) goes through :meth:`_scan_one`
         in key order, which gives the exact label or the error naming file and key."""
-        n = self.image_keys.size
-        labels = np.zeros(n, dtype=np.int64)
-        if n == 0:
-            return labels
-        offs = self.image_offsets
-        order = np.argsort(offs, kind="stable")
-        so = offs[order]
-        bad = np.zeros(n, dtype=bool)
-        if progress is None:
-            progress = sys.stderr.isatty()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n, desc=f"scanning {self.rec_path.name}", unit="rec", unit_scale=True)
-        fd = os.open(self.rec_path, os.O_RDONLY)
-        try:
-            size = self.reader.file_size
-            i = 0
-            while i < n:
-                j = int(np.searchsorted(so, so[i] + SCAN_CHUNK_BYTES, side="left"))
-                j = min(max(j, i + 1), i + SCAN_CHUNK_RECORDS)
-                lab, ok = _scan_group(fd, so[i:j], size, self._property_classes)
-                labels[order[i:j]] = lab
-                bad[order[i:j]] = ~ok
-                if bar is not None:
-                    bar.update(j - i)
-                i = j
-        finally:
-            os.close(fd)
-            if bar is not None:
-                bar.close()
+        if self.image_keys.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        labels, ok = scan_labels(self.rec_path, self.image_offsets, self.reader.file_size,
+                                 self._property_classes, progress)
+        bad = ~ok
         for i in np.flatnonzero(bad).tolist():  # key order: the first bad key raises
             labels[i] = self._scan_one(int(self.image_keys[i]))
         return labels
@@ -329,6 +302,45 @@ def _scan_group(fd: int, offs: np.ndarray, file_size: int, num_classes: Optional
         ok &= val < (MAX_EXACT_LABEL if num_classes is None else min(num_classes, MAX_EXACT_LABEL))
     lab = np.where(ok, val, 0).astype(np.int64)
     return lab, ok
+
+
+def scan_labels(rec_path: PathLike, offsets: np.ndarray, file_size: int, num_classes: Optional[int],
+                progress: Optional[bool] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(labels, ok) of the records at ``offsets`` (any order), read in byte order in
+    pieces of <= ``SCAN_CHUNK_BYTES``; ``ok`` False marks records to re-check one by one."""
+    n = offsets.size
+    labels = np.zeros(n, dtype=np.int64)
+    ok = np.zeros(n, dtype=bool)
+    if n == 0:
+        return labels, ok
+    sorted_already = n < 2 or bool(np.all(offsets[1:] > offsets[:-1]))
+    order = None if sorted_already else np.argsort(offsets, kind="stable")
+    so = offsets if order is None else offsets[order]
+    if progress is None:
+        progress = sys.stderr.isatty()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"scanning {Path(rec_path).name}", unit="rec", unit_scale=True)
+    fd = os.open(rec_path, os.O_RDONLY)
+    try:
+        i = 0
+        while i < n:
+            j = int(np.searchsorted(so, so[i] + SCAN_CHUNK_BYTES, side="left"))
+            j = min(max(j, i + 1), i + SCAN_CHUNK_RECORDS)
+            lab, good = _scan_group(fd, so[i:j], file_size, num_classes)
+            where = slice(i, j) if order is None else order[i:j]
+            labels[where] = lab
+            ok[where] = good
+            if bar is not None:
+                bar.update(j - i)
+            i = j
+    finally:
+        os.close(fd)
+        if bar is not None:
+            bar.close()
+    return labels, ok
 
 
 class ScanLock:
