@@ -129,3 +129,10 @@ def test_index_written_from_arrays_matches_write_index(tmp_path):
     assert format_index_lines(np.zeros(0, np.int64), np.zeros(0, np.int64)) == b""
     with pytest.raises(ValueError, match=">= 0"):
         format_index_lines(np.array([-1]), np.array([0]))
+
+
+def test_sorted_offsets_use_the_identity_order():
+    offs = np.arange(700, dtype=np.int64) * 40
+    p = plan.RankPlan(offs, 1, 2, 300, 3, True, "block", 17)
+    q = plan.RankPlan(offs, 1, 2, 300, 3, True, "block", 17, order=np.arange(700))
+    assert p.order is None and np.array_equal(p.rank_positions(2), q.rank_positions(2))

@@ -1,0 +1,327 @@
+"""The data path at scale: per-rank epoch start, label scan, index bytes, read pattern, mixing.
+
+    PYTHONPATH=. python bench/data_scale.py [--n 2000000] [--ranks 8] [--batch 128]
+    PYTHONPATH=. python bench/data_scale.py --n 42000000          # WebFace42M size (~1.5 GB .rec)
+
+Writes a synthetic RecordIO of N tiny image records (IRHeader + a 4-byte
+payload, 36 bytes a record, framed exactly as ``trainer.data.recordio``'s
+writer frames them: checked against ``encode_record(pack(...))``), stored in
+identity order (``--images-per-id`` consecutive records per identity, as
+insightface's files are), and its ``.idx``. Then, in one run:
+
+* label scan: the vectorised :func:`trainer.data.face_rec.scan_labels` over all
+  N records (first, from the page cache) and the cached load; the former
+  per-record loop (one ``pread`` per record, ``unpack``, ``class_id``) timed on
+  the first ``--old-scan-sample`` records and extrapolated to N (linear);
+* per simulated rank (a fresh process each, the dataset's key/offset arrays
+  already in memory): epoch-start time and extra peak RSS of the new per-rank
+  selection + DALI index write (``RankPlan`` block shuffle, numpy index
+  writer), of the torch loader's plan (block + shuffle window), and of the
+  former whole-epoch index (``epoch_selection`` + sort + ``write_index`` of a
+  tuple list, what every rank ran before) while ``N <= --old-max-n``;
+  index bytes written per rank;
+* read pattern of rank 0 in epoch 0 (order of reads each loader issues):
+  fraction of reads at increasing offsets (overall and within a block),
+  records per seek;
+* mixing on rank 0: identities per batch and the fraction of repeated labels
+  in a batch, for a global shuffle, the block shuffle through the torch window,
+  and the block shuffle through DALI's own reader + ``initial_fill`` buffer
+  (a real DALI CPU pipeline reading the rank index, labels only).
+
+Ratios are new vs old from the same run. Numbers for N larger than
+``--old-max-n`` for the old path are not measured (a 42M whole index needs
+~11 GB per rank); the run says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from trainer.data import plan
+from trainer.data.face_rec import scan_labels, write_property
+from trainer.data.recordio import (
+    IR_SIZE,
+    MAGIC,
+    IRHeader,
+    _read_header,
+    class_id,
+    encode_record,
+    pack,
+    unpack,
+    write_index,
+    write_index_arrays,
+)
+
+REC_BYTES = 36  # 8 framing + 24 IRHeader + 4 payload
+PAYLOAD = b"\xff\xd8\xff\xd9"
+
+
+# --------------------------------------------------------------------------- synthetic data
+def write_synthetic(d: Path, n: int, per_id: int, chunk: int = 1 << 22) -> float:
+    """N records (keys 0..N-1, label i // per_id), numpy-framed; returns seconds."""
+    t = time.perf_counter()
+    d.mkdir(parents=True, exist_ok=True)
+    tail = np.frombuffer(PAYLOAD, "<u4")[0]
+    with open(d / "train.rec", "wb") as f:
+        for s in range(0, n, chunk):
+            m = min(chunk, n - s)
+            rec = np.zeros((m, REC_BYTES // 4), "<u4")
+            rec[:, 0] = MAGIC
+            rec[:, 1] = IR_SIZE + len(PAYLOAD)  # cflag 0
+            rec[:, 3] = (np.arange(s, s + m) // per_id).astype("<f4").view("<u4")
+            rec[:, 8] = tail
+            f.write(rec.tobytes())
+    keys = np.arange(n, dtype=np.int64)
+    write_index_arrays(d / "train.idx", keys, keys * REC_BYTES)
+    write_property(d, (n - 1) // per_id + 1)
+    # the framing is the project's writer's, byte for byte
+    with open(d / "train.rec", "rb") as f:
+        head = f.read(3 * REC_BYTES)
+    want = b"".join(encode_record(pack(IRHeader(0, float(i // per_id)), PAYLOAD)) for i in range(3))
+    assert head == want[:len(head)], "synthetic framing differs from encode_record"
+    return time.perf_counter() - t
+
+
+def old_scan(rec: Path, offsets: np.ndarray, num_classes: int) -> float:
+    """The former per-record loop (one pread of the head per record) on ``offsets``; seconds."""
+    size = rec.stat().st_size
+    fd = os.open(rec, os.O_RDONLY)
+    reader = lambda off, k: os.pread(fd, k, off)  # noqa: E731
+    t = time.perf_counter()
+    try:
+        for off in offsets.tolist():
+            where = f"{rec} (byte {off})"
+            _, length = _read_header(reader, off, size, where)
+            h, _ = unpack(reader(off + 8, min(IR_SIZE + 64, length)), where)
+            class_id(h, where, num_classes)
+            if length - IR_SIZE - 4 * max(h.flag, 0) <= 0:
+                raise AssertionError("empty")
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t
+
+
+# --------------------------------------------------------------------------- one rank (child process)
+def _rss_kb(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+def child(args) -> None:
+    """Epoch start of one rank in a fresh process: time and peak RSS above the loaded dataset."""
+    d = Path(args.dir)
+    n = args.n
+    keys = np.arange(n, dtype=np.int64)  # the dataset state (opened, labels scanned)
+    offsets = keys * REC_BYTES
+    file_size = n * REC_BYTES
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS counter
+    except OSError:
+        pass
+    rss0 = _rss_kb("VmRSS:")
+    per_rank = plan.batches_per_rank(n, args.ranks, args.batch) * args.batch
+    out = d / f"rank{args.rank}-{args.what}.idx"
+    t = time.perf_counter()
+    if args.what == "old":  # the former DaliFaceLoader._epoch_index, verbatim
+        sel = plan.epoch_selection(offsets, args.seed, 0, per_rank * args.ranks, True)
+        sel = sel[np.argsort(offsets[sel], kind="stable")]
+        write_index(out, [(int(keys[i]), int(offsets[i])) for i in sel])
+    else:
+        K = args.block_images
+        p = plan.RankPlan(offsets, args.rank, args.ranks, per_rank, args.seed, True, "block", K)
+        pos = p.rank_positions(0)
+        if args.what == "new-dali":
+            offs = offsets[pos]
+            o = np.argsort(offs, kind="stable")
+            write_index_arrays(out, keys[pos[o]], offs[o])
+        else:  # new-torch: window shuffle + flips, as TorchFaceLoader.epoch_plan
+            pos = plan.window_shuffle(pos, min(args.buffer, per_rank), np.random.default_rng([0, 0, args.rank]))
+            plan.rank_flips(args.seed, 0, args.rank, per_rank)
+    dt = time.perf_counter() - t
+    peak = _rss_kb("VmHWM:")
+    nbytes = out.stat().st_size if out.exists() else 0
+    if out.exists():
+        out.unlink()
+    print(json.dumps({"s": dt, "extra_mb": (peak - rss0) / 1024, "index_bytes": nbytes}))
+
+
+def run_rank(a, rank: int, what: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--dir", str(a.dir), "--n", str(a.n), "--ranks", str(a.ranks),
+           "--batch", str(a.batch), "--rank", str(rank), "--what", what, "--block-images", str(a.block_images),
+           "--buffer", str(a.buffer), "--seed", str(a.seed)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if p.returncode:
+        raise SystemExit(f"rank {rank} ({what}) failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- read pattern, mixing
+def dali_labels(rec: Path, idx: Path, batch: int, buffer: int, batches: int, seed: int) -> np.ndarray:
+    """Labels in the order DALI's mxnet reader + initial_fill buffer delivers them (CPU, no decode)."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def
+    def pipe():
+        _, labels = fn.readers.mxnet(path=[str(rec)], index_path=[str(idx)], random_shuffle=True,
+                                     initial_fill=buffer, pad_last_batch=True, name="Reader")
+        return labels
+
+    p = pipe(batch_size=batch, num_threads=1, device_id=None, seed=seed)
+    p.build()
+    out = []
+    for _ in range(batches):
+        (lab,) = p.run()
+        out.append(np.asarray(lab.as_tensor())[:, 0])
+    del p
+    return np.concatenate(out).astype(np.int64)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2_000_000, help="records (42000000 for WebFace42M)")
+    ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--images-per-id", type=int, default=20, help="WebFace42M: ~21")
+    ap.add_argument("--block-bytes", type=int, default=plan.DEFAULT_BLOCK_BYTES)
+    ap.add_argument("--like-record-bytes", type=int, default=2900,
+                    help="size the blocks in records as for real records of this size (WebFace42M: ~2.9 kB)")
+    ap.add_argument("--old-ranks", type=int, default=2,
+                    help="simulated ranks for the former whole index (its cost does not depend on the rank)")
+    ap.add_argument("--block-images", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--buffer", type=int, default=8192, help="shuffle buffer (DALI initial_fill, torch window)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--old-max-n", type=int, default=4_000_000,
+                    help="run the former whole-index epoch start only up to this N (11 GB per rank at 42M)")
+    ap.add_argument("--old-scan-sample", type=int, default=200_000)
+    ap.add_argument("--rank-sample", type=int, default=0, help="simulate only this many ranks (0: all)")
+    ap.add_argument("--mix-batches", type=int, default=200)
+    ap.add_argument("--dir", default=None, help="work directory (default: a temp dir, removed)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--what", default="new-dali", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(a)
+    own_dir = a.dir is None
+    a.dir = Path(a.dir or tempfile.mkdtemp(prefix="unpg-data-scale-"))
+    try:
+        report(a)
+    finally:
+        if own_dir:
+            import shutil
+
+            shutil.rmtree(a.dir, ignore_errors=True)
+
+
+def report(a) -> None:
+    n, R, B = a.n, a.ranks, a.batch
+    a.block_images = max(1, a.block_bytes // a.like_record_bytes)
+    print(f"N={n:,} records x {REC_BYTES} B, {R} ranks, batch {B}, block {a.block_bytes / 2**20:.1f} MiB, "
+          f"buffer {a.buffer}, {a.images_per_id} images/identity in identity order; "
+          f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    data = a.dir / "data"
+    t_write = write_synthetic(data, n, a.images_per_id)
+    rec = data / "train.rec"
+    print(f"wrote {rec.stat().st_size / 2**20:.0f} MiB .rec + {(data / 'train.idx').stat().st_size / 2**20:.0f} MiB "
+          f".idx in {t_write:.1f} s")
+
+    # ---- label scan
+    offsets = np.arange(n, dtype=np.int64) * REC_BYTES
+    nc = (n - 1) // a.images_per_id + 1
+    t = time.perf_counter()
+    labels, ok = scan_labels(rec, offsets, rec.stat().st_size, nc, progress=False)
+    t_scan = time.perf_counter() - t
+    assert ok.all() and np.array_equal(labels, np.arange(n) // a.images_per_id)
+    np.save(a.dir / "labels.npy", labels)
+    t = time.perf_counter()
+    np.load(a.dir / "labels.npy")
+    t_cached = time.perf_counter() - t
+    m = min(n, a.old_scan_sample)
+    t_old = old_scan(rec, offsets[:m], nc) * n / m
+    print("\n== label scan (page cache, one process)")
+    print(f"{'':34s} {'seconds':>9s} {'records/s':>12s}")
+    print(f"{'former per-record loop (est.)':34s} {t_old:9.2f} {n / t_old:12,.0f}   (timed on {m:,}, x N/{m:,})")
+    print(f"{'vectorised scan_labels, first':34s} {t_scan:9.2f} {n / t_scan:12,.0f}   {t_old / t_scan:.1f}x faster")
+    print(f"{'cached (labels.npy)':34s} {t_cached:9.2f}")
+    print(f"42M extrapolated (linear): first scan {t_scan * 42e6 / n:.0f} s (goal <= 60 s), "
+          f"former loop {t_old * 42e6 / n:.0f} s")
+
+    # ---- per-rank epoch start
+    ranks = list(range(R)) if not a.rank_sample else list(range(min(R, a.rank_sample)))
+    print(f"\n== epoch start per rank (fresh process per rank; ranks {ranks[0]}..{ranks[-1]} of {R})")
+    rows = {}
+    whats = ["new-dali", "new-torch"] + (["old"] if n <= a.old_max_n else [])
+    for what in whats:
+        rows[what] = [run_rank(a, r, what) for r in (ranks if what != "old" else ranks[:a.old_ranks])]
+    print(f"{'path':28s} {'time s (max)':>12s} {'extra RSS MiB (max)':>20s} {'index MiB/rank':>15s}")
+    for what, rs in rows.items():
+        print(f"{what:28s} {max(r['s'] for r in rs):12.2f} {max(r['extra_mb'] for r in rs):20.0f} "
+              f"{np.mean([r['index_bytes'] for r in rs]) / 2**20:15.2f}")
+    new = rows["new-dali"]
+    whole_bytes = sum(r["index_bytes"] for r in new) * (R / len(ranks))  # the old index = all ranks' lines
+    print(f"index bytes per rank: new {np.mean([r['index_bytes'] for r in new]) / 2**20:.2f} MiB vs former "
+          f"whole index {whole_bytes / 2**20:.2f} MiB (ratio {np.mean([r['index_bytes'] for r in new]) / whole_bytes:.3f}, "
+          f"goal <= 1/{R} = {1 / R:.3f})")
+    scale = 42e6 / n
+    if "old" in rows:
+        old = rows["old"]
+        print(f"former / new (DALI): time {max(r['s'] for r in old) / max(r['s'] for r in new):.1f}x, "
+              f"extra RSS {max(r['extra_mb'] for r in old) / max(1, max(r['extra_mb'] for r in new)):.1f}x")
+        print(f"42M extrapolated (linear): former {max(r['s'] for r in old) * scale:.0f} s / "
+              f"{max(r['extra_mb'] for r in old) * scale / 1024:.1f} GB per rank")
+    else:
+        print(f"former whole index not run (N > --old-max-n={a.old_max_n:,})")
+    print(f"42M extrapolated (linear): new DALI {max(r['s'] for r in new) * scale:.1f} s / "
+          f"{max(r['extra_mb'] for r in new) * scale / 1024:.2f} GB per rank (goals <= 5 s, <= 1 GB)")
+
+    # ---- read pattern, rank 0, epoch 0
+    per_rank = plan.batches_per_rank(n, R, B) * B
+    K = a.block_images
+    rp = plan.RankPlan(offsets, 0, R, per_rank, a.seed, True, "block", K)
+    pos = rp.rank_positions(0)
+    dali_order = np.sort(pos)  # offsets are increasing with the index here
+    win = plan.window_shuffle(pos, min(a.buffer, per_rank), np.random.default_rng([a.seed, 0, 0, 0xB0FF]))
+    torch_new = np.sort(win.reshape(-1, B), axis=1).reshape(-1)  # each batch read in byte order
+    glob = plan.RankPlan(offsets, 0, R, per_rank, a.seed, True, "global").rank_positions(0)
+    old_dali = np.arange(per_rank)  # former: whole selection sorted, contiguous shard of it
+    sizes = np.full(per_rank, REC_BYTES)
+    print(f"\n== read pattern, rank 0, epoch 0 ({per_rank:,} reads; block = {K:,} records)")
+    print(f"{'reads issued by':36s} {'increasing':>10s} {'in block':>9s} {'records/seek':>13s}")
+    for name, order in [("new DALI (block, index sorted)", dali_order), ("new torch (block+window, batch sorted)", torch_new),
+                        ("torch global shuffle (former torch)", glob), ("former DALI (contiguous shard)", old_dali)]:
+        st = plan.read_pattern(offsets[order], sizes, block_of=order // K)
+        print(f"{name:36s} {st['increasing']:10.3f} {st['increasing_in_block']:9.3f} "
+              f"{st['bytes_per_seek'] / REC_BYTES:13.1f}")
+
+    # ---- mixing, rank 0
+    nb = min(a.mix_batches, per_rank // B)
+    print(f"\n== mixing, rank 0, first {nb} batches of {B} (identity-sorted file, {a.images_per_id} images/id)")
+    print(f"{'order':36s} {'ids/batch':>9s} {'repeat frac':>11s} {'x global':>9s}")
+    ref = plan.batch_mixing(labels[glob[:nb * B]], B)
+    res = [("global shuffle", ref), ("new torch: block + window", plan.batch_mixing(labels[win[:nb * B]], B)),
+           ("block, no buffer", plan.batch_mixing(labels[pos[:nb * B]], B))]
+    try:
+        idx = a.dir / "rank0.idx"
+        write_index_arrays(idx, dali_order, offsets[dali_order])
+        dl = dali_labels(rec, idx, B, min(a.buffer, per_rank), nb, a.seed)
+        res.append(("new DALI: block + initial_fill", plan.batch_mixing(dl, B)))
+    except ImportError:
+        print("(nvidia-dali not installed: DALI mixing not measured)")
+    for name, st in res:
+        print(f"{name:36s} {st['identities_per_batch']:9.1f} {st['repeat_fraction']:11.3f} "
+              f"{st['identities_per_batch'] / ref['identities_per_batch']:9.3f}")
+
+
+if __name__ == "__main__":
+    main()
