@@ -136,3 +136,63 @@ def test_sorted_offsets_use_the_identity_order():
     p = plan.RankPlan(offs, 1, 2, 300, 3, True, "block", 17)
     q = plan.RankPlan(offs, 1, 2, 300, 3, True, "block", 17, order=np.arange(700))
     assert p.order is None and np.array_equal(p.rank_positions(2), q.rank_positions(2))
+
+
+# --------------------------------------------------------------------------- numpy .idx parse
+from trainer.data.recordio import (  # noqa: E402
+    ArrayIndexedRecordReader,
+    ArrayOffsets,
+    IndexedRecordReader,
+    RecordIOError,
+    read_index_arrays,
+)
+
+
+@pytest.mark.parametrize("text", [
+    b"0\t0\n1\t36\n2\t72\n",
+    b"5\t8\n3\t0\n100\t16\n",          # unsorted, sparse keys
+    b"0\t0\n\n1\t36\n  \n2\t72",       # blank lines, no final newline: accepted by read_index too
+    b"0\t0\n1 \t 36\n2\t072\n",        # spaces, a leading zero
+])
+def test_read_index_arrays_equals_read_index(tmp_path, text):
+    p = tmp_path / "x.idx"
+    p.write_bytes(text)
+    keys, offs = read_index(p)
+    for chunk in (3, 7, 1 << 20):  # chunk boundaries inside lines
+        k, o = read_index_arrays(p, chunk_bytes=chunk)
+        assert k.tolist() == keys and o.tolist() == [offs[x] for x in keys]
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"0\t0\n1\t4\tx\n", "line 2 is not 'key<TAB>offset'"),
+    (b"0\t0\n1 4\n", "line 2 is not"),
+    (b"0\t0\n-1\t4\n", "line 2 is not"),
+    (b"0\t0\n7\t4\n0\t8\n", "line 3: duplicate key 0"),
+])
+def test_read_index_arrays_errors_name_the_line(tmp_path, text, message):
+    p = tmp_path / "x.idx"
+    p.write_bytes(text)
+    with pytest.raises(RecordIOError, match=f"x.idx: {message}"):
+        read_index_arrays(p, chunk_bytes=5)
+
+
+def test_array_reader_behaves_like_the_dict_reader(synth_dir, tmp_path):
+    a = IndexedRecordReader(synth_dir / "train.rec")
+    b = ArrayIndexedRecordReader(synth_dir / "train.rec")
+    assert b.keys == a.keys and dict(b.offsets) == a.offsets and len(b) == len(a)
+    for k in (0, 1, 50, max(a.keys)):
+        assert k in b and b.read(k) == a.read(k) and b.where(k) == a.where(k)
+    assert -1 not in b and 10**9 not in b and b.offsets.get(10**9) is None
+    with pytest.raises(KeyError, match="no key 1000000"):
+        b.read(10**6)
+    sparse = ArrayOffsets(np.array([9, 2, 40]), np.array([0, 8, 16]))
+    assert sparse[40] == 16 and 3 not in sparse and sparse.lookup([2, 9]).tolist() == [8, 0]
+    with pytest.raises(KeyError):
+        sparse.lookup([2, 3])
+    (tmp_path / "t.rec").write_bytes(b"\0" * 64)
+    (tmp_path / "t.idx").write_bytes(b"0\t0\n1\t6\n")
+    with pytest.raises(RecordIOError, match="key 1 points to byte 6, not 4-byte aligned"):
+        ArrayIndexedRecordReader(tmp_path / "t.rec")
+    (tmp_path / "t.idx").write_bytes(b"0\t0\n1\t60\n")
+    with pytest.raises(RecordIOError, match="key 1 points to byte 60, past the end"):
+        ArrayIndexedRecordReader(tmp_path / "t.rec")

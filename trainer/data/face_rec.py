@@ -24,6 +24,7 @@ import numpy as np
 
 from trainer.data.recordio import (
     IR_SIZE,
+    ArrayIndexedRecordReader,
     MAGIC,
     MAX_EXACT_LABEL,
     MAX_LENGTH,
@@ -78,12 +79,12 @@ class FaceRecDataset:
                 f"RecordIO index not found: {idx} (rebuild it with `python -m data_tools validate "
                 f"{self.data_dir} --write-index`)"
             )
-        self.reader = IndexedRecordReader(rec, idx)
+        self.reader: IndexedRecordReader = ArrayIndexedRecordReader(rec, idx)
         prop = read_property(self.data_dir)
         self._property_classes = prop[0] if prop else None
         self.header: Optional[Tuple[int, int]] = None
         self.missing_images = 0
-        keys = np.asarray(sorted(self.reader.keys), dtype=np.int64)
+        keys = np.sort(self.reader.offsets.key_array)
         if 0 in self.reader:
             h, _ = unpack(self.reader.read(0), self.reader.where(0))
             if h.flag > 0:
@@ -117,9 +118,7 @@ class FaceRecDataset:
     def image_offsets(self) -> np.ndarray:
         """Byte offsets (int64) of the image records, aligned with ``image_keys``."""
         if getattr(self, "_image_offsets", None) is None:
-            get = self.reader.offsets.__getitem__
-            self._image_offsets = np.fromiter(map(get, self.image_keys.tolist()), np.int64,
-                                              count=self.image_keys.size)
+            self._image_offsets = self.reader.offsets.lookup(self.image_keys)
         return self._image_offsets
 
     @property

@@ -26,6 +26,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -405,6 +406,169 @@ class IndexedRecordWriter:
             self.close()
         else:
             self.abort(ev)
+
+
+# --------------------------------------------------------------------------- array index (large files)
+_IDX_CHARS = np.zeros(256, bool)
+_IDX_CHARS[[9, 10] + list(range(48, 58))] = True
+
+
+def _parse_index_chunk(buf: bytes) -> Optional[np.ndarray]:
+    """int64 [lines, 2] of canonical ``digits<TAB>digits\n`` lines, or None if any line is not."""
+    u = np.frombuffer(buf, np.uint8)
+    if u.size == 0:
+        return np.zeros((0, 2), np.int64)
+    if u[-1] != 10 or not _IDX_CHARS[u].all():
+        return None
+    nl = np.flatnonzero(u == 10)
+    tabs = np.flatnonzero(u == 9)
+    if tabs.size != nl.size or not np.array_equal(np.searchsorted(nl, tabs), np.arange(nl.size)):
+        return None  # a line without exactly one tab (or an empty line)
+    starts = np.concatenate([[0], nl[:-1] + 1])
+    klen, olen = tabs - starts, nl - tabs - 1
+    if klen.min() < 1 or olen.min() < 1 or klen.max() > 18 or olen.max() > 18:
+        return None
+    vals = np.fromstring(buf.decode("ascii"), dtype=np.int64, sep=" ")  # tabs/newlines are whitespace
+    if vals.size != 2 * nl.size:
+        return None
+    return vals.reshape(-1, 2)
+
+
+def read_index_arrays(idx_path: PathLike, chunk_bytes: int = 64 << 20) -> Tuple[np.ndarray, np.ndarray]:
+    """(keys, offsets) int64 arrays in file order: :func:`read_index` for large files.
+
+    Canonical files (only ``key<TAB>offset`` lines of digits, as every writer
+    here and MXNet's produce) are parsed with numpy in chunks; anything else
+    (blank lines, spaces, a malformed or duplicate line) goes through the
+    strict :func:`read_index`, which names the file and line of an error.
+    """
+    idx_path = Path(idx_path)
+    if not idx_path.is_file():
+        raise FileNotFoundError(f"RecordIO index not found: {idx_path}")
+    parts: List[np.ndarray] = []
+    ok = True
+    with open(idx_path, "rb") as f:
+        rest = b""
+        while ok:
+            block = f.read(chunk_bytes)
+            if not block:
+                if rest:  # last line without a newline
+                    got = _parse_index_chunk(rest + b"\n")
+                    ok = got is not None
+                    if ok:
+                        parts.append(got)
+                break
+            block = rest + block
+            cut = block.rfind(b"\n") + 1
+            rest = block[cut:]
+            got = _parse_index_chunk(block[:cut])
+            ok = got is not None
+            if ok:
+                parts.append(got)
+    if ok:
+        arr = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+        keys, offsets = arr[:, 0].copy(), arr[:, 1].copy()
+        del arr
+        if keys.size < 2 or bool(np.all(keys[1:] > keys[:-1])) or np.unique(keys).size == keys.size:
+            return keys, offsets
+    keys_l, offs = read_index(idx_path)  # the exact error (or an accepted unusual layout)
+    return np.asarray(keys_l, np.int64), np.asarray([offs[k] for k in keys_l], np.int64)
+
+
+class ArrayOffsets(Mapping):
+    """Read-only ``key -> offset`` mapping over numpy arrays (what ``IndexedRecordReader.offsets``
+    is as a dict), 16 bytes per record; iteration in file order."""
+
+    def __init__(self, keys: np.ndarray, offsets: np.ndarray):
+        self.key_array, self.offset_array = keys, offsets
+        n = keys.size
+        self._base = int(keys.min()) if n else 0
+        # keys are unique (read_index_arrays); dense when they fill [min, max]
+        self._dense = n == 0 or int(keys.max()) - self._base + 1 == n
+        if self._dense:
+            self._by_key = np.empty(n, np.int64)
+            self._by_key[keys - self._base] = offsets
+        else:
+            o = np.argsort(keys, kind="stable")
+            self._sorted_keys, self._by_key = keys[o], offsets[o]
+
+    def _pos(self, keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        if self._dense:
+            i = keys - self._base
+            found = (i >= 0) & (i < self._by_key.size)
+            return np.where(found, i, 0), found
+        i = np.searchsorted(self._sorted_keys, keys)
+        i = np.minimum(i, max(0, self._sorted_keys.size - 1))
+        found = self._sorted_keys[i] == keys if self._sorted_keys.size else np.zeros(keys.shape, bool)
+        return i, found
+
+    def lookup(self, keys) -> np.ndarray:
+        """Offsets of ``keys`` (array); KeyError names the first missing key."""
+        keys = np.asarray(keys, np.int64)
+        i, found = self._pos(keys)
+        if not found.all():
+            raise KeyError(int(keys[~found][0]))
+        return self._by_key[i]
+
+    def __getitem__(self, key) -> int:
+        try:
+            k = int(key)
+        except (TypeError, ValueError):
+            raise KeyError(key) from None
+        i, found = self._pos(np.asarray([k], np.int64))
+        if not found[0]:
+            raise KeyError(key)
+        return int(self._by_key[i[0]])
+
+    def __len__(self) -> int:
+        return int(self.key_array.size)
+
+    def __iter__(self):
+        return iter(self.key_array.tolist())
+
+
+class ArrayIndexedRecordReader(IndexedRecordReader):
+    """:class:`IndexedRecordReader` whose index lives in numpy arrays (:func:`read_index_arrays`).
+
+    ``offsets`` is an :class:`ArrayOffsets` mapping and ``keys`` a list built on
+    first use: 16 bytes per record and a numpy parse instead of a Python dict
+    (WebFace42M: ~7 GB and ~80 s per process with the dict).
+    """
+
+    def __init__(self, rec_path: PathLike, idx_path: Optional[PathLike] = None):
+        self.rec_path = Path(rec_path)
+        self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
+        if not self.rec_path.is_file():
+            raise FileNotFoundError(f"RecordIO file not found: {self.rec_path}")
+        keys, offs = read_index_arrays(self.idx_path)
+        self.file_size = self.rec_path.stat().st_size
+        bad = (offs + 8 > self.file_size) | (offs % 4 != 0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            k, off = int(keys[i]), int(offs[i])
+            if off + 8 > self.file_size:
+                raise RecordIOError(
+                    f"{self.idx_path}: key {k} points to byte {off}, past the end of "
+                    f"{self.rec_path} ({self.file_size} bytes)"
+                )
+            raise RecordIOError(
+                f"{self.idx_path}: key {k} points to byte {off}, not 4-byte aligned: "
+                "cannot be the start of a record"
+            )
+        self.offsets = ArrayOffsets(keys, offs)
+        self._keys_list: Optional[List[int]] = None
+        self._fd = None
+        self._pid = None
+        self._lock = threading.Lock()
+
+    @property
+    def keys(self) -> List[int]:  # type: ignore[override]
+        if self._keys_list is None:
+            self._keys_list = self.offsets.key_array.tolist()
+        return self._keys_list
+
+    def __contains__(self, key: int) -> bool:
+        return key in self.offsets
 
 
 # --------------------------------------------------------------------------- IRHeader
