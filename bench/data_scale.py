@@ -9,8 +9,8 @@ writer frames them: checked against ``encode_record(pack(...))``), stored in
 identity order (``--images-per-id`` consecutive records per identity, as
 insightface's files are), and its ``.idx``. Then, in one run:
 
-* label scan: the vectorised :func:`trainer.data.face_rec.scan_labels` over all
-  N records (first, from the page cache) and the cached load; the former
+* label scan: ``FaceRecDataset(...).scan()`` (vectorised) over all N records
+  (first, from the page cache) and a second process's open + cached load; the former
   per-record loop (one ``pread`` per record, ``unpack``, ``class_id``) timed on
   the first ``--old-scan-sample`` records and extrapolated to N (linear);
 * per simulated rank (a fresh process each, the dataset's key/offset arrays
@@ -19,7 +19,8 @@ insightface's files are), and its ``.idx``. Then, in one run:
   writer), of the torch loader's plan (block + shuffle window), and of the
   former whole-epoch index (``epoch_selection`` + sort + ``write_index`` of a
   tuple list, what every rank ran before) while ``N <= --old-max-n``;
-  index bytes written per rank;
+  index bytes written per rank; and (DALI installed) the whole
+  ``build_train_loader(backend="dali")`` + first epoch index with cached labels;
 * read pattern of rank 0 in epoch 0 (order of reads each loader issues):
   fraction of reads at increasing offsets (overall and within a block),
   records per seek;
@@ -46,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.data import plan
-from trainer.data.face_rec import scan_labels, write_property
+from trainer.data.face_rec import FaceRecDataset, write_property
 from trainer.data.recordio import (
     IR_SIZE,
     MAGIC,
@@ -121,15 +122,27 @@ def child(args) -> None:
     """Epoch start of one rank in a fresh process: time and peak RSS above the loaded dataset."""
     d = Path(args.dir)
     n = args.n
-    if args.what == "open":  # FaceRecDataset: .idx parsed into a dict (unchanged by this change)
-        from trainer.data.face_rec import FaceRecDataset
+    if args.what == "loader":  # build_train_loader (DALI, labels cached) + the epoch's index
+        import torch  # noqa: F401  (libraries loaded before the baseline: not data-dependent)
+        import nvidia.dali.plugin.pytorch  # noqa: F401
 
+        from trainer.data import build_train_loader
+
+        os.environ["UNPG_DATA_CACHE"] = str(d / "cache")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
         rss0 = _rss_kb("VmRSS:")
         t = time.perf_counter()
-        ds = FaceRecDataset(d / "data")
-        ds.image_offsets
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the identity-sorted warning (the file is, on purpose)
+            L = build_train_loader(d / "data", args.batch, rank=args.rank, world_size=args.ranks,
+                                   backend="dali", num_threads=1)
+        idx = L._epoch_index(0)
         dt = time.perf_counter() - t
-        print(json.dumps({"s": dt, "extra_mb": (_rss_kb("VmHWM:") - rss0) / 1024, "index_bytes": 0}))
+        print(json.dumps({"s": dt, "extra_mb": (_rss_kb("VmHWM:") - rss0) / 1024,
+                          "index_bytes": os.path.getsize(idx)}))
         return
     keys = np.arange(n, dtype=np.int64)  # the dataset state (opened, labels scanned)
     offsets = keys * REC_BYTES
@@ -250,21 +263,25 @@ def report(a) -> None:
     # ---- label scan
     offsets = np.arange(n, dtype=np.int64) * REC_BYTES
     nc = (n - 1) // a.images_per_id + 1
+    os.environ["UNPG_DATA_CACHE"] = str(a.dir / "cache")
     t = time.perf_counter()
-    labels, ok = scan_labels(rec, offsets, rec.stat().st_size, nc, progress=False)
+    ds = FaceRecDataset(data)
+    t_open = time.perf_counter() - t
+    t = time.perf_counter()
+    labels = ds.scan(progress=False)
     t_scan = time.perf_counter() - t
-    assert ok.all() and np.array_equal(labels, np.arange(n) // a.images_per_id)
-    np.save(a.dir / "labels.npy", labels)
+    assert np.array_equal(labels, np.arange(n) // a.images_per_id)
     t = time.perf_counter()
-    np.load(a.dir / "labels.npy")
+    FaceRecDataset(data).scan(progress=False)
     t_cached = time.perf_counter() - t
+    del ds
     m = min(n, a.old_scan_sample)
     t_old = old_scan(rec, offsets[:m], nc) * n / m
     print("\n== label scan (page cache, one process)")
     print(f"{'':34s} {'seconds':>9s} {'records/s':>12s}")
     print(f"{'former per-record loop (est.)':34s} {t_old:9.2f} {n / t_old:12,.0f}   (timed on {m:,}, x N/{m:,})")
     print(f"{'vectorised scan_labels, first':34s} {t_scan:9.2f} {n / t_scan:12,.0f}   {t_old / t_scan:.1f}x faster")
-    print(f"{'cached (labels.npy)':34s} {t_cached:9.2f}")
+    print(f"{'second process: open + cached':34s} {t_cached:9.2f}   (open alone: {t_open:.2f} s, numpy .idx parse)")
     print(f"{'42M measured' if n == 42_000_000 else '42M extrapolated (linear)'}: first scan {t_scan * 42e6 / n:.0f} s (goal <= 60 s), "
           f"former loop {t_old * 42e6 / n:.0f} s")
 
@@ -272,16 +289,24 @@ def report(a) -> None:
     ranks = list(range(R)) if not a.rank_sample else list(range(min(R, a.rank_sample)))
     print(f"\n== epoch start per rank (fresh process per rank; ranks {ranks[0]}..{ranks[-1]} of {R})")
     rows = {}
-    whats = ["new-dali", "new-torch"] + (["old", "open"] if n <= a.old_max_n else [])
+    whats = ["new-dali", "new-torch"] + (["old"] if n <= a.old_max_n else [])
+    try:
+        import nvidia.dali  # noqa: F401
+
+        whats.append("loader")
+    except ImportError:
+        pass
     for what in whats:
         rows[what] = [run_rank(a, r, what) for r in (ranks if what.startswith("new") else ranks[:a.old_ranks])]
+    if "loader" in rows:  # the issue's 4M goal is stated for the first batch; decode is not run here
+        pass
     print(f"{'path':28s} {'time s (max)':>12s} {'extra RSS MiB (max)':>20s} {'index MiB/rank':>15s}")
     for what, rs in rows.items():
         print(f"{what:28s} {max(r['s'] for r in rs):12.2f} {max(r['extra_mb'] for r in rs):20.0f} "
               f"{np.mean([r['index_bytes'] for r in rs]) / 2**20:15.2f}")
-    if "open" in rows:
-        print("('open': FaceRecDataset construction, the .idx parsed into a Python dict; unchanged and "
-              "O(N) per rank, measured for reference)")
+    if "loader" in rows:
+        print("('loader': build_train_loader(backend='dali') with labels cached: .idx parse, cached labels, "
+              "plan, and the epoch's rank index; DALI libraries loaded before the baseline; no decode)")
     new = rows["new-dali"]
     whole_bytes = sum(r["index_bytes"] for r in new) * (R / len(ranks))  # the old index = all ranks' lines
     print(f"index bytes per rank: new {np.mean([r['index_bytes'] for r in new]) / 2**20:.2f} MiB vs former "

@@ -84,7 +84,9 @@ class FaceRecDataset:
         self._property_classes = prop[0] if prop else None
         self.header: Optional[Tuple[int, int]] = None
         self.missing_images = 0
-        keys = np.sort(self.reader.offsets.key_array)
+        keys = self.reader.offsets.key_array
+        if keys.size > 1 and not bool(np.all(keys[1:] > keys[:-1])):
+            keys = np.sort(keys)
         if 0 in self.reader:
             h, _ = unpack(self.reader.read(0), self.reader.where(0))
             if h.flag > 0:

@@ -409,20 +409,18 @@ class IndexedRecordWriter:
 
 
 # --------------------------------------------------------------------------- array index (large files)
-_IDX_CHARS = np.zeros(256, bool)
-_IDX_CHARS[[9, 10] + list(range(48, 58))] = True
-
-
 def _parse_index_chunk(buf: bytes) -> Optional[np.ndarray]:
     """int64 [lines, 2] of canonical ``digits<TAB>digits\n`` lines, or None if any line is not."""
     u = np.frombuffer(buf, np.uint8)
     if u.size == 0:
         return np.zeros((0, 2), np.int64)
-    if u[-1] != 10 or not _IDX_CHARS[u].all():
+    if u[-1] != 10:
         return None
     nl = np.flatnonzero(u == 10)
     tabs = np.flatnonzero(u == 9)
-    if tabs.size != nl.size or not np.array_equal(np.searchsorted(nl, tabs), np.arange(nl.size)):
+    if tabs.size != nl.size or np.count_nonzero((u - np.uint8(48)) < 10) + 2 * nl.size != u.size:
+        return None  # a character other than digits, tab, newline
+    if not ((tabs < nl).all() and (tabs[1:] > nl[:-1]).all()):
         return None  # a line without exactly one tab (or an empty line)
     starts = np.concatenate([[0], nl[:-1] + 1])
     klen, olen = tabs - starts, nl - tabs - 1
@@ -434,7 +432,7 @@ def _parse_index_chunk(buf: bytes) -> Optional[np.ndarray]:
     return vals.reshape(-1, 2)
 
 
-def read_index_arrays(idx_path: PathLike, chunk_bytes: int = 64 << 20) -> Tuple[np.ndarray, np.ndarray]:
+def read_index_arrays(idx_path: PathLike, chunk_bytes: int = 16 << 20) -> Tuple[np.ndarray, np.ndarray]:
     """(keys, offsets) int64 arrays in file order: :func:`read_index` for large files.
 
     Canonical files (only ``key<TAB>offset`` lines of digits, as every writer
@@ -445,8 +443,14 @@ def read_index_arrays(idx_path: PathLike, chunk_bytes: int = 64 << 20) -> Tuple[
     idx_path = Path(idx_path)
     if not idx_path.is_file():
         raise FileNotFoundError(f"RecordIO index not found: {idx_path}")
-    parts: List[np.ndarray] = []
+    kparts: List[np.ndarray] = []
+    oparts: List[np.ndarray] = []
     ok = True
+
+    def add(got: np.ndarray) -> None:
+        kparts.append(got[:, 0].copy())
+        oparts.append(got[:, 1].copy())
+
     with open(idx_path, "rb") as f:
         rest = b""
         while ok:
@@ -456,7 +460,7 @@ def read_index_arrays(idx_path: PathLike, chunk_bytes: int = 64 << 20) -> Tuple[
                     got = _parse_index_chunk(rest + b"\n")
                     ok = got is not None
                     if ok:
-                        parts.append(got)
+                        add(got)
                 break
             block = rest + block
             cut = block.rfind(b"\n") + 1
@@ -464,11 +468,13 @@ def read_index_arrays(idx_path: PathLike, chunk_bytes: int = 64 << 20) -> Tuple[
             got = _parse_index_chunk(block[:cut])
             ok = got is not None
             if ok:
-                parts.append(got)
+                add(got)
+            del got
     if ok:
-        arr = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
-        keys, offsets = arr[:, 0].copy(), arr[:, 1].copy()
-        del arr
+        keys = np.concatenate(kparts) if kparts else np.zeros(0, np.int64)
+        del kparts
+        offsets = np.concatenate(oparts) if oparts else np.zeros(0, np.int64)
+        del oparts
         if keys.size < 2 or bool(np.all(keys[1:] > keys[:-1])) or np.unique(keys).size == keys.size:
             return keys, offsets
     keys_l, offs = read_index(idx_path)  # the exact error (or an accepted unusual layout)
@@ -485,7 +491,9 @@ class ArrayOffsets(Mapping):
         self._base = int(keys.min()) if n else 0
         # keys are unique (read_index_arrays); dense when they fill [min, max]
         self._dense = n == 0 or int(keys.max()) - self._base + 1 == n
-        if self._dense:
+        if self._dense and (n < 2 or bool(np.all(keys[1:] > keys[:-1]))):
+            self._by_key = offsets  # keys base, base+1, ... in file order: no copy
+        elif self._dense:
             self._by_key = np.empty(n, np.int64)
             self._by_key[keys - self._base] = offsets
         else:
@@ -495,6 +503,8 @@ class ArrayOffsets(Mapping):
     def _pos(self, keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         if self._dense:
             i = keys - self._base
+            if i.size and 0 <= int(i.min()) and int(i.max()) < self._by_key.size:
+                return i, np.ones(i.shape, bool)
             found = (i >= 0) & (i < self._by_key.size)
             return np.where(found, i, 0), found
         i = np.searchsorted(self._sorted_keys, keys)
