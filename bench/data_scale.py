@@ -61,32 +61,42 @@ from trainer.data.recordio import (
     write_index_arrays,
 )
 
-REC_BYTES = 36  # 8 framing + 24 IRHeader + 4 payload
+REC_BYTES = 36  # 8 framing + 24 IRHeader + 4 payload (--payload tiny)
 PAYLOAD = b"\xff\xd8\xff\xd9"
 
 
+def png_1x1() -> bytes:
+    """A decodable 1x1 PNG (~70 bytes): lets DALI run the real pipeline to a first batch."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1), (120, 80, 40)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 # --------------------------------------------------------------------------- synthetic data
-def write_synthetic(d: Path, n: int, per_id: int, chunk: int = 1 << 22) -> float:
-    """N records (keys 0..N-1, label i // per_id), numpy-framed; returns seconds."""
+def write_synthetic(d: Path, n: int, per_id: int, payload: bytes = PAYLOAD, chunk: int = 1 << 20) -> float:
+    """N records (keys 0..N-1, label i // per_id): the project's framing of one record
+    (``encode_record(pack(...))``) tiled with numpy, the label patched per record; seconds."""
     t = time.perf_counter()
     d.mkdir(parents=True, exist_ok=True)
-    tail = np.frombuffer(PAYLOAD, "<u4")[0]
+    template = np.frombuffer(encode_record(pack(IRHeader(0, 0.0), payload)), np.uint8)
+    rb = template.size
+    assert rb % 4 == 0 and template[4:8].view("<u4")[0] >> 29 == 0, "payload splits: choose another"
     with open(d / "train.rec", "wb") as f:
         for s in range(0, n, chunk):
             m = min(chunk, n - s)
-            rec = np.zeros((m, REC_BYTES // 4), "<u4")
-            rec[:, 0] = MAGIC
-            rec[:, 1] = IR_SIZE + len(PAYLOAD)  # cflag 0
-            rec[:, 3] = (np.arange(s, s + m) // per_id).astype("<f4").view("<u4")
-            rec[:, 8] = tail
+            rec = np.tile(template, (m, 1))
+            rec[:, 12:16] = (np.arange(s, s + m) // per_id).astype("<f4").view(np.uint8).reshape(m, 4)
             f.write(rec.tobytes())
     keys = np.arange(n, dtype=np.int64)
-    write_index_arrays(d / "train.idx", keys, keys * REC_BYTES)
+    write_index_arrays(d / "train.idx", keys, keys * rb)
     write_property(d, (n - 1) // per_id + 1)
-    # the framing is the project's writer's, byte for byte
-    with open(d / "train.rec", "rb") as f:
-        head = f.read(3 * REC_BYTES)
-    want = b"".join(encode_record(pack(IRHeader(0, float(i // per_id)), PAYLOAD)) for i in range(3))
+    with open(d / "train.rec", "rb") as f:  # spot check against the writer
+        head = f.read(3 * rb)
+    want = b"".join(encode_record(pack(IRHeader(0, float(i // per_id)), payload)) for i in range(3))
     assert head == want[:len(head)], "synthetic framing differs from encode_record"
     return time.perf_counter() - t
 
@@ -140,13 +150,18 @@ def child(args) -> None:
             L = build_train_loader(d / "data", args.batch, rank=args.rank, world_size=args.ranks,
                                    backend="dali", num_threads=1)
         idx = L._epoch_index(0)
+        nbytes = os.path.getsize(idx)
+        first = None
+        if args.payload == "png":  # the real pipeline to the first batch
+            x, y = next(iter(L))
+            first = [list(x.shape), int(y.numel())]
         dt = time.perf_counter() - t
         print(json.dumps({"s": dt, "extra_mb": (_rss_kb("VmHWM:") - rss0) / 1024,
-                          "index_bytes": os.path.getsize(idx)}))
+                          "index_bytes": nbytes, "first_batch": first}))
         return
     keys = np.arange(n, dtype=np.int64)  # the dataset state (opened, labels scanned)
-    offsets = keys * REC_BYTES
-    file_size = n * REC_BYTES
+    offsets = keys * args.rec_bytes
+    file_size = n * args.rec_bytes
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS counter
@@ -182,7 +197,8 @@ def child(args) -> None:
 def run_rank(a, rank: int, what: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--dir", str(a.dir), "--n", str(a.n), "--ranks", str(a.ranks),
            "--batch", str(a.batch), "--rank", str(rank), "--what", what, "--block-images", str(a.block_images),
-           "--buffer", str(a.buffer), "--seed", str(a.seed)]
+           "--buffer", str(a.buffer), "--seed", str(a.seed), "--rec-bytes", str(a.rec_bytes),
+           "--payload", a.payload]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if p.returncode:
         raise SystemExit(f"rank {rank} ({what}) failed:\n{p.stderr[-3000:]}")
@@ -230,6 +246,10 @@ def main() -> None:
     ap.add_argument("--rank-sample", type=int, default=0, help="simulate only this many ranks (0: all)")
     ap.add_argument("--mix-batches", type=int, default=200)
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir, removed)")
+    ap.add_argument("--payload", choices=("tiny", "png"), default="tiny",
+                    help="tiny: 4 bytes (36-byte records); png: a decodable 1x1 PNG (~100-byte records), "
+                         "so the DALI loader row also times its first batch")
+    ap.add_argument("--rec-bytes", type=int, default=REC_BYTES, help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--what", default="new-dali", help=argparse.SUPPRESS)
@@ -250,18 +270,20 @@ def main() -> None:
 def report(a) -> None:
     n, R, B = a.n, a.ranks, a.batch
     a.block_images = max(1, a.block_bytes // a.like_record_bytes)
-    print(f"N={n:,} records x {REC_BYTES} B, {R} ranks, batch {B}, block {a.block_bytes / 2**20:.1f} MiB "
+    print(f"N={n:,} records ({a.payload} payload), {R} ranks, batch {B}, block {a.block_bytes / 2**20:.1f} MiB "
           f"= {a.block_images:,} records of {a.like_record_bytes} B, "
           f"buffer {a.buffer}, {a.images_per_id} images/identity in identity order; "
           f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     data = a.dir / "data"
-    t_write = write_synthetic(data, n, a.images_per_id)
+    payload = png_1x1() if a.payload == "png" else PAYLOAD
+    t_write = write_synthetic(data, n, a.images_per_id, payload)
+    a.rec_bytes = len(encode_record(pack(IRHeader(0, 0.0), payload)))
     rec = data / "train.rec"
     print(f"wrote {rec.stat().st_size / 2**20:.0f} MiB .rec + {(data / 'train.idx').stat().st_size / 2**20:.0f} MiB "
           f".idx in {t_write:.1f} s")
 
     # ---- label scan
-    offsets = np.arange(n, dtype=np.int64) * REC_BYTES
+    offsets = np.arange(n, dtype=np.int64) * a.rec_bytes
     nc = (n - 1) // a.images_per_id + 1
     os.environ["UNPG_DATA_CACHE"] = str(a.dir / "cache")
     t = time.perf_counter()
@@ -305,8 +327,11 @@ def report(a) -> None:
         print(f"{what:28s} {max(r['s'] for r in rs):12.2f} {max(r['extra_mb'] for r in rs):20.0f} "
               f"{np.mean([r['index_bytes'] for r in rs]) / 2**20:15.2f}")
     if "loader" in rows:
+        fb = rows["loader"][0].get("first_batch")
         print("('loader': build_train_loader(backend='dali') with labels cached: .idx parse, cached labels, "
-              "plan, and the epoch's rank index; DALI libraries loaded before the baseline; no decode)")
+              "plan, the epoch's rank index" + (f", DALI pipeline and first batch {fb}" if fb else
+                                                 "; no pipeline (--payload png runs it)")
+              + "; DALI/torch libraries loaded before the baseline)")
     new = rows["new-dali"]
     whole_bytes = sum(r["index_bytes"] for r in new) * (R / len(ranks))  # the old index = all ranks' lines
     print(f"index bytes per rank: new {np.mean([r['index_bytes'] for r in new]) / 2**20:.2f} MiB vs former "
@@ -334,14 +359,14 @@ def report(a) -> None:
     torch_new = np.sort(win.reshape(-1, B), axis=1).reshape(-1)  # each batch read in byte order
     glob = plan.RankPlan(offsets, 0, R, per_rank, a.seed, True, "global").rank_positions(0)
     old_dali = np.arange(per_rank)  # former: whole selection sorted, contiguous shard of it
-    sizes = np.full(per_rank, REC_BYTES)
+    sizes = np.full(per_rank, a.rec_bytes)
     print(f"\n== read pattern, rank 0, epoch 0 ({per_rank:,} reads; block = {K:,} records)")
     print(f"{'reads issued by':36s} {'increasing':>10s} {'in block':>9s} {'records/seek':>13s}")
     for name, order in [("new DALI (block, index sorted)", dali_order), ("new torch (block+window, batch sorted)", torch_new),
                         ("torch global shuffle (former torch)", glob), ("former DALI (contiguous shard)", old_dali)]:
         st = plan.read_pattern(offsets[order], sizes, block_of=order // K)
         print(f"{name:36s} {st['increasing']:10.3f} {st['increasing_in_block']:9.3f} "
-              f"{st['bytes_per_seek'] / REC_BYTES:13.1f}")
+              f"{st['bytes_per_seek'] / a.rec_bytes:13.1f}")
 
     # ---- mixing, rank 0
     nb = min(a.mix_batches, per_rank // B)
