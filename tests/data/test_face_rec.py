@@ -245,3 +245,20 @@ def test_scan_lock_timeout_names_the_holder(synth_dir, tmp_path):
                 pass
     with ScanLock(tmp_path / "l.lock", "x.rec", timeout=0.1):  # released on exit
         pass
+
+
+def test_parsed_index_is_cached_and_follows_the_file(synth_copy):
+    a = FaceRecDataset(synth_copy)
+    b = FaceRecDataset(synth_copy)  # loads the cached arrays (memory-mapped)
+    assert isinstance(b.reader.offsets.key_array, np.memmap)
+    assert b.reader.keys == a.reader.keys and np.array_equal(b.image_offsets, a.image_offsets)
+    assert b.read_image(5) == a.read_image(5)
+    # rewriting train.idx (e.g. validate --write-index) changes the cache key: parsed again
+    r = IndexedRecordReader(synth_copy / "train.rec")
+    keep = [k for k in r.keys if k != 7]
+    from trainer.data.recordio import write_index
+
+    write_index(synth_copy / "train.idx", [(k, r.offsets[k]) for k in keep])
+    with pytest.warns(UserWarning, match="1 of the 96 image keys"):
+        c = FaceRecDataset(synth_copy)
+    assert 7 not in c.reader and c.num_images == 95

@@ -329,3 +329,10 @@ def test_dali_reads_only_its_own_share(synth_dir):
     assert all(o == sorted(o) for o in offs)
     keys = [int(l.split("\t")[0]) for x in lines for l in x]
     assert len(set(keys)) == 96
+
+
+def test_bad_selection_options_are_named(synth_dir):
+    with pytest.raises(ValueError, match="shuffle_mode must be one of"):
+        build_train_loader(synth_dir, 8, backend="torch", shuffle_mode="random")
+    with pytest.raises(ValueError, match="block_bytes must be > 0"):
+        build_train_loader(synth_dir, 8, backend="torch", block_bytes=0)

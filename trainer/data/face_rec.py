@@ -79,7 +79,8 @@ class FaceRecDataset:
                 f"RecordIO index not found: {idx} (rebuild it with `python -m data_tools validate "
                 f"{self.data_dir} --write-index`)"
             )
-        self.reader: IndexedRecordReader = ArrayIndexedRecordReader(rec, idx)
+        self._paths = (rec, idx)
+        self.reader: IndexedRecordReader = ArrayIndexedRecordReader(rec, idx, self._load_index_cache())
         prop = read_property(self.data_dir)
         self._property_classes = prop[0] if prop else None
         self.header: Optional[Tuple[int, int]] = None
@@ -149,13 +150,39 @@ class FaceRecDataset:
         return cid, img
 
     # ------------------------------------------------------------------ label scan
+    def _load_index_cache(self) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """(keys, offsets) of ``train.idx`` from the cache (memory-mapped: the ranks of a node share
+        the pages); parsed and written there on a miss. None: parse (no usable cache)."""
+        from trainer.data.recordio import read_index_arrays
+
+        d = self._cache_dir()
+        try:
+            keys = np.load(d / "idx_keys.npy", mmap_mode="r", allow_pickle=False)
+            offs = np.load(d / "idx_offsets.npy", mmap_mode="r", allow_pickle=False)
+            if keys.shape == offs.shape and keys.ndim == 1 and keys.dtype == offs.dtype == np.int64:
+                return keys, offs
+        except (OSError, ValueError):
+            pass
+        keys, offs = read_index_arrays(self._paths[1])
+        try:
+            from trainer.utils.atomic import atomic_open
+
+            d.mkdir(parents=True, exist_ok=True)
+            for name, arr in (("idx_keys.npy", keys), ("idx_offsets.npy", offs)):
+                with atomic_open(d / name, "wb") as f:
+                    np.save(f, arr)
+        except OSError:
+            pass
+        return keys, offs
+
     def _cache_dir(self) -> Path:
-        st_r, st_i = self.reader.rec_path.stat(), self.reader.idx_path.stat()
-        tag = (f"{self.reader.rec_path.resolve()}|{st_r.st_ino}|{st_r.st_size}|{st_r.st_mtime_ns}|"
+        rec_path, idx_path = self._paths
+        st_r, st_i = rec_path.stat(), idx_path.stat()
+        tag = (f"{rec_path.resolve()}|{st_r.st_ino}|{st_r.st_size}|{st_r.st_mtime_ns}|"
                f"{st_i.st_ino}|{st_i.st_size}|{st_i.st_mtime_ns}")
         digest = hashlib.sha1(tag.encode()).hexdigest()[:16]
         base = Path(os.environ.get("UNPG_DATA_CACHE", Path(tempfile.gettempdir()) / "unpg-data-cache"))
-        return base / f"{self.reader.rec_path.stem}-{digest}"
+        return base / f"{rec_path.stem}-{digest}"
 
     def scan(self, progress: Optional[bool] = None, lock_timeout: Optional[float] = None) -> np.ndarray:
         """Labels of every image record (int64, aligned with ``image_keys``).

@@ -515,6 +515,11 @@ class ArrayOffsets(Mapping):
     def lookup(self, keys) -> np.ndarray:
         """Offsets of ``keys`` (array); KeyError names the first missing key."""
         keys = np.asarray(keys, np.int64)
+        if self._dense and keys.size and self._by_key.size:
+            lo, hi = int(keys[0]) - self._base, int(keys[-1]) - self._base
+            if 0 <= lo and hi < self._by_key.size and hi - lo + 1 == keys.size and \
+                    bool(np.all(keys[1:] > keys[:-1])):
+                return self._by_key[lo:hi + 1]  # a run of consecutive keys: a view, no copy
         i, found = self._pos(keys)
         if not found.all():
             raise KeyError(int(keys[~found][0]))
@@ -545,12 +550,14 @@ class ArrayIndexedRecordReader(IndexedRecordReader):
     (WebFace42M: ~7 GB and ~80 s per process with the dict).
     """
 
-    def __init__(self, rec_path: PathLike, idx_path: Optional[PathLike] = None):
+    def __init__(self, rec_path: PathLike, idx_path: Optional[PathLike] = None,
+                 arrays: Optional[Tuple[np.ndarray, np.ndarray]] = None):
+        """``arrays``: (keys, offsets) already parsed from ``idx_path`` (a cache); still checked."""
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
         if not self.rec_path.is_file():
             raise FileNotFoundError(f"RecordIO file not found: {self.rec_path}")
-        keys, offs = read_index_arrays(self.idx_path)
+        keys, offs = arrays if arrays is not None else read_index_arrays(self.idx_path)
         self.file_size = self.rec_path.stat().st_size
         bad = (offs + 8 > self.file_size) | (offs % 4 != 0)
         if bad.any():
