@@ -141,7 +141,7 @@ def child(args) -> None:
         os.environ["UNPG_DATA_CACHE"] = str(d / "cache")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        rss0 = _rss_kb("VmRSS:")
+        rss0, file0 = _rss_kb("VmRSS:"), _rss_kb("RssFile:")
         t = time.perf_counter()
         import warnings
 
@@ -157,7 +157,8 @@ def child(args) -> None:
             first = [list(x.shape), int(y.numel())]
         dt = time.perf_counter() - t
         print(json.dumps({"s": dt, "extra_mb": (_rss_kb("VmHWM:") - rss0) / 1024,
-                          "index_bytes": nbytes, "first_batch": first}))
+                          "index_bytes": nbytes, "first_batch": first,
+                          "file_mb": (_rss_kb("RssFile:") - file0) / 1024}))
         return
     keys = np.arange(n, dtype=np.int64)  # the dataset state (opened, labels scanned)
     offsets = keys * args.rec_bytes
@@ -331,7 +332,9 @@ def report(a) -> None:
         print("('loader': build_train_loader(backend='dali') with labels cached: .idx parse, cached labels, "
               "plan, the epoch's rank index" + (f", DALI pipeline and first batch {fb}" if fb else
                                                  "; no pipeline (--payload png runs it)")
-              + "; DALI/torch libraries loaded before the baseline)")
+              + "; DALI/torch libraries loaded before the baseline; of the RSS, "
+              f"{rows['loader'][0]['file_mb']:.0f} MiB at the end are file-backed pages (the memory-mapped "
+              "index and label caches, shared by the ranks of a node))")
     new = rows["new-dali"]
     whole_bytes = sum(r["index_bytes"] for r in new) * (R / len(ranks))  # the old index = all ranks' lines
     print(f"index bytes per rank: new {np.mean([r['index_bytes'] for r in new]) / 2**20:.2f} MiB vs former "

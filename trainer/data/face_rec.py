@@ -220,7 +220,7 @@ class FaceRecDataset:
         if not cache.is_file():
             return None
         try:
-            lab = np.load(cache, allow_pickle=False)
+            lab = np.load(cache, mmap_mode="r", allow_pickle=False)  # shared by the node's ranks
         except Exception:
             return None
         return lab if lab.shape == self.image_keys.shape and lab.dtype == np.int64 else None
@@ -278,7 +278,9 @@ class FaceRecDataset:
         labels = self.scan()
         if labels.size == 0:
             return {"mean_run": 0.0, "images_per_identity": 0.0}
-        lab = labels[np.argsort(self.image_offsets, kind="stable")]
+        offs = self.image_offsets
+        in_order = offs.size < 2 or bool(np.all(offs[1:] > offs[:-1]))
+        lab = labels if in_order else labels[np.argsort(offs, kind="stable")]
         runs = 1 + int(np.count_nonzero(lab[1:] != lab[:-1]))
         return {
             "mean_run": lab.size / runs,
