@@ -50,7 +50,6 @@ from trainer.data import plan
 from trainer.data.face_rec import FaceRecDataset, write_property
 from trainer.data.recordio import (
     IR_SIZE,
-    MAGIC,
     IRHeader,
     _read_header,
     class_id,
@@ -162,7 +161,6 @@ def child(args) -> None:
         return
     keys = np.arange(n, dtype=np.int64)  # the dataset state (opened, labels scanned)
     offsets = keys * args.rec_bytes
-    file_size = n * args.rec_bytes
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS counter
