@@ -240,7 +240,7 @@ def test_scan_lock_timeout_names_the_holder(synth_dir, tmp_path):
     from trainer.data.face_rec import ScanLock
 
     with ScanLock(tmp_path / "l.lock", "x.rec"):
-        with pytest.raises(TimeoutError, match=r"l\.lock: pid \d+ on .* still holds the scan lock of x\.rec"):
+        with pytest.raises(TimeoutError, match=r"l\.lock: pid \d+ on .* still holds the label scan lock of x\.rec"):
             with ScanLock(tmp_path / "l.lock", "x.rec", timeout=0.1):
                 pass
     with ScanLock(tmp_path / "l.lock", "x.rec", timeout=0.1):  # released on exit
@@ -262,3 +262,31 @@ def test_parsed_index_is_cached_and_follows_the_file(synth_copy):
     with pytest.warns(UserWarning, match="1 of the 96 image keys"):
         c = FaceRecDataset(synth_copy)
     assert 7 not in c.reader and c.num_images == 95
+
+
+def test_index_parse_waits_for_the_process_holding_the_lock(synth_copy, capfd):
+    import threading
+    import time
+
+    from trainer.data.face_rec import ScanLock
+
+    first = FaceRecDataset(synth_copy)
+    d = first._cache_dir()
+    saved = {n: (d / n).read_bytes() for n in ("idx_keys.npy", "idx_offsets.npy")}
+    for n in saved:
+        (d / n).unlink()
+    got = {}
+    with ScanLock(d / "index.lock", "holder", task="index parse"):
+        t = threading.Thread(target=lambda: got.setdefault("ds", FaceRecDataset(synth_copy)))
+        t.start()
+        err, t0 = "", time.monotonic()
+        while "waiting for the index parse" not in err:
+            assert time.monotonic() - t0 < 60, "the second opener did not wait on the index lock"
+            err += capfd.readouterr().err
+            time.sleep(0.05)
+        for n, b in saved.items():  # what the lock holder would have written
+            (d / n).write_bytes(b)
+    t.join(60)
+    ds = got["ds"]
+    assert isinstance(ds.reader.offsets.key_array, np.memmap)  # loaded the holder's cache, no parse
+    assert ds.reader.keys == first.reader.keys

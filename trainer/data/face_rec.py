@@ -152,28 +152,44 @@ class FaceRecDataset:
     # ------------------------------------------------------------------ label scan
     def _load_index_cache(self) -> Optional[Tuple[np.ndarray, np.ndarray]]:
         """(keys, offsets) of ``train.idx`` from the cache (memory-mapped: the ranks of a node share
-        the pages); parsed and written there on a miss. None: parse (no usable cache)."""
+        the pages). On a miss one process per node parses and writes it (:class:`ScanLock`) while
+        the others wait for it."""
         from trainer.data.recordio import read_index_arrays
 
         d = self._cache_dir()
+        got = self._index_from_cache(d)
+        if got is not None:
+            return got
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            lock: Optional[ScanLock] = ScanLock(d / "index.lock", str(self._paths[1]), task="index parse")
+        except OSError:
+            return read_index_arrays(self._paths[1])
+        with lock:
+            got = self._index_from_cache(d)
+            if got is not None:
+                return got
+            keys, offs = read_index_arrays(self._paths[1])
+            try:
+                from trainer.utils.atomic import atomic_open
+
+                for name, arr in (("idx_keys.npy", keys), ("idx_offsets.npy", offs)):
+                    with atomic_open(d / name, "wb") as f:
+                        np.save(f, arr)
+            except OSError:
+                pass
+        return keys, offs
+
+    @staticmethod
+    def _index_from_cache(d: Path) -> Optional[Tuple[np.ndarray, np.ndarray]]:
         try:
             keys = np.load(d / "idx_keys.npy", mmap_mode="r", allow_pickle=False)
             offs = np.load(d / "idx_offsets.npy", mmap_mode="r", allow_pickle=False)
-            if keys.shape == offs.shape and keys.ndim == 1 and keys.dtype == offs.dtype == np.int64:
-                return keys, offs
         except (OSError, ValueError):
-            pass
-        keys, offs = read_index_arrays(self._paths[1])
-        try:
-            from trainer.utils.atomic import atomic_open
-
-            d.mkdir(parents=True, exist_ok=True)
-            for name, arr in (("idx_keys.npy", keys), ("idx_offsets.npy", offs)):
-                with atomic_open(d / name, "wb") as f:
-                    np.save(f, arr)
-        except OSError:
-            pass
-        return keys, offs
+            return None
+        if keys.shape == offs.shape and keys.ndim == 1 and keys.dtype == offs.dtype == np.int64:
+            return keys, offs
+        return None
 
     def _cache_dir(self) -> Path:
         rec_path, idx_path = self._paths
@@ -386,8 +402,8 @@ class ScanLock:
 
     POLL_S = 0.2
 
-    def __init__(self, path: PathLike, what: str, timeout: Optional[float] = None):
-        self.path, self.what, self.timeout = Path(path), what, timeout
+    def __init__(self, path: PathLike, what: str, timeout: Optional[float] = None, task: str = "label scan"):
+        self.path, self.what, self.timeout, self.task = Path(path), what, timeout, task
         self.fd: Optional[int] = None
         self.waited = False
 
@@ -407,10 +423,10 @@ class ScanLock:
                         return self
                 if not self.waited:
                     self.waited = True
-                    print(f"{self.what}: waiting for the label scan by {self.holder()} ({self.path})",
+                    print(f"{self.what}: waiting for the {self.task} by {self.holder()} ({self.path})",
                           file=sys.stderr, flush=True)
                 if self.timeout is not None and time.monotonic() - t0 > self.timeout:
-                    raise TimeoutError(f"{self.path}: {self.holder()} still holds the scan lock of "
+                    raise TimeoutError(f"{self.path}: {self.holder()} still holds the {self.task} lock of "
                                        f"{self.what} after {self.timeout:.0f} s")
                 time.sleep(self.POLL_S)
         except BaseException:
@@ -428,7 +444,7 @@ class ScanLock:
     def holder(self) -> str:
         try:
             pid, host, ts = self.path.read_text().split()
-            return f"pid {pid} on {host} (since {time.time() - float(ts):.0f} s)"
+            return f"pid {pid} on {host} (since {max(0.0, time.time() - float(ts)):.0f} s)"
         except (OSError, ValueError):
             return "another process"
 
