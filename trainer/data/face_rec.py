@@ -466,6 +466,7 @@ def warn_if_identity_sorted(ds: FaceRecDataset, batch_size: int, shuffle_buffer:
             f"{ds.rec_path} is stored sorted by identity (mean run {run:.1f} images); a shuffle "
             f"buffer of {shuffle_buffer} holds only ~{identities_in_buffer:.0f} identities, so "
             f"batches of {batch_size} see few identities and UNPG gets few negative pairs. "
-            "Re-pack it in random order with `python -m data_tools shuffle` or raise the buffer.",
+            "Re-pack it in random order with `python -m data_tools shuffle`, raise the buffer, or use "
+            "shuffle_mode='global' (random reads).",
             stacklevel=3,
         )
