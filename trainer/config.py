@@ -76,6 +76,9 @@ class DataConfig:
     batch_size: int = 128              # per rank, per micro-step
     backend: str = "auto"              # auto | dali | torch (trainer.data.BACKENDS)
     num_threads: int = 4
+    shuffle_mode: str = "block"        # block: permuted file blocks read in order + buffer | global
+    block_bytes: Optional[int] = None  # block size in bytes of .rec (None: the loader's default, 4 MiB)
+    shuffle_buffer: Optional[int] = None  # images in the mixing buffer (None: the loader's default)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # all off by default: flip only
 
 
@@ -166,6 +169,7 @@ MOVED_KEYS = {
 def _choices() -> Dict[str, tuple]:
     """Valid values of the keys with a fixed set, each from the module that owns it."""
     from trainer.data import BACKENDS
+    from trainer.data.plan import MODES as SHUFFLE_MODES
     from trainer.engine import ENGINES, PRECISIONS
     from trainer.heads.margins import MARGINS
     from trainer.heads.unpg import NEGATIVE_MODES
@@ -179,6 +183,7 @@ def _choices() -> Dict[str, tuple]:
         "loss.margin": MARGINS,
         "loss.negatives": NEGATIVE_MODES,
         "data.backend": BACKENDS,
+        "data.shuffle_mode": SHUFFLE_MODES,
         "optim.optimizer": OPTIMIZERS,
         "optim.scheduler": SCHEDULERS,
     }
