@@ -150,21 +150,18 @@ def _sortable_keys(values: torch.Tensor) -> torch.Tensor:
 
     IEEE-754 bit patterns read as signed integers are ordered for non-negative
     floats and reversed for negative ones; flipping every bit but the sign of the
-    negative ones makes the map monotone. ``-0.0`` would land at ``-1``, just
-    below ``+0.0`` at ``0``: it is moved onto ``0`` so that equal floats get equal
-    keys. The map is its own inverse on the patterns (see :func:`_keys_to_floats`).
+    negative ones makes the map monotone (and its own inverse). ``-0.0`` is first
+    turned into ``+0.0`` (``x + 0.0``) so that equal floats get equal keys.
     """
     int_dtype, bits = _KEY_DTYPES[values.dtype]
-    raw = values.view(int_dtype)
-    keys = torch.where(raw < 0, raw ^ ((1 << (bits - 1)) - 1), raw)
-    return torch.where(keys == -1, torch.zeros_like(keys), keys)
+    raw = (values + 0.0).view(int_dtype)
+    return raw ^ ((raw >> (bits - 1)) & ((1 << (bits - 1)) - 1))
 
 
 def _keys_to_floats(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     int_dtype, bits = _KEY_DTYPES[dtype]
     keys = keys.to(int_dtype)
-    raw = torch.where(keys < 0, keys ^ ((1 << (bits - 1)) - 1), keys)
-    return raw.view(dtype)
+    return (keys ^ ((keys >> (bits - 1)) & ((1 << (bits - 1)) - 1))).view(dtype)
 
 
 def _histogram(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -179,52 +176,53 @@ def order_statistics(
     local: torch.Tensor,
     positions,
     group: ProcessGroup = None,
-    chunk_elements: int = 1 << 22,
+    chunk_elements: int = 1 << 20,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact 0-based order statistics of the union of every rank's ``local`` values.
 
-    ``local``: float32 or float64, any shape; NaN entries are not values (they
-    mark holes, e.g. pairs another rank owns). ``positions(n)`` maps the global
-    count ``n`` (an int64 0-dim tensor) to an int64 tensor of ``m`` 0-based ranks
-    in ``[0, n)``. Returns ``(values [m], n)``: ``values[k]`` is bit for bit the
+    ``local``: float32 or float64, any shape and strides (a 2-D view is read in
+    row chunks of about ``chunk_elements``); NaN entries are not values (they mark
+    holes, e.g. pairs another rank owns). ``positions(n)`` maps the global count
+    ``n`` (an int64 0-dim tensor) to an int64 tensor of ``m`` 0-based ranks in
+    ``[0, n)``. Returns ``(values [m], n)``: ``values[k]`` is bit for bit the
     ``positions(n)[k]``-th smallest value, as ``torch.sort`` of the concatenation
-    would give (``+0.0`` for a zero). Out-of-range positions give unspecified
+    gives it (``+0.0`` for a zero). Out-of-range positions give unspecified
     values (no error: the caller knows ``n``).
 
     Radix selection, 16 bits per pass from the top (2 passes for float32, 4 for
     float64): each pass every rank counts its values per 16-bit digit among those
     whose higher digits equal the prefix chosen so far (one histogram per target
-    position), one all-reduce SUM adds the counts, and a cumulative sum picks the
-    digit holding each target's rank. The values are never moved; everything
-    stays on the device (no host sync).
+    position; the first pass has one shared histogram), one all-reduce SUM adds
+    the counts, and a cumulative sum picks the digit holding each target's rank.
+    The values are never moved, and nothing leaves the device (no host sync).
     """
     if local.dtype not in _KEY_DTYPES:
         raise TypeError(f"order_statistics: float32 or float64 values expected, got {local.dtype}")
     int_dtype, bits = _KEY_DTYPES[local.dtype]
-    flat = local.reshape(-1)
-    device = flat.device
-    chunk = max(1, int(chunk_elements))
-    nb = _RADIX_BINS
+    rows = local.flatten(1) if local.dim() >= 2 else local.reshape(-1, 1)
+    chunk_rows = max(1, int(chunk_elements) // max(1, rows.shape[1]))
+    device = local.device
+    nb, half = _RADIX_BINS, _RADIX_BINS >> 1
     ranks = prefix = n = None
     for p in range(bits // _RADIX_BITS):
         shift = bits - _RADIX_BITS * (p + 1)
         m = 1 if p == 0 else ranks.numel()  # pass 0 has no prefix yet: one shared histogram
-        counts = torch.zeros(m * nb + 1, dtype=torch.int64, device=device)
+        counts = torch.zeros(m, nb + 1, dtype=torch.int64, device=device)
         if p > 0:
-            target_prefix = prefix.to(int_dtype).unsqueeze(1)
-            offsets = (torch.arange(m, device=device) * nb).unsqueeze(1)
-        for start in range(0, flat.numel(), chunk):
-            values = flat[start : start + chunk]
+            target_prefix = prefix.to(int_dtype)
+        for a in range(0, rows.shape[0], chunk_rows):
+            values = rows[a : a + chunk_rows].reshape(-1)
             keys = _sortable_keys(values)
-            digit = (keys >> shift) & (nb - 1)
+            valid = values == values
             if p == 0:
-                digit = digit ^ (nb >> 1)  # the top digit is signed: make it ordered unsigned
-                index = torch.where(values == values, digit.long(), m * nb)
-            else:
-                hit = ((keys >> (shift + _RADIX_BITS)).unsqueeze(0) == target_prefix) & (values == values)
-                index = torch.where(hit, digit.long().unsqueeze(0) + offsets, m * nb)
-            counts += _histogram(index.reshape(-1), m * nb + 1)
-        counts = all_reduce_(counts[: m * nb].reshape(m, nb).contiguous(), "sum", group)
+                digit = (keys >> shift) + half  # the top digit is signed: shift it to [0, nb)
+                counts[0] += _histogram(torch.where(valid, digit, nb), nb + 1)
+                continue
+            high, digit = keys >> (shift + _RADIX_BITS), (keys >> shift) & (nb - 1)
+            for j in range(m):
+                hit = (high == target_prefix[j]) & valid
+                counts[j] += _histogram(torch.where(hit, digit, nb), nb + 1)
+        counts = all_reduce_(counts[:, :nb].contiguous(), "sum", group)
         if p == 0:
             n = counts.sum()
             ranks = torch.as_tensor(positions(n), dtype=torch.int64, device=device).reshape(-1)
@@ -235,5 +233,5 @@ def order_statistics(
         below = cumulative.gather(1, digit) - counts.gather(1, digit)
         ranks = ranks - below.squeeze(1)
         digit = digit.squeeze(1)
-        prefix = digit - (nb >> 1) if p == 0 else prefix * nb + digit
+        prefix = digit - half if p == 0 else prefix * nb + digit
     return _keys_to_floats(prefix, local.dtype), n

@@ -218,3 +218,37 @@ def test_sharded_head_matches_replicated_and_reference(world):
             if name == "all-negatives-equal":
                 assert stats["lower"] == stats["upper"] == 1.0 and stats["kept"] == stats["neg_pairs"]
             lo += sizes[rank]
+
+
+# ------------------------------------------------- the term alone, an empty rank
+TERM_SIZES = [5, 0, 4]
+
+
+def _term_worker(rank, world):
+    import torch.nn.functional as F
+
+    from trainer.heads.unpg import sharded_metric_negatives_lse
+
+    x, labels, _ = _case_data("random", sum(TERM_SIZES))
+    leaf = x.clone().requires_grad_(True)
+    v, stats = sharded_metric_negatives_lse(F.normalize(leaf, dim=1), labels, TERM_SIZES, 16.0, 1.0,
+                                            chunk_elements=3)
+    v.backward()
+    return v.detach(), leaf.grad, stats["kept"], stats["neg_pairs"]
+
+
+def test_term_with_an_empty_rank_matches_replicated():
+    import torch.nn.functional as F
+
+    from trainer.heads.unpg import metric_negatives_lse
+
+    results = run_world(_term_worker, len(TERM_SIZES))
+    x, labels, _ = _case_data("random", sum(TERM_SIZES))
+    leaf = x.clone().requires_grad_(True)
+    v, stats = metric_negatives_lse(F.normalize(leaf, dim=1), labels, 16.0, 1.0)
+    v.backward()
+    grad_sum = sum(r[1] for r in results)  # what the all-gather's backward adds up
+    for v_r, _, kept, pairs in results:
+        torch.testing.assert_close(v_r, v.detach(), rtol=1e-12, atol=1e-12)
+        assert (kept, pairs) == (stats["kept"], stats["neg_pairs"])
+    torch.testing.assert_close(grad_sum, leaf.grad, rtol=1e-9, atol=1e-12)

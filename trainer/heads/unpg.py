@@ -139,39 +139,52 @@ def owned_pairs(row_start: int, row_stop: int, n_rows: int, device=None) -> Tupl
     return gi, gi + h
 
 
+def _band(full: torch.Tensor, width: int) -> torch.Tensor:
+    """``band[a, k] = full[a, a + k]``: the skewed band of a [B, B - 1 + width] matrix (a view)."""
+    return full.as_strided((full.shape[0], width), (full.stride(0) + full.stride(1), full.stride(1)))
+
+
 class _KeptLogSumExp(torch.autograd.Function):
     """``V = M + log S`` from the all-reduced max ``M`` and sum-exp ``S`` of the kept pairs.
 
     Backward (no collective): ``dV/dt_ij = s exp(s t_ij - M) / S`` for this rank's
-    kept pairs only, recomputed from the stored block chunk by chunk and sent to
-    both rows: row i is local (block row), row j any row of the gathered batch.
+    kept pairs only, recomputed from the stored band chunk by chunk and sent to
+    both rows: row i is local, row j any row of the gathered batch.
     """
 
     @staticmethod
-    def forward(ctx, x_hat, block, row_start, lower, upper, max_z, sum_exp, s, chunk_rows):
-        ctx.save_for_backward(x_hat, block, lower, upper, max_z, sum_exp)
+    def forward(ctx, x_hat, band, cols, row_start, lower, upper, max_z, sum_exp, s, chunk_rows):
+        ctx.save_for_backward(x_hat, band, cols, lower, upper, max_z, sum_exp)
         ctx.row_start, ctx.s, ctx.chunk_rows = row_start, s, chunk_rows
         return (max_z + torch.log(sum_exp.to(max_z.dtype))).detach()
 
     @staticmethod
     def backward(ctx, grad_v):
-        x_hat, block, lower, upper, max_z, sum_exp = ctx.saved_tensors
+        x_hat, band, cols, lower, upper, max_z, sum_exp = ctx.saved_tensors
         lo, s = ctx.row_start, ctx.s
+        rows, width = band.shape
         scale = (grad_v * s / sum_exp.to(grad_v.dtype)).to(x_hat.dtype)
-        grad = torch.zeros_like(x_hat)
-        for a in range(0, block.shape[0], ctx.chunk_rows):
-            t = block[a : a + ctx.chunk_rows]
+        x_rows = x_hat[lo : lo + rows]
+        x_cols = x_hat.index_select(0, cols)
+        grad_rows = torch.zeros_like(x_rows)
+        grad_cols = torch.zeros_like(x_cols)
+        zero = torch.zeros((), dtype=band.dtype, device=band.device)
+        for a in range(0, rows, ctx.chunk_rows):
+            t = band[a : a + ctx.chunk_rows]
+            c = t.shape[0]
             kept = (t >= lower) & (t <= upper)  # NaN holes compare False
-            w = torch.where(kept, torch.exp(s * t - max_z), torch.zeros((), dtype=t.dtype)) * scale
-            rows = x_hat[lo + a : lo + a + t.shape[0]]
-            grad[lo + a : lo + a + t.shape[0]] += w @ x_hat  # d/dx_i of t_ij = x_j
-            grad.addmm_(w.t(), rows)  # d/dx_j of t_ij = x_i
-        return grad, None, None, None, None, None, None, None, None
+            w = band.new_zeros(c, c - 1 + width)
+            _band(w, width).copy_(torch.where(kept, torch.exp(s * t - max_z), zero) * scale)
+            grad_rows[a : a + c] = w @ x_cols[a : a + c - 1 + width]  # d t_ij / d x_i = x_j
+            grad_cols[a : a + c - 1 + width].addmm_(w.t(), x_rows[a : a + c])  # d t_ij / d x_j = x_i
+        grad = torch.zeros_like(x_hat).index_add_(0, cols, grad_cols)
+        grad[lo : lo + rows] += grad_rows
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def _sample_positions(numel: int, world_size: int) -> Tuple[int, int]:
     """(stride, count) of the fixed positions each rank samples for the histogram."""
-    want = max(1, -(-2 * _HIST_SAMPLE // world_size))  # ~half of a block's entries are holes
+    want = max(1, -(-_HIST_SAMPLE // world_size))
     stride = max(1, numel // want)
     return stride, -(-numel // stride) if numel else 0
 
@@ -183,22 +196,25 @@ def sharded_metric_negatives_lse(
     s: float,
     wisk: float,
     group: ProcessGroup = None,
-    chunk_elements: int = 1 << 21,
+    chunk_elements: int = 1 << 20,
 ) -> Tuple[Optional[torch.Tensor], Dict[str, object]]:
     """``V`` over the global batch with this rank computing only the pairs it owns.
 
     ``x_hat [N, D]``: the gathered, L2-normalised global batch (with gradient
     through the gather); ``labels [N]``; ``sizes[r]``: the row count of rank r
     (rank order, summing to N). Every rank of ``group`` calls it with the same
-    arguments but its own gradient graph. Returns the same ``V`` on every rank
-    (``None`` without negative pairs) and the global statistics, with the same
-    meaning as :func:`metric_negatives_lse`'s.
+    arguments (and its own graph). Returns the same ``V`` on every rank (``None``
+    without negative pairs) and the global statistics, with the meaning of
+    :func:`metric_negatives_lse`'s.
 
-    Per rank: one [B_r, N] block of similarities (the only O(B_r N) buffer; the
-    pairs not owned or not negative are NaN holes), processed in row chunks of
-    ``chunk_elements``; 2 (float32) or 4 (float64) all-reduces of 2 x 65536
-    counts for the quartiles, one MAX and one SUM for ``V``, one small
-    all-gather for the histogram sample, and one host transfer for the stats.
+    Rank r's rows i own the pairs ``j = i + 1 .. i + h_i (mod N)``
+    (:func:`owned_pairs`): one matmul of its B_r rows against the B_r - 1 + N // 2
+    columns they reach gives a [B_r, N // 2] skewed band of similarities, the
+    only O(B_r N) buffer (positive pairs and the one unowned corner are NaN
+    holes). It is read in row chunks of ``chunk_elements``: 2 (float32) or 4
+    (float64) all-reduces of 2 x 65536 counts for the quartiles, one MAX and one
+    SUM for ``V``, one small all-gather for the histogram sample, and one host
+    transfer for the statistics.
     """
     n_rows = x_hat.shape[0]
     device, dtype = x_hat.device, x_hat.dtype
@@ -207,42 +223,46 @@ def sharded_metric_negatives_lse(
     if len(sizes) != world or sum(sizes) != n_rows:
         raise ValueError(f"rank {rank}: sizes {sizes} do not split the global batch of {n_rows} rows "
                          f"over {world} rank(s)")
-    row_start, row_count = sum(sizes[:rank]), sizes[rank]
-    chunk_rows = max(1, chunk_elements // max(1, n_rows))
-    gi, hi = owned_pairs(row_start, row_start + row_count, n_rows, device)
-    cols = torch.arange(n_rows, device=device).unsqueeze(0)
+    lo, count = sum(sizes[:rank]), sizes[rank]
+    width = n_rows // 2  # the widest band: h_i <= N // 2
+    chunk_rows = max(1, chunk_elements // max(1, width))
+    gi, hi = owned_pairs(lo, lo + count, n_rows, device)
+    reach = count - 1 + width if count else 0  # columns lo + 1 .. lo + count - 1 + width (mod N)
+    cols = (torch.arange(reach, device=device) + lo + 1) % n_rows
+    col_labels = _band(labels.index_select(0, cols).unsqueeze(0).expand(count, reach), width)
+    in_band = torch.arange(width, device=device).unsqueeze(0) < (hi - gi)  # False: the unowned corner
     f64 = dict(dtype=torch.float64, device=device)
+    zero = torch.zeros((), dtype=dtype, device=device)
     with torch.no_grad():
         xd = x_hat.detach()
-        block = xd[row_start : row_start + row_count] @ xd.t()  # [B, N]
+        full = xd[lo : lo + count] @ xd.index_select(0, cols).t()  # [B, B - 1 + width]
+        band = _band(full, width)  # band[a, k] = t(lo + a, lo + a + 1 + k mod N)
         pos_count, pos_sum = torch.zeros((), **f64), torch.zeros((), **f64)
-        for a in range(0, row_count, chunk_rows):
-            b = min(row_count, a + chunk_rows)
-            t = block[a:b]
-            owned = ((cols > gi[a:b]) & (cols <= hi[a:b])) | (cols <= hi[a:b] - n_rows)
-            same = labels[row_start + a : row_start + b].unsqueeze(1) == labels.unsqueeze(0)
-            pos = owned & same
+        for a in range(0, count, chunk_rows):
+            b = min(count, a + chunk_rows)
+            t = band[a:b]
+            same = col_labels[a:b] == labels[lo + a : lo + b].unsqueeze(1)
+            pos = same & in_band[a:b]
             pos_count += pos.sum()
-            pos_sum += torch.where(pos, t, torch.zeros((), dtype=dtype, device=device)).sum(dtype=torch.float64)
-            t.masked_fill_(~(owned & ~same), float("nan"))
+            pos_sum += torch.where(pos, t, zero).sum(dtype=torch.float64)
+            t.masked_fill_(same | ~in_band[a:b], float("nan"))
 
         def quartile_ranks(n):
             return torch.stack([n // 4, (3 * n) // 4])  # floor(0.25 n), floor(0.75 n), exactly
 
-        (q1, q3), n = order_statistics(block, quartile_ranks, group, chunk_elements)
+        (q1, q3), n = order_statistics(band, quartile_ranks, group, chunk_elements)
         iqr = q3 - q1
         lower, upper_bound = q1 - wisk * iqr, q3 + wisk * iqr
         # Local log-sum-exp of the kept s*t (running max over chunks), then across ranks.
         neg_inf = torch.full((), float("-inf"), dtype=dtype, device=device)
-        zero = torch.zeros((), dtype=dtype, device=device)
 
         def finite(m):
             return torch.where(m == float("-inf"), zero, m)
 
         local_max, local_sum = neg_inf, torch.zeros((), **f64)
         kept_count, neg_sum = torch.zeros((), **f64), torch.zeros((), **f64)
-        for a in range(0, row_count, chunk_rows):
-            t = block[a : a + chunk_rows]
+        for a in range(0, count, chunk_rows):
+            t = band[a : a + chunk_rows]
             kept = (t >= lower) & (t <= upper_bound)
             kept_count += kept.sum()
             neg_sum += torch.nansum(t, dtype=torch.float64)
@@ -256,11 +276,10 @@ def sharded_metric_negatives_lse(
         sums = torch.stack([local_sum * torch.exp(finite(local_max) - finite(max_z)).double(),
                             kept_count, neg_sum, pos_count, pos_sum])
         sum_exp, kept_total, neg_total, pos_total, pos_sim_total = all_reduce_(sums, "sum", group).unbind()
-        # Histogram sample: fixed positions of every block (holes dropped on the host).
-        stride, _ = _sample_positions(row_count * n_rows, world)
-        sample = block.reshape(-1)[::stride].double()
-        counts = [_sample_positions(b * n_rows, world)[1] for b in sizes]
-        sample = all_gather_rows(sample, counts, group)
+        # Histogram sample: fixed positions of every band (holes dropped on the host).
+        stride, _ = _sample_positions(count * width, world)
+        sample = band.reshape(-1)[::stride].double() if count * width else band.new_zeros(0, dtype=torch.float64)
+        sample = all_gather_rows(sample, [_sample_positions(b * width, world)[1] for b in sizes], group)
         head = torch.stack([n.double(), kept_total, lower.double(), upper_bound.double(), neg_total,
                             pos_total, pos_sim_total])
         host = torch.cat([head, sample]).cpu()  # the one host sync of the term
@@ -277,5 +296,5 @@ def sharded_metric_negatives_lse(
                      neg_sims=sims[:0])
         return None, stats
     stats.update(kept=kept_n, lower=lo_b, upper=up_b, mean_neg_sim=neg_t / n_pairs, neg_sims=sims)
-    v = _KeptLogSumExp.apply(x_hat, block, row_start, lower, upper_bound, max_z, sum_exp, float(s), chunk_rows)
+    v = _KeptLogSumExp.apply(x_hat, band, cols, lo, lower, upper_bound, max_z, sum_exp, float(s), chunk_rows)
     return v, stats
