@@ -90,37 +90,44 @@ def _measure(mode, x, labels, sizes, repeat):
     return peak, statistics.median(cpu), statistics.median(wall)
 
 
-def _rank(rank, world, store, n_rows, replicated, repeat, out):
+def _rank(rank, world, store, compare_sizes, series_size, repeat, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        sizes = [n_rows // world + (1 if r < n_rows % world else 0) for r in range(world)]
         # Warm-up at a small size: lazily loaded kernels are not charged to the term.
         wx, wl = _batch(64 * world, seed=1)
         _term("sharded", wx, wl, [64] * world)
-        if rank == 0 and replicated:
+        if rank == 0 and compare_sizes:
             _term("replicated", wx, wl, [64] * world)
-        x, labels = _batch(n_rows)
-        dist.barrier()
-        result = {"sharded": _measure("sharded", x, labels, sizes, repeat)}
-        dist.barrier()
-        if rank == 0 and replicated:
-            result["replicated"] = _measure("replicated", x, labels, sizes, repeat)
-        dist.barrier()
+        result = {}
+        for n_rows, replicated in [(n, True) for n in compare_sizes] + ([(series_size, False)] if series_size else []):
+            sizes = [n_rows // world + (1 if r < n_rows % world else 0) for r in range(world)]
+            x, labels = _batch(n_rows)
+            dist.barrier()
+            point = {"sharded": _measure("sharded", x, labels, sizes, repeat)}
+            dist.barrier()
+            if rank == 0 and replicated:
+                point["replicated"] = _measure("replicated", x, labels, sizes, repeat)
+            dist.barrier()
+            result[(n_rows, replicated)] = point
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def run_point(n_rows: int, world: int, replicated: bool, repeat: int) -> dict:
+def run_world(world: int, compare_sizes, series_size, repeat: int) -> dict:
+    """One gloo world of ``world`` ranks: {(N, compared): {"sharded": max over ranks, "replicated": rank 0}}."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank, args=(world, f"{tmp}/store", n_rows, replicated, repeat, tmp), nprocs=world, join=True)
+        mp.spawn(_rank, args=(world, f"{tmp}/store", list(compare_sizes), series_size, repeat, tmp),
+                 nprocs=world, join=True)
         results = [torch.load(f"{tmp}/rank{r}.pt", weights_only=False) for r in range(world)]
-    sharded = [r["sharded"] for r in results]
-    point = {"sharded": tuple(max(v[i] for v in sharded) for i in range(3))}
-    if replicated:
-        point["replicated"] = results[0]["replicated"]
-    return point
+    points = {}
+    for key in results[0]:
+        sharded = [r[key]["sharded"] for r in results]
+        points[key] = {"sharded": tuple(max(v[i] for v in sharded) for i in range(3))}
+        if "replicated" in results[0][key]:
+            points[key]["replicated"] = results[0][key]["replicated"]
+    return points
 
 
 def main() -> None:
@@ -138,25 +145,35 @@ def main() -> None:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    if not args.no_compare:
+    compare = [] if args.no_compare else args.sizes
+    series = [] if args.no_series else args.series_worlds
+    b = args.series_batch
+    points = {}
+    for world in sorted(set(args.worlds if compare else []) | set(series)):
+        sizes = compare if world in args.worlds else []
+        points[world] = run_world(world, sizes, b * world if world in series else 0, args.repeat)
+    if compare:
         print(f"UNPG term, D={DIM}, float32, forward+backward; per rank (sharded: max over ranks)")
         print(f"{'R':>3} {'N':>6} {'pairs':>11} | {'sharded MB':>10} {'cpu s':>7} | "
               f"{'replicated MB':>13} {'cpu s':>7} | {'mem ratio':>9} {'time ratio':>10}")
         for world in args.worlds:
-            for n_rows in args.sizes:
-                p = run_point(n_rows, world, True, args.repeat)
+            for n_rows in compare:
+                p = points[world][(n_rows, True)]
                 (sm, sc, _), (rm, rc, _) = p["sharded"], p["replicated"]
                 print(f"{world:>3} {n_rows:>6} {n_rows * (n_rows - 1) // 2:>11} | {sm:>10.1f} {sc:>7.3f} | "
-                      f"{rm:>13.1f} {rc:>7.3f} | {sm / rm:>9.3f} {sc / rc:>10.3f}", flush=True)
-    if not args.no_series:
-        b = args.series_batch
-        print(f"\nsharded series at B_local={b}: per-rank cost should grow linearly in N = R x B_local")
-        print(f"{'R':>3} {'N':>6} | {'MB':>8} {'cpu s':>7} | {'MB / N x1000':>12} {'us / N':>8}")
-        for world in args.series_worlds:
+                      f"{rm:>13.1f} {rc:>7.3f} | {sm / rm:>9.3f} {sc / rc:>10.3f}")
+    if series:
+        print(f"\nsharded series at B_local={b}: per-rank cost grows linearly in N = R x B_local")
+        print("(memory: the [B, B + N/2] band grows with N; the chunk temporaries, ~25 MB, do not)")
+        print(f"{'R':>3} {'N':>6} | {'MB':>8} {'cpu s':>7} | {'us / N':>8} {'dMB / dN x1000':>14} {'d us / dN':>9}")
+        prev = None
+        for world in series:
             n_rows = world * b
-            sm, sc, _ = run_point(n_rows, world, False, args.repeat)["sharded"]
-            print(f"{world:>3} {n_rows:>6} | {sm:>8.1f} {sc:>7.3f} | {1000 * sm / n_rows:>12.3f} "
-                  f"{1e6 * sc / n_rows:>8.1f}", flush=True)
+            sm, sc, _ = points[world][(n_rows, False)]["sharded"]
+            slope = ("" if prev is None else
+                     f"{1000 * (sm - prev[1]) / (n_rows - prev[0]):>14.3f} {1e6 * (sc - prev[2]) / (n_rows - prev[0]):>9.1f}")
+            print(f"{world:>3} {n_rows:>6} | {sm:>8.1f} {sc:>7.3f} | {1e6 * sc / n_rows:>8.1f} {slope}")
+            prev = (n_rows, sm, sc)
 
 
 if __name__ == "__main__":
