@@ -164,7 +164,7 @@ def main() -> None:
                       f"{rm:>13.1f} {rc:>7.3f} | {sm / rm:>9.3f} {sc / rc:>10.3f}")
     if series:
         print(f"\nsharded series at B_local={b}: per-rank cost grows linearly in N = R x B_local")
-        print("(memory: the [B, B + N/2] band grows with N; the chunk temporaries, ~25 MB, do not)")
+        print("(memory: the [B, B + N/2] band grows with N; the chunk temporaries of 2^20 elements do not)")
         print(f"{'R':>3} {'N':>6} | {'MB':>8} {'cpu s':>7} | {'us / N':>8} {'dMB / dN x1000':>14} {'d us / dN':>9}")
         prev = None
         for world in series:

@@ -213,7 +213,7 @@ def order_statistics(
         for a in range(0, rows.shape[0], chunk_rows):
             values = rows[a : a + chunk_rows].reshape(-1)
             keys = _sortable_keys(values)
-            valid = values == values
+            valid = ~torch.isnan(values)
             if p == 0:
                 digit = (keys >> shift) + half  # the top digit is signed: shift it to [0, nb)
                 counts[0] += _histogram(torch.where(valid, digit, nb), nb + 1)

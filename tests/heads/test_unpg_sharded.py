@@ -203,7 +203,7 @@ def test_sharded_head_matches_replicated_and_reference(world):
             for a, b, tol in [(loss, ref.detach(), 1e-12), (loss, r_loss, 1e-12),
                               (gx, xr.grad[lo : lo + sizes[rank]], 1e-9), (gx, r_gx, 1e-9),
                               (gw, wr.grad[start:stop], 1e-9), (gw, r_gw, 1e-9)]:
-                torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{name} rank {rank}: {m}")
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"{name} rank {rank}")
             # Same statistics, global values on every rank.
             assert stats["neg_pairs"] == r_stats["neg_pairs"], name
             assert stats["kept"] == r_stats["kept"], name

@@ -9,8 +9,8 @@ For embeddings ``x^`` (L2-normalised) with labels ``y``:
 
 The loss uses ``V`` once per row as an extra denominator term:
 ``log(sum_c exp(z_ic) + exp(V))`` — a scalar, never an N x |K| matrix. The
-bounds are selected order statistics (``torch.kthvalue``: selection, not a full
-sort) computed without gradient; gradient flows through every kept ``t_ij``.
+bounds are selected order statistics (``torch.kthvalue`` or an exact distributed
+selection: not a full sort) computed without gradient; gradient flows through every kept ``t_ij``.
 
 Two ways to compute ``V`` over the global batch (``negatives="global"``):
 
@@ -19,7 +19,7 @@ Two ways to compute ``V`` over the global batch (``negatives="global"``):
 - sharded (:func:`sharded_metric_negatives_lse`): rank r owns a balanced share
   of the pairs (its own rows i against the gathered batch, pair {i, j} owned by
   exactly one of its two rows, see :func:`owned_pairs`), so it stores a
-  [B_r, N] block, never N x N. Q1 and Q3 are exact global order statistics
+  [B_r, N/2] band of similarities, never N x N. Q1 and Q3 are exact global order statistics
   (``collectives.order_statistics``: radix selection with all-reduced digit
   counts), ``V`` is combined with all-reduce MAX / SUM, and each rank's backward
   sends the gradient of its own pairs only (no 1/R scaling: nothing is replicated).
@@ -32,7 +32,13 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from trainer.collectives import ProcessGroup, all_gather_rows, all_reduce_, order_statistics, world_info
+from trainer.collectives import (
+    ProcessGroup,
+    all_gather_rows,
+    all_reduce_,
+    order_statistics,
+    world_info,
+)
 
 _NEGATIVE_MODES = ("global", "local")
 _HIST_SAMPLE = 4096  # negative similarities kept for monitoring histograms
@@ -231,7 +237,7 @@ def sharded_metric_negatives_lse(
     cols = (torch.arange(reach, device=device) + lo + 1) % n_rows
     col_labels = _band(labels.index_select(0, cols).unsqueeze(0).expand(count, reach), width)
     in_band = torch.arange(width, device=device).unsqueeze(0) < (hi - gi)  # False: the unowned corner
-    f64 = dict(dtype=torch.float64, device=device)
+    f64 = {"dtype": torch.float64, "device": device}
     zero = torch.zeros((), dtype=dtype, device=device)
     with torch.no_grad():
         xd = x_hat.detach()
