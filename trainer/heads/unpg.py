@@ -236,7 +236,7 @@ def sharded_metric_negatives_lse(
     reach = count - 1 + width if count else 0  # columns lo + 1 .. lo + count - 1 + width (mod N)
     cols = (torch.arange(reach, device=device) + lo + 1) % n_rows
     col_labels = _band(labels.index_select(0, cols).unsqueeze(0).expand(count, reach), width)
-    in_band = torch.arange(width, device=device).unsqueeze(0) < (hi - gi)  # False: the unowned corner
+    ks, h = torch.arange(width, device=device).unsqueeze(0), hi - gi  # k < h_i: owned (not the corner)
     f64 = {"dtype": torch.float64, "device": device}
     zero = torch.zeros((), dtype=dtype, device=device)
     with torch.no_grad():
@@ -248,10 +248,11 @@ def sharded_metric_negatives_lse(
             b = min(count, a + chunk_rows)
             t = band[a:b]
             same = col_labels[a:b] == labels[lo + a : lo + b].unsqueeze(1)
-            pos = same & in_band[a:b]
+            in_band = ks < h[a:b]
+            pos = same & in_band
             pos_count += pos.sum()
             pos_sum += torch.where(pos, t, zero).sum(dtype=torch.float64)
-            t.masked_fill_(same | ~in_band[a:b], float("nan"))
+            t.masked_fill_(same | ~in_band, float("nan"))
 
         def quartile_ranks(n):
             return torch.stack([n // 4, (3 * n) // 4])  # floor(0.25 n), floor(0.75 n), exactly
