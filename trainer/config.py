@@ -59,6 +59,7 @@ class LossConfig:
     unpg: bool = False                 # add UNPG metric negatives (docs/design.md, the loss)
     wisk: float = 1.5                  # box-and-whisker width w
     negatives: str = "global"          # UNPG pairs over the gathered global batch | "local" (per rank)
+    unpg_sharded: Optional[bool] = None  # global pairs split over ranks (None: when world size > 1)
     sample_rate: float = 1.0           # Partial FC sampling rate (docs/design.md, sharding)
     h: float = 0.333                   # adaface: margin scaler width (uses s and m too)
     t_alpha: float = 0.01              # adaface: EMA rate of the global-batch norm statistics

@@ -64,7 +64,7 @@ def build_head(cfg: Config, num_classes: int, device: torch.device):
     head = PartialFC(margin=margin,
                      embedding_size=cfg.model.embedding_size, num_classes=num_classes,
                      sample_rate=lc.sample_rate,
-                     unpg=UNPG(wisk=lc.wisk, negatives=lc.negatives) if lc.unpg else None, device=device)
+                     unpg=UNPG(wisk=lc.wisk, negatives=lc.negatives, sharded=lc.unpg_sharded) if lc.unpg else None, device=device)
     head_lr = oc.head_lr if oc.head_lr is not None else oc.lr
     return head, PartialFCSGD(head, lr=head_lr, momentum=oc.momentum, weight_decay=oc.weight_decay), head_lr
 

@@ -34,7 +34,7 @@ from trainer.collectives import (
 from trainer.heads.adaptive import AdaptiveMargin
 from trainer.heads.margins import Margin
 from trainer.heads.softmax import margin_softmax_parts
-from trainer.heads.unpg import UNPG, metric_negatives_lse
+from trainer.heads.unpg import UNPG, metric_negatives_lse, sharded_metric_negatives_lse
 
 # Per-rank input problems, exchanged before any data collective so that every
 # rank raises the same error instead of leaving the others hanging.
@@ -205,6 +205,13 @@ class PartialFC(nn.Module):
 
     def _unpg_term(self, local_x, global_x, global_labels, sizes) -> Tuple[Optional[torch.Tensor], dict]:
         s, wisk = self.margin.s, self.unpg.wisk
+        if self.unpg.use_sharded(self.world_size):
+            # Each rank evaluates only the pairs it owns: no 1/R scaling, the gather's backward sums.
+            elements = self.chunk_elements or (1 << 26 if global_x.is_cuda else 1 << 21)
+            v, stats = sharded_metric_negatives_lse(
+                F.normalize(global_x, dim=1), global_labels, sizes, s, wisk, self.process_group, elements
+            )
+            return (None if v is None else v.expand(global_x.shape[0])), stats
         if self.unpg.negatives == "global":
             v, stats = metric_negatives_lse(F.normalize(global_x, dim=1), global_labels, s, wisk)
             if v is None:
