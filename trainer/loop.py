@@ -151,7 +151,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- train
     def _one_step(self):
-        return self.engine.train_step(self._next_batch, self.cfg.run.nan_policy, self.step + 1)
+        return self.engine.train_step(self._next_batch)
 
     def _validate(self, monitor: Monitor) -> None:
         accs = self.validator.run(self.step, self.engine.float_backbone(), self.engine.export_state_dict)
@@ -161,37 +161,69 @@ class Trainer:
         self.checkpointer.save(self.progress, self.engine, self.head, self.head_opt, self.scheduler,
                                self.num_classes, self.validator.best, self.cfg)
 
+    def _flush(self, pending: List[tuple]) -> None:
+        """Read the steps' device values (one host sync) into the history; apply the NaN policy.
+        A skipped step changed no weight (the engine decided on the device); ``stop`` raises
+        naming the first such step, ``skip`` allows ``run.max_skips`` in a row."""
+        if not pending:
+            return
+        rows = []
+        for _, loss, skipped, kf in pending:
+            kept, pairs = kf if len(kf) == 2 else (0.0, 0.0)
+            rows.append(torch.stack([torch.as_tensor(v, device=loss.device).float().reshape(())
+                                     for v in (loss, skipped, kept, pairs)]))
+        vals = torch.stack(rows).cpu().tolist()
+        run = self.cfg.run
+        for (step, *_), row in zip(pending, vals):
+            rec: Dict[str, Any] = {"step": step, "loss": row[0]}
+            if row[3]:
+                rec["kept_fraction"] = row[2] / row[3]
+            if row[1]:
+                rec["skipped"] = True
+                self._skips += 1
+                if run.nan_policy == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss or gradient at step {step} (loss {row[0]}): stopping (run.nan_policy=stop; "
+                        "the step was not applied); check lr, data and precision, or resume from the last checkpoint")
+                if self._skips > run.max_skips:
+                    raise NonFiniteLossError(f"non-finite loss at step {step}: {self._skips} steps skipped in a row "
+                                             f"(run.max_skips={run.max_skips}); stopping")
+                log.warning("non-finite loss or gradient at step %d: step skipped (run.nan_policy=skip)", step)
+            else:
+                self._skips = 0
+            self.history.append(rec)
+        pending.clear()
+
     def train(self) -> Dict[str, Any]:
         cfg, p = self.cfg, self.progress
         per_step = cfg.data.batch_size * self.d.world_size * self.accum
         monitor = Monitor(self.out, self.d.is_main, self.total_steps, p.step, per_step, cfg=cfg.logging)
-        self._it, skips = None, 0
+        self._it, self._skips, pending = None, 0, []
         try:
             if cfg.validation.at_start and p.step < self.total_steps:
                 self._validate(monitor)
             self.engine.model.train()
             while p.step < self.total_steps:
-                out = self._one_step()
-                if not out.ok:
-                    skips += 1
-                    if skips > cfg.run.max_skips:
-                        raise NonFiniteLossError(f"non-finite loss at step {p.step + 1}: {skips} steps skipped "
-                                                 f"in a row (run.max_skips={cfg.run.max_skips}); stopping")
-                    log.warning("non-finite loss at step %d: step skipped (nan_policy=skip)", p.step + 1)
-                    continue
-                skips, p.step = 0, p.step + 1
-                loss, lr = float(np.mean(out.losses)), self.scheduler.get_lr()
+                out = self._one_step()  # no host sync in steady state (DDP engine)
+                p.step += 1
+                lr = self.scheduler.get_lr()
                 self.scheduler.step()
                 stats = getattr(self.head, "last_stats", {}) or {}
-                self.history.append({"step": p.step, "loss": loss, **(
-                    {"kept_fraction": stats["kept"] / stats["neg_pairs"]} if stats.get("neg_pairs") else {})})
-                monitor.record(p.step, p.epoch, loss, lr, out.grad_norm, self.engine.loss_scale(), stats, out.images)
+                pending.append((p.step, out.loss, out.skipped,
+                                tuple(stats[k] for k in ("kept", "neg_pairs") if k in stats)))
+                log_now = monitor.should_log(p.step)
+                val_now, save_now = self.validator.should_validate(p.step), self.checkpointer.should_save(p.step)
+                if log_now or val_now or save_now:
+                    self._flush(pending)  # NaN policy before any validation or checkpoint
+                monitor.record(p.step, p.epoch, lr, self.history[-1]["loss"] if log_now else None, out.grad_norm,
+                               self.engine.loss_scale, stats, out.images)
                 t_side = time.time()
-                if self.validator.should_validate(p.step):
+                if val_now:
                     self._validate(monitor)
-                if self.checkpointer.should_save(p.step):
+                if save_now:
                     self._save()
                 monitor.exclude(time.time() - t_side)
+            self._flush(pending)
             if not self.validator.done_at(p.step):
                 self._validate(monitor)
             if not self.checkpointer.exists(p.step):

@@ -46,8 +46,12 @@ def test_deepspeed_zero_trains_checkpoints_and_resumes(tmp_path, stage, precisio
         assert len(_losses(res[3])) == 4
         torch.testing.assert_close(torch.tensor(_losses(res[3])), torch.tensor(_losses(res[4])), rtol=2e-3, atol=1e-3)
         skip_ds, skip_ddp = _losses(res[5]), _losses(res[6])
-        assert len(skip_ds) == 5 and all(x == x for x in skip_ds), skip_ds  # 5 real steps, no NaN trained on
+        assert [h.get("skipped", False) for h in res[5]["history"]] == [False, False, True, False, False]
+        assert [h.get("skipped", False) for h in res[6]["history"]] == [False, False, True, False, False]
+        ok = [0, 1, 3, 4]
+        assert all(skip_ds[i] == skip_ds[i] for i in ok), skip_ds  # no NaN trained on
         # identical before the skipped batch; after it DeepSpeed's momentum saw one zero-gradient
         # step at lr 0 (docs/training.md), so the runs stay close, not equal
         assert skip_ds[:2] == pytest.approx(skip_ddp[:2], rel=2e-3)
-        torch.testing.assert_close(torch.tensor(skip_ds), torch.tensor(skip_ddp), rtol=2e-2, atol=1e-2)
+        torch.testing.assert_close(torch.tensor([skip_ds[i] for i in ok]), torch.tensor([skip_ddp[i] for i in ok]),
+                                   rtol=2e-2, atol=1e-2)
