@@ -248,18 +248,18 @@ def e2e_bench(quick: bool) -> Dict[str, Any]:
     print(f"  synthetic tensors on the GPU: {batch / sec:.1f} samples/s", flush=True)
     # the same step fed by the project's loader over a generated RecordIO set
     from data_tools.synth import generate_dataset
-    from trainer.data import build_train_loader
+    from trainer.data import build_train_loader, to_model_input
 
     with tempfile.TemporaryDirectory() as tmp:
         generate_dataset(tmp, 200, 30, seed=0, val_pairs=0, val_identities=0, workers=min(8, os.cpu_count() or 1))
         loader = build_train_loader(tmp, batch, device=dev, backend="auto", num_threads=8, seed=0)
         it = iter(loader)
         images, labels = next(it)
-        train_on(images.contiguous(memory_format=torch.channels_last), labels % classes)
+        train_on(to_model_input(images), labels % classes)
         torch.cuda.synchronize()
         t0, n = time.time(), 0
-        for images, labels in it:
-            train_on(images.contiguous(memory_format=torch.channels_last), labels % classes)
+        for images, labels in it:  # uint8 NHWC -> float NCHW (channels_last) on the GPU
+            train_on(to_model_input(images), labels % classes)
             n += 1
         torch.cuda.synchronize()
         if n:

@@ -22,6 +22,7 @@ import torch
 from trainer.backbones import get_backbone
 from trainer.checkpointer import CheckpointManager, Progress
 from trainer.config import Config, ConfigError, to_yaml
+from trainer.data import to_model_input
 from trainer.distributed import DistInfo, barrier, init_distributed
 from trainer.engine import NonFiniteLossError, build_engine
 from trainer.heads import UNPG, PartialFC, PartialFCSGD, build_margin
@@ -143,9 +144,9 @@ class Trainer:
                 self.loader.set_epoch(p.epoch, start_batch=p.batch)
                 self._it = iter(self.loader)
             try:
-                batch = next(self._it)
+                images, labels = next(self._it)
                 p.batch += 1
-                return batch
+                return to_model_input(images), labels  # cast + normalise on the device
             except StopIteration:
                 p.epoch, p.batch, self._it = p.epoch + 1, 0, None
 

@@ -32,10 +32,10 @@ def reference(data_dir):
 
 
 def identify(images, labels, ref):
-    """Map each output sample to its record; checks label and [-1, 1] float CHW."""
-    assert images.dtype == torch.float32 and images.shape[1:] == (3, 112, 112)
-    assert labels.dtype == torch.int64 and images.min() >= -1 and images.max() <= 1
-    u8 = (images * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """Map each output sample to its record; checks label and uint8 NHWC."""
+    assert images.dtype == torch.uint8 and images.shape[1:] == (112, 112, 3)
+    assert labels.dtype == torch.int64
+    u8 = images.numpy()
     out = []
     for img, lab in zip(u8, labels.tolist()):
         key, true_lab, flipped = ref[np.ascontiguousarray(img).tobytes()]
@@ -189,13 +189,16 @@ def test_validate_clean_index_makes_loaders_skip_bad_record(synth_copy):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=dali_ok)])
 def test_augmentations(synth_dir, backend):
+    from trainer.data import to_model_input
+
     kw = dict(backend=backend, shuffle=False, flip=False, num_threads=1)
-    plain = next(iter(build_train_loader(synth_dir, 16, **kw)))[0]
-    gray = next(iter(build_train_loader(synth_dir, 16, augment={"gray_prob": 1.0}, **kw)))[0]
+    plain = to_model_input(next(iter(build_train_loader(synth_dir, 16, **kw)))[0])
+    gray = to_model_input(next(iter(build_train_loader(synth_dir, 16, augment={"gray_prob": 1.0}, **kw)))[0])
     assert (gray[:, 0] - gray[:, 1]).abs().max() < 0.02 and (gray[:, 1] - gray[:, 2]).abs().max() < 0.02
     assert (plain[:, 0] - plain[:, 1]).abs().max() > 0.2
     for aug in ({"resize_prob": 1.0, "resize_min": 0.3}, {"blur_prob": 1.0}, {"hsv_prob": 1.0}):
         x, y = next(iter(build_train_loader(synth_dir, 16, augment=aug, **kw)))
+        x = to_model_input(x)
         assert x.shape == plain.shape and x.min() >= -1 and x.max() <= 1
         assert (x - plain).abs().mean() > 0.005, aug
     with pytest.raises(ValueError, match="unknown augment"):
@@ -336,3 +339,16 @@ def test_bad_selection_options_are_named(synth_dir):
         build_train_loader(synth_dir, 8, backend="torch", shuffle_mode="random")
     with pytest.raises(ValueError, match="block_bytes must be > 0"):
         build_train_loader(synth_dir, 8, backend="torch", block_bytes=0)
+
+
+def test_to_model_input_is_the_normalisation_the_models_expect(synth_dir):
+    """uint8 NHWC -> float NCHW in [-1, 1] on the device: the same tensor the float pipeline gave."""
+    from trainer.data import build_train_loader, to_model_input
+
+    images, _ = next(iter(build_train_loader(synth_dir, 8, backend="torch", num_threads=0, seed=1)))
+    x = to_model_input(images)
+    ref = images.permute(0, 3, 1, 2).to(torch.float64) / 127.5 - 1.0
+    assert x.dtype == torch.float32 and x.shape == (8, 3, 112, 112)
+    assert (x.double() - ref).abs().max() <= 1e-6
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert to_model_input(x) is x

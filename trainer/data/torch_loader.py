@@ -5,11 +5,11 @@ O(images per rank)); with the block shuffle it mixes the stream through a
 shuffle window (:func:`trainer.data.plan.window_shuffle`, ``shuffle_buffer``
 images). The sampler hands each worker a batch's image indices and flips.
 Workers (``num_threads`` processes) each read a whole batch with positional
-reads in byte order, decode with simplejpeg (libjpeg-turbo; Pillow for non-JPEG), flip, and
-return uint8 NHWC; the main process moves it to the device and normalises
-there (``(x - 127.5) / 127.5``, CHW), as the DALI pipeline does. On a CPU
-device the workers normalise (in shared memory), so the main process only
-receives finished batches.
+reads in byte order, decode with simplejpeg (libjpeg-turbo; Pillow for non-JPEG)
+straight into the batch buffer, flip, and return uint8 NHWC (pinned memory on
+CUDA); the main process copies it to the device (``non_blocking``), as the DALI
+pipeline delivers it. Cast and normalisation happen once, on the training
+device, in the step (:func:`trainer.data.to_model_input`).
 """
 from __future__ import annotations
 
@@ -36,20 +36,6 @@ def decode_image(data: bytes, where: str, size: Tuple[int, int] = (112, 112),
         raise RecordIOError(str(e)) from None
 
 
-def normalize_nhwc(imgs: torch.Tensor, shared: bool = False) -> torch.Tensor:
-    """uint8 NHWC -> float32 NCHW in [-1, 1]: ``(x - 127.5) / 127.5``, one strided copy + two in-place ops.
-
-    ``shared``: allocate in shared memory (inside a DataLoader worker this saves
-    the copy torch makes when sending the batch to the main process).
-    """
-    n, h, w, c = imgs.shape
-    out = torch.empty((n, c, h, w), dtype=torch.float32, device=imgs.device)
-    if shared:
-        out.share_memory_()
-    out.copy_(imgs.permute(0, 3, 1, 2))
-    return out.sub_(127.5).div_(127.5)
-
-
 class _EpochBatches(Dataset):
     """Item ``(epoch, b, image indices [B], flips [B])`` -> (images, int64 labels).
 
@@ -58,10 +44,10 @@ class _EpochBatches(Dataset):
     """
 
     def __init__(self, ds: FaceRecDataset, offsets: np.ndarray, seed: int,
-                 augment: Optional[AugmentConfig], size: Tuple[int, int], normalize: bool):
+                 augment: Optional[AugmentConfig], size: Tuple[int, int]):
         self.ds, self.offsets = ds, offsets
         self.seed, self.augment = seed, augment
-        self.size, self.normalize = size, normalize
+        self.size = size
 
     def __getitem__(self, item: Tuple[int, int, np.ndarray, np.ndarray]):
         epoch, b, idx, fl = item
@@ -89,8 +75,6 @@ class _EpochBatches(Dataset):
         if fl.any():
             out[fl] = out[fl, :, ::-1]
         imgs = torch.from_numpy(out)
-        if self.normalize:
-            imgs = normalize_nhwc(imgs, shared=torch.utils.data.get_worker_info() is not None)
         return imgs, torch.from_numpy(labels)
 
 
@@ -123,10 +107,7 @@ class TorchFaceLoader(FaceLoaderBase):
                          shuffle, flip, image_size, shuffle_mode, block_bytes, shuffle_buffer)
         if shuffle and shuffle_mode == "block":
             warn_if_identity_sorted(ds, batch_size, self.shuffle_buffer)
-        # CPU: normalise where the decoding happens (in parallel workers); CUDA: ship uint8, normalise on GPU
-        self._on_host = self.device.type == "cpu"
-        self._set = _EpochBatches(ds, ds.image_offsets, seed, augment, self.image_size,
-                                  normalize=self._on_host)
+        self._set = _EpochBatches(ds, ds.image_offsets, seed, augment, self.image_size)
         self._sampler = _EpochSampler(self._len)
         self._dl: Optional[DataLoader] = None
         self._plan_epoch: Optional[int] = None
@@ -164,6 +145,4 @@ class TorchFaceLoader(FaceLoaderBase):
         self._sampler.epoch, self._sampler.start = self.epoch, self.start_batch
         self.start_batch = 0  # a resume offset applies to one pass only
         for imgs, labels in self._loader():
-            if not self._on_host:
-                imgs = normalize_nhwc(imgs.to(self.device, non_blocking=True))
-            yield imgs, labels.to(self.device, non_blocking=True)
+            yield imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
