@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: demo test setup bench-head clean
+.PHONY: demo test setup bench-head gpu-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -18,6 +18,10 @@ test: $(STAMP)
 
 bench-head: $(STAMP)
 	$(PY) bench/head.py
+
+# On a CUDA machine (no venv needed; uses the installed torch): make gpu-check OUT=gpu_out [WHEELS=dir]
+gpu-check:
+	bash scripts/gpu_check.sh $(or $(OUT),gpu_out) $(WHEELS)
 
 clean:
 	rm -rf .venv demo_out .pytest_cache

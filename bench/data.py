@@ -5,11 +5,11 @@
 Generates the synthetic dataset (112x112 JPEGs) once under --data, then, in one
 run with the same thread count: a decode-only loop (simplejpeg over the same
 record payloads already in memory, ``threads`` threads), the DALI CPU pipeline
-(read, decode, flip, normalise, torch tensors) and the torch DataLoader
-fallback (``threads`` worker processes), plus a bare loop that decodes, flips
-and normalises to float32 CHW (what the loaders deliver) on the same threads.
-Prints images/s and ratios to the decode-only rate. Target: the default loader
->= 0.8x decode-only.
+(read, decode, flip, uint8 NHWC torch tensors) and the torch DataLoader
+fallback (``threads`` worker processes), plus a bare loop that decodes into a
+uint8 batch and flips (what the loaders deliver; the cast and normalisation to
+float happen on the training device) on the same threads. Prints images/s and
+ratios to the decode-only rate. Target: the default loader >= 0.8x decode-only.
 """
 from __future__ import annotations
 
@@ -42,10 +42,8 @@ def decode_only(payloads, threads: int, rounds: int) -> float:
         return n / (time.perf_counter() - t)
 
 
-def decode_normalise(payloads, threads: int, rounds: int, batch: int) -> float:
-    """Bare loop producing what the loaders produce: decode into a batch, flip, float CHW in [-1, 1]."""
-    from trainer.data.torch_loader import normalize_nhwc
-
+def decode_flip(payloads, threads: int, rounds: int, batch: int) -> float:
+    """Bare loop producing what the loaders produce: decode into a uint8 batch, flip."""
     batches = [payloads[i:i + batch] for i in range(0, len(payloads) - batch + 1, batch)]
 
     def work(chunk):
@@ -54,7 +52,6 @@ def decode_normalise(payloads, threads: int, rounds: int, batch: int) -> float:
             for j, p in enumerate(b):
                 simplejpeg.decode_jpeg(p, colorspace="RGB", buffer=out[j])
             out[::2] = out[::2, :, ::-1]
-            normalize_nhwc(torch.from_numpy(out))
         return sum(len(b) for b in chunk)
 
     chunks = [batches[i::threads] for i in range(threads)]
@@ -112,7 +109,7 @@ def main() -> None:
     # neighbour's burst should not decide a ratio
     for r in range(a.repeat):
         got = {"decode-only (simplejpeg)": decode_only(payloads, a.threads, a.epochs),
-               "decode+flip+normalise bare": decode_normalise(payloads, a.threads, a.epochs, a.batch_size)}
+               "decode+flip bare (uint8)": decode_flip(payloads, a.threads, a.epochs, a.batch_size)}
         for b in backends:
             got[f"{b} loader"] = loader_rate(data, b, a.threads, a.batch_size, a.epochs)
         print(f"round {r + 1}: " + ", ".join(f"{k} {v:.0f}" for k, v in got.items()))

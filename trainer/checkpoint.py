@@ -294,3 +294,48 @@ def try_load(candidates: List[Path], loader: Callable[[Path], Any],
         failures.append((path, why))
         log.warning("checkpoint %s is unreadable (%s); falling back to the previous one", path, why)
     return None, None, failures
+
+
+# --------------------------------------------------------------------- export
+def export(run_dir: Path, out: Path) -> Dict[str, Any]:
+    """One file from the newest complete checkpoint of ``run_dir``: ``{"backbone": state_dict,
+    "head_weight": [C, D] (every shard, class order), "num_classes": C, "step": S}``, written
+    atomically and loadable with ``torch.load(..., weights_only=True)``."""
+    root = Path(run_dir) / "checkpoints"
+    done = list_checkpoints(root)
+    if not done:
+        raise FileNotFoundError(f"{root}: no complete checkpoint (folder step_* with {MARKER})")
+    step, ckpt = done[-1]
+    meta = read_marker(ckpt)
+    ranges = meta["class_ranges"]
+    num_classes = int(ranges[-1][1]) if ranges else 0
+    state = load_file(Path(ckpt) / TRAINER_FILE)
+    weight = load_shard_for_range(ckpt, (0, num_classes), ranges)["head"]["weight"]
+    obj = {"backbone": {k: v.detach().cpu() for k, v in state["backbone"].items()},
+           "head_weight": weight.detach().cpu(), "num_classes": num_classes, "step": int(meta["step"])}
+    atomic_torch_save(obj, out)
+    return obj
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m trainer.checkpoint")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="merge the newest complete checkpoint's shards into one file")
+    e.add_argument("run_dir", help="run folder (config output:) holding checkpoints/")
+    e.add_argument("--out", required=True, help="file to write (.pt)")
+    a = p.parse_args(argv)
+    try:
+        obj = export(Path(a.run_dir), Path(a.out))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.out}: step {obj['step']}, head_weight {tuple(obj['head_weight'].shape)}, "
+          f"{len(obj['backbone'])} backbone tensors")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

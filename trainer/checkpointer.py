@@ -97,7 +97,10 @@ def history_from_tensors(t: Dict[str, torch.Tensor], upto: int) -> List[Dict[str
     out = []
     for i, s in enumerate(steps):
         if s <= upto:
-            out.append({"step": int(s), **{k: v[i] for k, v in cols.items() if not math.isnan(v[i])}})
+            rec = {k: v[i] for k, v in cols.items() if not math.isnan(v[i])}
+            if "skipped" in rec:
+                rec["skipped"] = bool(rec["skipped"])
+            out.append({"step": int(s), **rec})
     return out
 
 

@@ -126,3 +126,112 @@ def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     if factor == 1.0 or not x.requires_grad:
         return x
     return _ScaleGrad.apply(x, factor)
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum", group: ProcessGroup = None) -> torch.Tensor:
+    """In-place all-reduce (``op``: "sum" or "max") without gradient; a no-op in one process."""
+    _, world = world_info(group)
+    if world > 1:
+        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        dist.all_reduce(tensor, op=reduce_op, group=group)
+    return tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Exact distributed order statistics (radix selection on the float bit patterns)
+# --------------------------------------------------------------------------------------------
+_RADIX_BITS = 16
+_RADIX_BINS = 1 << _RADIX_BITS
+_KEY_DTYPES = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64)}
+
+
+def _sortable_keys(values: torch.Tensor) -> torch.Tensor:
+    """Signed integers with the order of the floats (``-0.0`` merged into ``+0.0``).
+
+    IEEE-754 bit patterns read as signed integers are ordered for non-negative
+    floats and reversed for negative ones; flipping every bit but the sign of the
+    negative ones makes the map monotone (and its own inverse). ``-0.0`` is first
+    turned into ``+0.0`` (``x + 0.0``) so that equal floats get equal keys.
+    """
+    int_dtype, bits = _KEY_DTYPES[values.dtype]
+    raw = (values + 0.0).view(int_dtype)
+    return raw ^ ((raw >> (bits - 1)) & ((1 << (bits - 1)) - 1))
+
+
+def _keys_to_floats(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    int_dtype, bits = _KEY_DTYPES[dtype]
+    keys = keys.to(int_dtype)
+    return (keys ^ ((keys >> (bits - 1)) & ((1 << (bits - 1)) - 1))).view(dtype)
+
+
+def _histogram(index: torch.Tensor, size: int) -> torch.Tensor:
+    """int64 counts of each value of ``index`` in ``[0, size)``, without a host sync."""
+    if index.device.type == "cpu":
+        return torch.bincount(index, minlength=size)  # fastest on CPU; syncs on CUDA
+    counts = torch.zeros(size, dtype=torch.int64, device=index.device)
+    return counts.index_add_(0, index, torch.ones(1, dtype=torch.int64, device=index.device).expand(index.numel()))
+
+
+def order_statistics(
+    local: torch.Tensor,
+    positions,
+    group: ProcessGroup = None,
+    chunk_elements: int = 1 << 20,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact 0-based order statistics of the union of every rank's ``local`` values.
+
+    ``local``: float32 or float64, any shape and strides (a 2-D view is read in
+    row chunks of about ``chunk_elements``); NaN entries are not values (they mark
+    holes, e.g. pairs another rank owns). ``positions(n)`` maps the global count
+    ``n`` (an int64 0-dim tensor) to an int64 tensor of ``m`` 0-based ranks in
+    ``[0, n)``. Returns ``(values [m], n)``: ``values[k]`` is bit for bit the
+    ``positions(n)[k]``-th smallest value, as ``torch.sort`` of the concatenation
+    gives it (``+0.0`` for a zero). Out-of-range positions give unspecified
+    values (no error: the caller knows ``n``).
+
+    Radix selection, 16 bits per pass from the top (2 passes for float32, 4 for
+    float64): each pass every rank counts its values per 16-bit digit among those
+    whose higher digits equal the prefix chosen so far (one histogram per target
+    position; the first pass has one shared histogram), one all-reduce SUM adds
+    the counts, and a cumulative sum picks the digit holding each target's rank.
+    The values are never moved, and nothing leaves the device (no host sync).
+    """
+    if local.dtype not in _KEY_DTYPES:
+        raise TypeError(f"order_statistics: float32 or float64 values expected, got {local.dtype}")
+    int_dtype, bits = _KEY_DTYPES[local.dtype]
+    rows = local.flatten(1) if local.dim() >= 2 else local.reshape(-1, 1)
+    chunk_rows = max(1, int(chunk_elements) // max(1, rows.shape[1]))
+    device = local.device
+    nb, half = _RADIX_BINS, _RADIX_BINS >> 1
+    ranks = prefix = n = None
+    for p in range(bits // _RADIX_BITS):
+        shift = bits - _RADIX_BITS * (p + 1)
+        m = 1 if p == 0 else ranks.numel()  # pass 0 has no prefix yet: one shared histogram
+        counts = torch.zeros(m, nb + 1, dtype=torch.int64, device=device)
+        if p > 0:
+            target_prefix = prefix.to(int_dtype)
+        for a in range(0, rows.shape[0], chunk_rows):
+            values = rows[a : a + chunk_rows].reshape(-1)
+            keys = _sortable_keys(values)
+            valid = ~torch.isnan(values)
+            if p == 0:
+                digit = (keys >> shift) + half  # the top digit is signed: shift it to [0, nb)
+                counts[0] += _histogram(torch.where(valid, digit, nb), nb + 1)
+                continue
+            high, digit = keys >> (shift + _RADIX_BITS), (keys >> shift) & (nb - 1)
+            for j in range(m):
+                hit = (high == target_prefix[j]) & valid
+                counts[j] += _histogram(torch.where(hit, digit, nb), nb + 1)
+        counts = all_reduce_(counts[:, :nb].contiguous(), "sum", group)
+        if p == 0:
+            n = counts.sum()
+            ranks = torch.as_tensor(positions(n), dtype=torch.int64, device=device).reshape(-1)
+            counts = counts.expand(ranks.numel(), nb)
+        cumulative = counts.cumsum(1)
+        # First digit whose cumulative count exceeds the rank: the target lies in that bin.
+        digit = torch.searchsorted(cumulative, ranks.unsqueeze(1), right=True).clamp_max(nb - 1)
+        below = cumulative.gather(1, digit) - counts.gather(1, digit)
+        ranks = ranks - below.squeeze(1)
+        digit = digit.squeeze(1)
+        prefix = digit - half if p == 0 else prefix * nb + digit
+    return _keys_to_floats(prefix, local.dtype), n

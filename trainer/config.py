@@ -70,7 +70,15 @@ class LossConfig:
     unpg: bool = False                 # add UNPG metric negatives (docs/design.md, the loss)
     wisk: float = 1.5                  # box-and-whisker width w
     negatives: str = "global"          # UNPG pairs over the gathered global batch | "local" (per rank)
+    unpg_sharded: Optional[bool] = None  # global pairs split over ranks (None: when world size > 1)
     sample_rate: float = 1.0           # Partial FC sampling rate (docs/design.md, sharding)
+    h: float = 0.333                   # adaface: margin scaler width (uses s and m too)
+    t_alpha: float = 0.01              # adaface: EMA rate of the global-batch norm statistics
+    l_a: float = 10.0                  # magface: norm range [l_a, u_a] ...
+    u_a: float = 110.0
+    l_m: float = 0.45                  # magface: ... mapped linearly to margins [l_m, u_m]
+    u_m: float = 0.8
+    lambda_g: float = 35.0             # magface: weight of the norm regulariser g(a)
 
 
 @dataclass
@@ -80,6 +88,9 @@ class DataConfig:
     batch_size: int = 128              # per rank, per micro-step
     backend: str = "auto"              # auto | dali | torch (trainer.data.BACKENDS)
     num_threads: int = 4
+    shuffle_mode: str = "block"        # block: permuted file blocks read in order + buffer | global
+    block_bytes: Optional[int] = None  # block size in bytes of .rec (None: the loader's default, 4 MiB)
+    shuffle_buffer: Optional[int] = None  # images in the mixing buffer (None: the loader's default)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # all off by default: flip only
 
 
@@ -171,6 +182,7 @@ MOVED_KEYS = {
 def _choices() -> Dict[str, tuple]:
     """Valid values of the keys with a fixed set, each from the module that owns it."""
     from trainer.data import BACKENDS
+    from trainer.data.plan import MODES as SHUFFLE_MODES
     from trainer.engine import ENGINES, PRECISIONS
     from trainer.heads.margins import MARGINS
     from trainer.heads.unpg import NEGATIVE_MODES
@@ -184,6 +196,7 @@ def _choices() -> Dict[str, tuple]:
         "loss.margin": MARGINS,
         "loss.negatives": NEGATIVE_MODES,
         "data.backend": BACKENDS,
+        "data.shuffle_mode": SHUFFLE_MODES,
         "optim.optimizer": OPTIMIZERS,
         "optim.scheduler": SCHEDULERS,
     }
@@ -316,7 +329,8 @@ def _check_ranges(cfg: Config) -> None:
                      "optim.grad_accum": o.grad_accum, "model.embedding_size": m.embedding_size,
                      "model.width": m.width, "checkpoint.keep_last": c.keep_last, "logging.log_every": lg.log_every,
                      "engine.deepspeed.reduce_bucket_size": cfg.engine.deepspeed.reduce_bucket_size,
-                     "engine.deepspeed.allgather_bucket_size": cfg.engine.deepspeed.allgather_bucket_size}.items():
+                     "engine.deepspeed.allgather_bucket_size": cfg.engine.deepspeed.allgather_bucket_size,
+                     "data.block_bytes": d.block_bytes, "data.shuffle_buffer": d.shuffle_buffer}.items():
         need(key, val, val is None or val >= 1, ">= 1")
     need("data.num_classes", d.num_classes, d.num_classes is None or d.num_classes >= 2,
          ">= 2 (a classifier needs at least two identities)")
@@ -333,6 +347,12 @@ def _check_ranges(cfg: Config) -> None:
     for key in ("loss.m", "loss.wisk", "optim.weight_decay", "optim.min_lr", "optim.clip_grad_norm", "optim.power"):
         need(key, floats[key], floats[key] >= 0, ">= 0")
     need("model.dropout", m.dropout, 0 <= m.dropout < 1, "in [0, 1)")
+    for key, val in {"loss.h": lo.h, "loss.lambda_g": lo.lambda_g, "loss.l_m": lo.l_m}.items():
+        need(key, val, math.isfinite(val) and val >= 0, "a finite number >= 0")
+    need("loss.t_alpha", lo.t_alpha, 0 < lo.t_alpha <= 1, "in (0, 1]")
+    need("loss.l_a", lo.l_a, math.isfinite(lo.l_a) and lo.l_a > 0, "> 0")
+    need("loss.u_a", lo.u_a, math.isfinite(lo.u_a) and lo.u_a > lo.l_a, f"> loss.l_a ({lo.l_a})")
+    need("loss.u_m", lo.u_m, math.isfinite(lo.u_m) and lo.u_m >= lo.l_m, f">= loss.l_m ({lo.l_m})")
     need("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)")
     need("optim.lr", o.lr, o.lr > 0, "> 0")
     need("optim.head_lr", o.head_lr, o.head_lr is None or o.head_lr > 0, "> 0")

@@ -29,6 +29,7 @@ import torch
 from trainer.backbones import get_backbone
 from trainer.checkpointer import CheckpointManager, Progress, is_restart
 from trainer.config import Config, ConfigError, to_yaml
+from trainer.data import to_model_input
 from trainer.distributed import DistInfo, all_ok, barrier, gather_strings, init_distributed
 from trainer.engine import NonFiniteLossError, build_engine
 from trainer.heads import UNPG, PartialFC, PartialFCSGD, build_margin
@@ -52,7 +53,8 @@ def default_loader_factory(cfg: Config, d: DistInfo):
     return build_train_loader(cfg.data.train_dir, cfg.data.batch_size, rank=d.rank,
                               world_size=d.world_size, device=d.device, backend=cfg.data.backend,
                               num_threads=cfg.data.num_threads, seed=cfg.run.seed,
-                              augment=cfg.data.augment, shuffle=True)
+                              augment=cfg.data.augment, shuffle=True, shuffle_mode=cfg.data.shuffle_mode,
+                              block_bytes=cfg.data.block_bytes, shuffle_buffer=cfg.data.shuffle_buffer)
 
 
 def build_backbone(cfg: Config, device: torch.device) -> torch.nn.Module:
@@ -67,10 +69,12 @@ def build_backbone(cfg: Config, device: torch.device) -> torch.nn.Module:
 
 def build_head(cfg: Config, num_classes: int, device: torch.device):
     lc, oc = cfg.loss, cfg.optim
-    head = PartialFC(margin=build_margin(lc.margin, s=lc.s, m=lc.m, margin_list=tuple(lc.margin_list)),
+    margin = build_margin(lc.margin, s=lc.s, m=lc.m, margin_list=tuple(lc.margin_list), h=lc.h,
+                          t_alpha=lc.t_alpha, l_a=lc.l_a, u_a=lc.u_a, l_m=lc.l_m, u_m=lc.u_m, lambda_g=lc.lambda_g)
+    head = PartialFC(margin=margin,
                      embedding_size=cfg.model.embedding_size, num_classes=num_classes,
                      sample_rate=lc.sample_rate,
-                     unpg=UNPG(wisk=lc.wisk, negatives=lc.negatives) if lc.unpg else None, device=device)
+                     unpg=UNPG(wisk=lc.wisk, negatives=lc.negatives, sharded=lc.unpg_sharded) if lc.unpg else None, device=device)
     head_lr = oc.head_lr if oc.head_lr is not None else oc.lr
     return head, PartialFCSGD(head, lr=head_lr, momentum=oc.momentum, weight_decay=oc.weight_decay), head_lr
 
@@ -215,15 +219,15 @@ class Trainer:
                 self.loader.set_epoch(p.epoch, start_batch=p.batch)
                 self._it = iter(self.loader)
             try:
-                batch = next(self._it)
+                images, labels = next(self._it)
                 p.batch += 1
-                return batch
+                return to_model_input(images), labels  # cast + normalise on the device
             except StopIteration:
                 p.epoch, p.batch, self._it = p.epoch + 1, 0, None
 
     # ----------------------------------------------------------------- train
     def _one_step(self):
-        return self.engine.train_step(self._next_batch, self.cfg.run.nan_policy, self.step + 1)
+        return self.engine.train_step(self._next_batch)
 
     def _validate(self, monitor: Monitor) -> None:
         accs = self.validator.run(self.step, self.engine.float_backbone(), self.engine.export_state_dict)
@@ -234,14 +238,16 @@ class Trainer:
                                self.num_classes, self.validator.best, self.cfg, self.history,
                                self.validator.history)
 
-    def _stop_if_preempted(self) -> None:
-        """Collective, once per step: if any rank got a preemption signal, save at this step and stop."""
+    def _stop_if_preempted(self, pending: List[tuple]) -> None:
+        """Collective, once per step (a host-side gloo all-reduce of one int, no device sync):
+        if any rank got a preemption signal, save at this step and stop."""
         if self.progress.step >= self.total_steps:
             return  # the run ends normally with its final checkpoint
         signum = self.preempt.agreed()
         if not signum:
             return
         step = self.progress.step
+        self._flush(pending)  # NaN policy and history before the checkpoint
         self.preempt.saving = True
         if not self.checkpointer.exists(step):
             self._save()
@@ -250,38 +256,70 @@ class Trainer:
         barrier()
         raise Preempted(signum, step)
 
+    def _flush(self, pending: List[tuple]) -> None:
+        """Read the steps' device values (one host sync) into the history; apply the NaN policy.
+        A skipped step changed no weight (the engine decided on the device); ``stop`` raises
+        naming the first such step, ``skip`` allows ``run.max_skips`` in a row."""
+        if not pending:
+            return
+        rows = []
+        for _, loss, skipped, kf in pending:
+            kept, pairs = kf if len(kf) == 2 else (0.0, 0.0)
+            rows.append(torch.stack([torch.as_tensor(v, device=loss.device).float().reshape(())
+                                     for v in (loss, skipped, kept, pairs)]))
+        vals = torch.stack(rows).cpu().tolist()
+        run = self.cfg.run
+        for (step, *_), row in zip(pending, vals):
+            rec: Dict[str, Any] = {"step": step, "loss": row[0]}
+            if row[3]:
+                rec["kept_fraction"] = row[2] / row[3]
+            if row[1]:
+                rec["skipped"] = True
+                self._skips += 1
+                if run.nan_policy == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss or gradient at step {step} (loss {row[0]}): stopping (run.nan_policy=stop; "
+                        "the step was not applied); check lr, data and precision, or resume from the last checkpoint")
+                if self._skips > run.max_skips:
+                    raise NonFiniteLossError(f"non-finite loss at step {step}: {self._skips} steps skipped in a row "
+                                             f"(run.max_skips={run.max_skips}); stopping")
+                log.warning("non-finite loss or gradient at step %d: step skipped (run.nan_policy=skip)", step)
+            else:
+                self._skips = 0
+            self.history.append(rec)
+        pending.clear()
+
     def train(self) -> Dict[str, Any]:
         cfg, p = self.cfg, self.progress
         per_step = cfg.data.batch_size * self.d.world_size * self.accum
         monitor = Monitor(self.out, self.d.is_main, self.total_steps, p.step, per_step, cfg=cfg.logging)
-        self._it, skips = None, 0
+        self._it, self._skips, pending = None, 0, []
         try:
             if cfg.validation.at_start and p.step < self.total_steps:
                 self._validate(monitor)
             self.engine.model.train()
             while p.step < self.total_steps:
-                out = self._one_step()
-                if not out.ok:
-                    skips += 1
-                    if skips > cfg.run.max_skips:
-                        raise NonFiniteLossError(f"non-finite loss at step {p.step + 1}: {skips} steps skipped "
-                                                 f"in a row (run.max_skips={cfg.run.max_skips}); stopping")
-                    log.warning("non-finite loss at step %d: step skipped (nan_policy=skip)", p.step + 1)
-                    continue
-                skips, p.step = 0, p.step + 1
-                loss, lr = float(np.mean(out.losses)), self.scheduler.get_lr()
+                out = self._one_step()  # no host sync in steady state (DDP engine)
+                p.step += 1
+                lr = self.scheduler.get_lr()
                 self.scheduler.step()
                 stats = getattr(self.head, "last_stats", {}) or {}
-                self.history.append({"step": p.step, "loss": loss, **(
-                    {"kept_fraction": stats["kept"] / stats["neg_pairs"]} if stats.get("neg_pairs") else {})})
-                monitor.record(p.step, p.epoch, loss, lr, out.grad_norm, self.engine.loss_scale(), stats, out.images)
+                pending.append((p.step, out.loss, out.skipped,
+                                tuple(stats[k] for k in ("kept", "neg_pairs") if k in stats)))
+                log_now = monitor.should_log(p.step)
+                val_now, save_now = self.validator.should_validate(p.step), self.checkpointer.should_save(p.step)
+                if log_now or val_now or save_now:
+                    self._flush(pending)  # NaN policy before any validation or checkpoint
+                monitor.record(p.step, p.epoch, lr, self.history[-1]["loss"] if log_now else None, out.grad_norm,
+                               self.engine.loss_scale, stats, out.images)
                 t_side = time.time()
-                if self.validator.should_validate(p.step):
+                if val_now:
                     self._validate(monitor)
-                if self.checkpointer.should_save(p.step):
+                if save_now:
                     self._save()
-                self._stop_if_preempted()
+                self._stop_if_preempted(pending)
                 monitor.exclude(time.time() - t_side)
+            self._flush(pending)
             if not self.validator.done_at(p.step):
                 self._validate(monitor)
             if not self.checkpointer.exists(p.step):

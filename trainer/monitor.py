@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
@@ -99,22 +99,28 @@ class Monitor:
             log.info(msg)
         return sps
 
-    def record(self, step: int, epoch: int, loss: float, lr: float, grad_norm: Optional[float],
-               loss_scale: Optional[float], head_stats: Mapping[str, Any], images: Optional[torch.Tensor]) -> None:
-        """After optimizer step ``step``: progress bar; the first batch's image grid; console
-        line and scalars every ``log_every`` steps (and at the last); UNPG histograms every
-        ``hist_every``."""
+    def should_log(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step == self.total_steps
+
+    def record(self, step: int, epoch: int, lr: float, loss: Optional[float], grad_norm: Optional[torch.Tensor],
+               loss_scale: Callable[[], Optional[float]], head_stats: Mapping[str, Any],
+               images: Optional[torch.Tensor]) -> None:
+        """After optimizer step ``step``: progress bar; the first batch's image grid; at logging
+        steps (``loss`` given) the console line and scalars; UNPG histograms every
+        ``hist_every``. Device tensors are read here, at those steps only."""
         self.tick(step)
         if step == 1 and self.cfg.image_grid and images is not None:
             self.images(step, "train/input", images)
-        if step % self.cfg.log_every == 0 or step == self.total_steps:
+        if loss is not None:
             sps = self.line(step, epoch, loss, lr)
             vals = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": sps}
             if grad_norm is not None:
-                vals["train/grad_norm"] = grad_norm
-            if loss_scale is not None:
-                vals["train/loss_scale"] = loss_scale
-            vals.update({f"unpg/{k}": float(v) for k, v in head_stats.items() if isinstance(v, (int, float))})
+                vals["train/grad_norm"] = float(grad_norm)
+            scale = loss_scale()
+            if scale is not None:
+                vals["train/loss_scale"] = scale
+            vals.update({f"unpg/{k}": float(v) for k, v in head_stats.items()
+                         if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)})
             self.scalars(step, vals)
         if self.cfg.hist_every and step % self.cfg.hist_every == 0:
             sims = head_stats.get("neg_sims")

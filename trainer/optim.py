@@ -14,14 +14,31 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("poly", "cosine", "constant")
 
 
-def build_backbone_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, weight decay) or AdamW over the trainable backbone parameters."""
+def build_backbone_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = True) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay) or AdamW over the trainable backbone parameters.
+
+    The fused implementation where torch has one for the device: it is faster and can
+    skip a step on the device (``found_inf``, GradScaler's protocol), which the engine
+    uses so that a non-finite step costs no host sync."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+        cls, kw = torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        cls, kw = torch.optim.AdamW, dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+    if not fused:  # DeepSpeed wraps the optimizer and steps it itself
+        return cls(params, **kw)
+    try:
+        opt = cls(params, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device / dtype
+        return cls(params, **kw)
+    if cls is torch.optim.SGD and cfg.momentum > 0:
+        # Zero momentum buffers up front (same first step: buf = 0 * m + grad). A fused first
+        # step that is skipped on the device would otherwise leave them uninitialised.
+        for p in params:
+            opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return opt
 
 
 def lr_factor(step: int, total_steps: int, kind: str, warmup_steps: int = 0,

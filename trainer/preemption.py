@@ -4,8 +4,8 @@ SLURM (``--signal``, and SIGTERM at the time limit or on preemption) and Kuberne
 (SIGTERM, then SIGKILL after ``terminationGracePeriodSeconds``) warn a job before
 killing it. On a signal of ``run.preempt_signals`` (default SIGTERM, SIGUSR1) the
 handler only sets a flag; every rank finishes its current optimizer step, the ranks
-agree on the flag (one all-reduce MAX of one int per step: the price of never
-leaving a rank behind in a collective), save a checkpoint at that step together
+agree on the flag (one all-reduce MAX of one int per step, host-side over gloo, no
+device sync: the price of never leaving a rank behind in a collective), save a checkpoint at that step together
 (atomic, marker last) and exit with :data:`exit_code` = 128 + the signal number
 (143 for SIGTERM, 138 for SIGUSR1: "ended by that signal", which Kubeflow's
 ``restartPolicy: ExitCode`` treats as retryable). ``resume: auto`` continues from it.
@@ -69,6 +69,7 @@ class PreemptionHandler:
         self.saving = False
         self._previous: Dict[int, object] = {}
         self._flag = None
+        self._group = None
         self._device = device
 
     def install(self) -> "PreemptionHandler":
@@ -104,14 +105,16 @@ class PreemptionHandler:
         return bool(self.signum)
 
     def agreed(self) -> int:
-        """Collective (every rank, every step): the signal number if ANY rank got one, else 0."""
+        """Collective (every rank, every step): the signal number if ANY rank got one, else 0.
+        A host-side all-reduce of one int over a gloo group (the default group when it is
+        gloo; a gloo twin of an NCCL group, made at the first call): no device sync."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return self.signum
         if self._flag is None:
-            dev = self._device if dist.get_backend() == "nccl" else torch.device("cpu")
-            self._flag = torch.zeros(1, dtype=torch.int32, device=dev)
+            self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            self._flag = torch.zeros(1, dtype=torch.int32)
         self._flag.fill_(self.signum)
-        dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group)
         got = int(self._flag.item())
         if got and not self.signum:
             self.signum, self.first_at = got, time.monotonic()

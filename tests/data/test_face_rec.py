@@ -101,3 +101,192 @@ def test_image_index_lists_only_images(synth_dir):
     ds = FaceRecDataset(synth_dir)
     lines = ds.image_index_path().read_text().splitlines()
     assert sorted(int(l.split("\t")[0]) for l in lines) == ds.image_keys.tolist()
+
+
+# --------------------------------------------------------------------------- vectorised scan, scan lock
+from trainer.data.recordio import MAGIC  # noqa: E402
+
+_MAGIC_BYTES = MAGIC.to_bytes(4, "little")
+
+
+def _mixed_rec(d, bad=None):
+    """Plain rec, keys written in reverse byte order: scalar labels, label arrays (flag 2 and 20),
+    split records (magic inside the image and inside the IRHeader id). ``bad``: {key: payload}."""
+    payloads = {}
+    for k in range(40):
+        lab = float(k % 7)
+        img = b"\xff\xd8" + bytes([k]) * (3 + k % 5)
+        if k % 5 == 1:
+            p = pack(IRHeader(0, [lab, 1.0]), img)
+        elif k % 5 == 2:
+            p = pack(IRHeader(0, [lab] + [0.5] * 19), img)
+        elif k % 5 == 3:
+            p = pack(IRHeader(0, lab), b"\xff\xd8\x00\x00" + _MAGIC_BYTES + img)  # split (cflag 1/3)
+        elif k % 5 == 4:
+            p = pack(IRHeader(0, lab, id=MAGIC), img)  # split inside the IRHeader
+        else:
+            p = pack(IRHeader(0, lab), img)
+        payloads[k] = p
+    payloads.update(bad or {})
+    with IndexedRecordWriter(d / "train.rec") as w:
+        for k in reversed(range(40)):
+            w.write(k, payloads[k])
+    return d
+
+
+def test_vectorised_scan_equals_the_per_record_path(tmp_path):
+    ds = FaceRecDataset(_mixed_rec(tmp_path))
+    r = IndexedRecordReader(tmp_path / "train.rec")
+    assert any((r._pread(r.offsets[k] + 4, 4)[3] >> 5) == 1 for k in (3, 4))  # really split on disk
+    labels = ds.scan(progress=False)
+    assert labels.tolist() == [k % 7 for k in range(40)]
+    assert labels.tolist() == [ds._scan_one(k) for k in range(40)]
+
+
+def test_vectorised_scan_on_synth_matches_per_record(synth_dir):
+    ds = FaceRecDataset(synth_dir)
+    lab = ds._scan_records(progress=False)
+    assert lab.tolist() == [ds._scan_one(int(k)) for k in ds.image_keys]
+
+
+@pytest.mark.parametrize("payload, message", [
+    (pack(IRHeader(0, 9.0), b"\xff\xd8x"), r"key 11 .*out of range \[0, 7\)"),
+    (pack(IRHeader(0, 2.5), b"\xff\xd8x"), r"key 11 .*not an integer"),
+    (pack(IRHeader(0, [3.0, 1.0]), b""), r"key 11 .*empty image"),
+    (b"short", r"key 11 .*shorter than the 24-byte IRHeader"),
+])
+def test_scan_names_the_first_bad_key_in_key_order(tmp_path, payload, message):
+    # key 30 is bad too and comes first in byte order: the error still names key 11
+    d = _mixed_rec(tmp_path, {11: payload, 30: pack(IRHeader(0, -1.0), b"\xff\xd8x")})
+    (d / "property").write_text("7,112,112")
+    with pytest.raises(RecordIOError, match=r"train\.rec \(" + message):
+        FaceRecDataset(d).scan(progress=False)
+
+
+_SCANNER = r'''
+import pathlib, sys, time
+import trainer.data.face_rec as fr
+data, marker, go = sys.argv[1:4]
+orig, calls = fr._scan_group, [0]
+def hooked(*a, **k):
+    calls[0] += 1
+    if marker != "-" and calls[0] == 1:
+        pathlib.Path(marker).write_text("scanning")
+        while not pathlib.Path(go).exists():
+            time.sleep(0.05)
+    return orig(*a, **k)
+fr._scan_group = hooked
+lab = fr.FaceRecDataset(data).scan(progress=False)
+print("RESULT", calls[0], int(lab.sum()), flush=True)
+'''
+
+
+def _spawn(args, tmp_path, name):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    err = open(tmp_path / f"{name}.err", "w")
+    return subprocess.Popen([sys.executable, "-c", _SCANNER, *map(str, args)], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=err, text=True)
+
+
+def _wait_for(pred, what, timeout=120):
+    import time
+
+    t = time.monotonic()
+    while not pred():
+        assert time.monotonic() - t < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("kill", [False, True])
+def test_one_scan_per_node_and_a_killed_scanner_does_not_block(synth_dir, tmp_path, kill):
+    """A scans and holds the lock (stopped inside its scan); B, started meanwhile, waits for it.
+    A finishes: B loads A's cache without scanning. A is killed: B scans itself."""
+    expected = int(FaceRecDataset(synth_dir)._scan_records(progress=False).sum())
+    marker, go = tmp_path / "scanning", tmp_path / "go"
+    a = _spawn([synth_dir, marker, go], tmp_path, "a")
+    try:
+        _wait_for(marker.exists, "the first scanner to start")
+        b = _spawn([synth_dir, "-", "-"], tmp_path, "b")
+        _wait_for(lambda: "waiting for the label scan by pid" in (tmp_path / "b.err").read_text(),
+                  "the second process to wait on the lock")
+        assert f"pid {a.pid} " in (tmp_path / "b.err").read_text()
+        if kill:
+            a.kill()
+            a.wait(timeout=60)
+        else:
+            go.write_text("go")
+            out_a, _ = a.communicate(timeout=120)
+            assert a.returncode == 0 and out_a.split() == ["RESULT", "1", str(expected)]
+        out_b, _ = b.communicate(timeout=120)
+        assert b.returncode == 0, (tmp_path / "b.err").read_text()[-2000:]
+        scans_b = 1 if kill else 0  # killed: B scans itself; else it loads A's cache
+        assert out_b.split() == ["RESULT", str(scans_b), str(expected)]
+    finally:
+        for p in (a, locals().get("b")):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    ds = FaceRecDataset(synth_dir)
+    assert ds._load_labels(ds._cache_dir() / "labels.npy") is not None  # the cache is in place
+
+
+def test_scan_lock_timeout_names_the_holder(synth_dir, tmp_path):
+    from trainer.data.face_rec import ScanLock
+
+    with ScanLock(tmp_path / "l.lock", "x.rec"):
+        with pytest.raises(TimeoutError, match=r"l\.lock: pid \d+ on .* still holds the label scan lock of x\.rec"):
+            with ScanLock(tmp_path / "l.lock", "x.rec", timeout=0.1):
+                pass
+    with ScanLock(tmp_path / "l.lock", "x.rec", timeout=0.1):  # released on exit
+        pass
+
+
+def test_parsed_index_is_cached_and_follows_the_file(synth_copy):
+    a = FaceRecDataset(synth_copy)
+    b = FaceRecDataset(synth_copy)  # loads the cached arrays (memory-mapped)
+    assert isinstance(b.reader.offsets.key_array, np.memmap)
+    assert b.reader.keys == a.reader.keys and np.array_equal(b.image_offsets, a.image_offsets)
+    assert b.read_image(5) == a.read_image(5)
+    # rewriting train.idx (e.g. validate --write-index) changes the cache key: parsed again
+    r = IndexedRecordReader(synth_copy / "train.rec")
+    keep = [k for k in r.keys if k != 7]
+    from trainer.data.recordio import write_index
+
+    write_index(synth_copy / "train.idx", [(k, r.offsets[k]) for k in keep])
+    with pytest.warns(UserWarning, match="1 of the 96 image keys"):
+        c = FaceRecDataset(synth_copy)
+    assert 7 not in c.reader and c.num_images == 95
+
+
+def test_index_parse_waits_for_the_process_holding_the_lock(synth_copy, capfd):
+    import threading
+    import time
+
+    from trainer.data.face_rec import ScanLock
+
+    first = FaceRecDataset(synth_copy)
+    d = first._cache_dir()
+    saved = {n: (d / n).read_bytes() for n in ("idx_keys.npy", "idx_offsets.npy")}
+    for n in saved:
+        (d / n).unlink()
+    got = {}
+    with ScanLock(d / "index.lock", "holder", task="index parse"):
+        t = threading.Thread(target=lambda: got.setdefault("ds", FaceRecDataset(synth_copy)))
+        t.start()
+        err, t0 = "", time.monotonic()
+        while "waiting for the index parse" not in err:
+            assert time.monotonic() - t0 < 60, "the second opener did not wait on the index lock"
+            err += capfd.readouterr().err
+            time.sleep(0.05)
+        for n, b in saved.items():  # what the lock holder would have written
+            (d / n).write_bytes(b)
+    t.join(60)
+    ds = got["ds"]
+    assert isinstance(ds.reader.offsets.key_array, np.memmap)  # loaded the holder's cache, no parse
+    assert ds.reader.keys == first.reader.keys

@@ -32,10 +32,10 @@ def reference(data_dir):
 
 
 def identify(images, labels, ref):
-    """Map each output sample to its record; checks label and [-1, 1] float CHW."""
-    assert images.dtype == torch.float32 and images.shape[1:] == (3, 112, 112)
-    assert labels.dtype == torch.int64 and images.min() >= -1 and images.max() <= 1
-    u8 = (images * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """Map each output sample to its record; checks label and uint8 NHWC."""
+    assert images.dtype == torch.uint8 and images.shape[1:] == (112, 112, 3)
+    assert labels.dtype == torch.int64
+    u8 = images.numpy()
     out = []
     for img, lab in zip(u8, labels.tolist()):
         key, true_lab, flipped = ref[np.ascontiguousarray(img).tobytes()]
@@ -190,13 +190,16 @@ def test_validate_clean_index_makes_loaders_skip_bad_record(synth_copy):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=dali_ok)])
 def test_augmentations(synth_dir, backend):
+    from trainer.data import to_model_input
+
     kw = dict(backend=backend, shuffle=False, flip=False, num_threads=1)
-    plain = next(iter(build_train_loader(synth_dir, 16, **kw)))[0]
-    gray = next(iter(build_train_loader(synth_dir, 16, augment={"gray_prob": 1.0}, **kw)))[0]
+    plain = to_model_input(next(iter(build_train_loader(synth_dir, 16, **kw)))[0])
+    gray = to_model_input(next(iter(build_train_loader(synth_dir, 16, augment={"gray_prob": 1.0}, **kw)))[0])
     assert (gray[:, 0] - gray[:, 1]).abs().max() < 0.02 and (gray[:, 1] - gray[:, 2]).abs().max() < 0.02
     assert (plain[:, 0] - plain[:, 1]).abs().max() > 0.2
     for aug in ({"resize_prob": 1.0, "resize_min": 0.3}, {"blur_prob": 1.0}, {"hsv_prob": 1.0}):
         x, y = next(iter(build_train_loader(synth_dir, 16, augment=aug, **kw)))
+        x = to_model_input(x)
         assert x.shape == plain.shape and x.min() >= -1 and x.max() <= 1
         assert (x - plain).abs().mean() > 0.005, aug
     with pytest.raises(ValueError, match="unknown augment"):
@@ -257,6 +260,99 @@ def test_dali_warns_on_identity_sorted_file(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_train_loader(tmp_path / "r", 8, backend="dali", shuffle_buffer=32)
+
+
+# --------------------------------------------------------------------------- block / global selection
+_SMALL_BLOCKS = 20_000  # ~3 synthetic JPEGs per block: many blocks in the 96-image file
+
+
+@pytest.mark.parametrize("mode", ["block", "global"])
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=dali_ok)])
+def test_each_image_once_across_ranks_per_epoch(synth_dir, backend, world, mode):
+    ref = reference(synth_dir)
+    loaders = [build_train_loader(synth_dir, 8, rank=r, world_size=world, backend=backend, num_threads=0
+                                  if backend == "torch" else 1, seed=5, shuffle_mode=mode,
+                                  block_bytes=_SMALL_BLOCKS, shuffle_buffer=16) for r in range(world)]
+    n_batches = (96 // world) // 8
+    assert all(len(L) == n_batches for L in loaders)
+    used = []
+    for epoch in range(2):
+        keys = []
+        for L in loaders:
+            L.set_epoch(epoch)
+            got = [k for x, y in L for k, _ in identify(x, y, ref)]
+            assert len(got) == n_batches * 8
+            keys += got
+        assert len(set(keys)) == len(keys) == world * n_batches * 8, f"epoch {epoch}"
+        assert set(keys) <= set(range(1, 97))
+        used.append(keys)
+    assert used[0] != used[1]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=dali_ok)])
+def test_block_mode_deterministic_and_resumable(synth_dir, backend):
+    kw = dict(backend=backend, num_threads=1, seed=4, rank=1, world_size=2, block_bytes=_SMALL_BLOCKS,
+              shuffle_buffer=12)
+    L = build_train_loader(synth_dir, 8, **kw)
+    L.set_epoch(2)
+    full = [(x.clone(), y.clone()) for x, y in L]
+    L2 = build_train_loader(synth_dir, 8, **kw)  # a fresh process would build it again
+    L2.set_epoch(2, start_batch=2)
+    tail = [(x.clone(), y.clone()) for x, y in L2]
+    assert len(tail) == len(full) - 2 == 4
+    for (a, b), (c, d) in zip(full[2:], tail):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_torch_block_mode_reads_in_byte_order_within_a_batch(synth_dir, monkeypatch):
+    from trainer.data.plan import read_pattern
+    from trainer.data.recordio import IndexedRecordReader
+
+    reads = []
+    orig = IndexedRecordReader.read
+    monkeypatch.setattr(IndexedRecordReader, "read", lambda self, k: reads.append(self.offsets[k]) or orig(self, k))
+    L = build_train_loader(synth_dir, 16, backend="torch", num_threads=0, block_bytes=_SMALL_BLOCKS,
+                           shuffle_buffer=32)
+    reads.clear()  # the header record read when opening the dataset
+    n = sum(1 for _ in L)
+    assert len(reads) == 16 * n
+    per_batch = np.asarray(reads).reshape(n, 16)
+    assert (np.diff(per_batch, axis=1) > 0).all()
+    assert read_pattern(np.asarray(reads), np.ones(len(reads)))["increasing"] >= 14 / 15 - 1e-9
+
+
+@dali_ok
+def test_dali_reads_only_its_own_share(synth_dir):
+    loaders = [build_train_loader(synth_dir, 8, rank=r, world_size=3, backend="dali", num_threads=1,
+                                  block_bytes=_SMALL_BLOCKS) for r in range(3)]
+    idx = [L._epoch_index(1) for L in loaders]
+    lines = [Path(p).read_text().splitlines() for p in idx]
+    assert [len(x) for x in lines] == [32, 32, 32]  # each index holds one rank's images only
+    offs = [[int(l.split("\t")[1]) for l in x] for x in lines]
+    assert all(o == sorted(o) for o in offs)
+    keys = [int(l.split("\t")[0]) for x in lines for l in x]
+    assert len(set(keys)) == 96
+
+
+def test_bad_selection_options_are_named(synth_dir):
+    with pytest.raises(ValueError, match="shuffle_mode must be one of"):
+        build_train_loader(synth_dir, 8, backend="torch", shuffle_mode="random")
+    with pytest.raises(ValueError, match="block_bytes must be > 0"):
+        build_train_loader(synth_dir, 8, backend="torch", block_bytes=0)
+
+
+def test_to_model_input_is_the_normalisation_the_models_expect(synth_dir):
+    """uint8 NHWC -> float NCHW in [-1, 1] on the device: the same tensor the float pipeline gave."""
+    from trainer.data import build_train_loader, to_model_input
+
+    images, _ = next(iter(build_train_loader(synth_dir, 8, backend="torch", num_threads=0, seed=1)))
+    x = to_model_input(images)
+    ref = images.permute(0, 3, 1, 2).to(torch.float64) / 127.5 - 1.0
+    assert x.dtype == torch.float32 and x.shape == (8, 3, 112, 112)
+    assert (x.double() - ref).abs().max() <= 1e-6
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert to_model_input(x) is x
 
 
 def _flip_entropy_bytes(d, key):

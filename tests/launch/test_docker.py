@@ -122,7 +122,9 @@ def _docker_pip_installs():
                     files.append(toks[k + 1])
                     k += 2
                     continue
-                if not t.startswith("-"):
+                if t in (".", "./"):  # the project itself: must not resolve dependencies again
+                    assert "--no-deps" in toks, f"RUN {part.strip()}: the project is installed without --no-deps"
+                elif not t.startswith("-"):
                     specs.append(Requirement(t))
                 k += 1
     return specs, files, excluded

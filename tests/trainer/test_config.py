@@ -99,7 +99,8 @@ def test_sections_are_typed_including_augment():
     ("validation.every=-1", "validation.every"), ("logging.hist_every=-1", "logging.hist_every"),
     ("data.num_threads=0", "data.num_threads"), ("data.num_classes=1", "data.num_classes"),
     ("model.width=0", "model.width"), ("run.seed=-1", "run.seed"), ("run.seed=4294967296", "run.seed"),
-    ("optim.betas=[0.9]", "optim.betas"), ("optim.betas=[0.9,1.5]", "optim.betas"),
+    ("optim.betas=[0.9]", "optim.betas"), ("loss.t_alpha=0", "loss.t_alpha"), ("loss.u_a=5", "loss.u_a"),
+    ("data.block_bytes=0", "data.block_bytes"), ("optim.betas=[0.9,1.5]", "optim.betas"),
     ("optim.lr=.nan", "optim.lr"), ("run.preempt_signals=[SIGKILL]", "run.preempt_signals"),
     ("run.preempt_signals=[SIGNOPE]", "run.preempt_signals"),
 ])

@@ -111,14 +111,19 @@ def test_nan_loss_stops_naming_the_step_or_skips(tmp_path):
         {"out": "stop", "overrides": ["run.max_steps=6", "data.batch_size=16"], "kw": {"nan_at_batch": 3},
          "expect_error": True},
         {"out": "skip", "overrides": ["run.max_steps=5", "data.batch_size=16", "run.nan_policy=skip"],
-         "kw": {"nan_at_batch": 3}},
+         "kw": {"nan_at_batch": 3, "return_weights": True}},
     ], DATA)
     for rank_res in res:
         kind, msg = rank_res[0]
         assert kind == "NonFiniteLossError" and "at step 3" in msg, msg
     assert not (tmp_path / "stop" / "model.pt").exists()
-    losses = _losses(res[0][1])
-    assert len(losses) == 5 and all(l == l for l in losses)  # 5 real steps, no NaN trained on
+    hist = res[0][1]["history"]
+    # the NaN batch's step was skipped on the device: recorded as such, no weight changed by it
+    assert [h["step"] for h in hist] == [1, 2, 3, 4, 5] and [h.get("skipped", False) for h in hist] == [
+        False, False, True, False, False]
+    assert all(h["loss"] == h["loss"] for h in hist if not h.get("skipped"))
+    assert all(torch.isfinite(v).all() for v in res[0][1]["backbone"].values() if v.is_floating_point())
+    assert torch.isfinite(res[0][1]["head"]).all()
 
 
 def test_no_loadable_checkpoint_stops_every_rank_naming_each(tmp_path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Mapping, Optional, Union
 
-__all__ = ["BACKENDS", "build_train_loader", "resolve_backend"]
+__all__ = ["BACKENDS", "build_train_loader", "resolve_backend", "to_model_input"]
 
 #: data.backend choices
 BACKENDS = ("auto", "dali", "torch")
@@ -21,6 +21,18 @@ BACKENDS = ("auto", "dali", "torch")
 #: backend="auto" on CPU-only runs: DALI's CPU pipeline beat the torch fallback
 #: 1.2-2x in bench/data.py on the 2-core development machine (docs/data.md).
 DEFAULT_CPU_BACKEND = "dali"
+
+
+def to_model_input(images):
+    """A loader's uint8 NHWC batch (on the training device) -> float32 NCHW in [-1, 1],
+    ``(x - 127.5) / 127.5``: the one cast + normalisation, done on the device inside the
+    step. The result has channels_last strides (fast convolutions on GPUs). Float input
+    (already normalised, e.g. a test's in-memory loader) is returned as it is."""
+    import torch
+
+    if images.dtype != torch.uint8:
+        return images
+    return images.permute(0, 3, 1, 2).float().sub_(127.5).div_(127.5)
 
 
 def resolve_backend(backend: str, device) -> str:
@@ -48,14 +60,18 @@ def resolve_backend(backend: str, device) -> str:
 def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int = 1,
                        device=None, backend: str = "auto", num_threads: int = 2, seed: int = 0,
                        augment: Union[None, Mapping[str, Any], "AugmentConfig"] = None,  # noqa: F821
-                       shuffle: bool = True, flip: bool = True, shuffle_buffer: Optional[int] = None):
+                       shuffle: bool = True, flip: bool = True, shuffle_buffer: Optional[int] = None,
+                       shuffle_mode: str = "block", block_bytes: Optional[int] = None):
     """Build the training loader for ``data_dir`` (train.rec, train.idx, property).
 
     Returns an object with ``num_classes``, ``num_images``, ``len()`` (batches per
     epoch per rank, equal on every rank, partial tail dropped), ``set_epoch(epoch,
-    start_batch=0)`` and iteration yielding ``(images float32 [B,3,112,112] in
-    [-1, 1], labels int64 [B])`` on ``device``. ``flip`` and ``shuffle_buffer``
-    (DALI's local shuffle size) are extensions of the contract.
+    start_batch=0)`` and iteration yielding ``(images uint8 [B,112,112,3] RGB, flipped
+    where drawn, labels int64 [B])`` on ``device``; :func:`to_model_input` turns the
+    images into the model's float input on the device. ``flip``, ``shuffle_buffer``
+    (local shuffle size, images), ``shuffle_mode`` ("block": permuted blocks of
+    ``block_bytes`` of file read in order, then the shuffle buffer; "global": a
+    permutation of all images, random reads) are extensions of the contract.
     """
     import torch
 
@@ -67,15 +83,22 @@ def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from trainer.data.plan import MODES
+
+    if shuffle_mode not in MODES:
+        raise ValueError(f"shuffle_mode must be one of {MODES}, got {shuffle_mode!r}")
+    if block_bytes is not None and block_bytes <= 0:
+        raise ValueError(f"block_bytes must be > 0, got {block_bytes}")
     aug = AugmentConfig.coerce(augment)
     ds = FaceRecDataset(data_dir)
     chosen = resolve_backend(backend, device)
     common = dict(batch_size=batch_size, rank=rank, world_size=world_size, device=device,
-                  num_threads=num_threads, seed=seed, augment=aug, shuffle=shuffle, flip=flip)
+                  num_threads=num_threads, seed=seed, augment=aug, shuffle=shuffle, flip=flip,
+                  shuffle_buffer=shuffle_buffer, shuffle_mode=shuffle_mode, block_bytes=block_bytes)
     if chosen == "dali":
         from trainer.data.dali_loader import DaliFaceLoader
 
-        return DaliFaceLoader(ds, shuffle_buffer=shuffle_buffer, **common)
+        return DaliFaceLoader(ds, **common)
     if backend == "auto" and getattr(device, "type", "cpu") == "cuda":
         warnings.warn("nvidia-dali is not installed: using the slower torch DataLoader fallback")
     from trainer.data.torch_loader import TorchFaceLoader

@@ -1,4 +1,4 @@
-"""DALI pipeline over the RecordIO files: ``fn.readers.mxnet`` -> decode -> flip -> normalise.
+"""DALI pipeline over the RecordIO files: ``fn.readers.mxnet`` -> decode -> flip -> uint8 NHWC.
 
 How the DALI pitfalls found with 2.x are handled (docs/data.md):
 
@@ -16,11 +16,13 @@ How the DALI pitfalls found with 2.x are handled (docs/data.md):
   Corrupt JPEGs that DALI decodes without an error (garbled pixels) are caught
   before the first epoch by :mod:`trainer.data.decode_check` (the decoder
   ``validate`` and the torch loader use, once per dataset version, cached).
-* Shards: each epoch we write the epoch's selection (``world_size * len *
-  batch`` images, a random subset from (seed, epoch)) and let DALI cut it with
-  ``shard_id``/``num_shards`` from the process group; the count divides evenly,
-  ``pad_last_batch=True`` and ``stick_to_shard=True``, so no sample leaks across
-  epochs and every rank runs exactly ``len(loader)`` batches.
+* Shards: each epoch every rank writes an index of **its own** share of the
+  epoch (:class:`trainer.data.plan.RankPlan`: whole blocks of records from the
+  block shuffle, or its chunk of a global permutation; ``len * batch`` images,
+  sorted by byte offset, formatted with numpy in chunks) and DALI reads it as
+  its only shard (``num_shards=1``): O(N / world_size) per rank.
+  ``pad_last_batch=True``, so no sample leaks across epochs and every rank runs
+  exactly ``len(loader)`` batches.
 * The shuffle is a local buffer (``initial_fill``): default 8192 (clamped to the
   shard), with a warning when the file is identity-sorted so that the buffer
   holds too few identities per batch (``data_tools shuffle`` fixes the file).
@@ -36,16 +38,14 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from trainer.data import plan
 from trainer.data.augment import AugmentConfig, apply_dali
 from trainer.data.decode_check import ensure_decodable
 from trainer.data.face_rec import FaceRecDataset, warn_if_identity_sorted
-from trainer.data.loader_base import FaceLoaderBase
-from trainer.data.recordio import write_index
+from trainer.data.loader_base import DEFAULT_SHUFFLE_BUFFER, FaceLoaderBase  # noqa: F401 (re-export)
+from trainer.data.recordio import write_index_arrays
 
 #: the DALI release this project is tested with (requirements.txt pins it).
 DALI_VERSION = "2.1.1"
-DEFAULT_SHUFFLE_BUFFER = 8192
 
 
 def dali_available() -> bool:
@@ -75,10 +75,9 @@ def _build_pipeline(rec: str, idx: str, batch_size: int, num_threads: int, devic
         if augment is not None and augment.active():
             images = apply_dali(images, augment, "gpu" if gpu else "cpu", size)
         mirror = fn.random.coin_flip(probability=0.5) if flip else 0
-        images = fn.crop_mirror_normalize(
-            images, dtype=types.FLOAT, output_layout="CHW",
-            mean=[127.5, 127.5, 127.5], std=[127.5, 127.5, 127.5], mirror=mirror,
-        )
+        # uint8 HWC out (a quarter of float32's bytes); the mirror is folded into this copy.
+        # Cast and normalisation happen on the training device (trainer.data.to_model_input).
+        images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", mirror=mirror)
         return images, labels[0:1]
 
     pipe = face_pipe(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
@@ -107,7 +106,8 @@ class DaliFaceLoader(FaceLoaderBase):
     def __init__(self, ds: FaceRecDataset, batch_size: int, rank: int, world_size: int,
                  device: torch.device, num_threads: int = 2, seed: int = 0,
                  augment: Optional[AugmentConfig] = None, shuffle: bool = True, flip: bool = True,
-                 shuffle_buffer: Optional[int] = None, image_size: Tuple[int, int] = (112, 112)):
+                 shuffle_buffer: Optional[int] = None, image_size: Tuple[int, int] = (112, 112),
+                 shuffle_mode: str = "block", block_bytes: Optional[int] = None):
         import warnings
 
         import nvidia.dali
@@ -119,21 +119,24 @@ class DaliFaceLoader(FaceLoaderBase):
                 "--write-index` first or install the pinned version"
             )
         super().__init__(ds, batch_size, rank, world_size, device, num_threads, seed, augment,
-                         shuffle, flip, image_size)
+                         shuffle, flip, image_size, shuffle_mode, block_bytes, shuffle_buffer)
         ensure_decodable(ds, rank, world_size, num_threads, self.image_size)  # validate's verdict
-        per_rank = self._len * batch_size
-        self.shuffle_buffer = min(shuffle_buffer or DEFAULT_SHUFFLE_BUFFER, per_rank)
         if shuffle:
             warn_if_identity_sorted(ds, batch_size, self.shuffle_buffer)
-        self._offsets = np.asarray([ds.reader.offsets[int(k)] for k in ds.image_keys], np.int64)
+        self._offsets = ds.image_offsets
         self._tmp = tempfile.mkdtemp(prefix="unpg-dali-")
 
+    def rank_index_arrays(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(keys, byte offsets) of this rank's images in ``epoch``, in the order DALI reads them."""
+        pos = self.plan.rank_positions(epoch)
+        offs = self._offsets[pos]
+        o = np.argsort(offs, kind="stable")  # DALI reads its index in byte order
+        return self.ds.image_keys[pos[o]], offs[o]
+
     def _epoch_index(self, epoch: int) -> str:
-        per_rank = self._len * self.batch_size
-        sel = plan.epoch_selection(self._offsets, self.seed, epoch, per_rank * self.world_size, self.shuffle)
-        sel = sel[np.argsort(self._offsets[sel], kind="stable")]  # DALI sorts by offset anyway
-        path = os.path.join(self._tmp, f"epoch{epoch}.idx")
-        write_index(path, [(int(self.ds.image_keys[i]), int(self._offsets[i])) for i in sel])
+        keys, offs = self.rank_index_arrays(epoch)
+        path = os.path.join(self._tmp, f"epoch{epoch}-rank{self.rank}.idx")
+        write_index_arrays(path, keys, offs)
         return path
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -147,7 +150,7 @@ class DaliFaceLoader(FaceLoaderBase):
             device_id = torch.cuda.current_device()
         pipe = _build_pipeline(
             str(self.ds.rec_path), idx, self.batch_size, self.num_threads, device_id,
-            self.rank, self.world_size, self.shuffle, self.shuffle_buffer,
+            0, 1, self.shuffle, self.shuffle_buffer,
             int(np.random.default_rng([self.seed, epoch, self.rank]).integers(0, 2**31 - 1)),
             self.flip, self.augment, self.image_size,
         )
@@ -168,8 +171,8 @@ class DaliFaceLoader(FaceLoaderBase):
                 images = out["images"]
                 labels = out["labels"].reshape(-1).to(torch.int64)
                 if images.device != self.device:
-                    images = images.to(self.device)
-                    labels = labels.to(self.device)
+                    images = images.to(self.device, non_blocking=True)
+                    labels = labels.to(self.device, non_blocking=True)
                 elif labels.device != self.device:
                     labels = labels.to(self.device)
                 yield images, labels

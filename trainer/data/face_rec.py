@@ -9,9 +9,13 @@ an image. The physical order in the file may differ from key order.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import socket
+import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -20,11 +24,15 @@ import numpy as np
 
 from trainer.data.recordio import (
     IR_SIZE,
+    ArrayIndexedRecordReader,
+    MAGIC,
+    MAX_EXACT_LABEL,
+    MAX_LENGTH,
     IndexedRecordReader,
     RecordIOError,
     class_id,
     unpack,
-    write_index,
+    write_index_arrays,
 )
 
 PathLike = Union[str, os.PathLike]
@@ -71,12 +79,15 @@ class FaceRecDataset:
                 f"RecordIO index not found: {idx} (rebuild it with `python -m data_tools validate "
                 f"{self.data_dir} --write-index`)"
             )
-        self.reader = IndexedRecordReader(rec, idx)
+        self._paths = (rec, idx)
+        self.reader: IndexedRecordReader = ArrayIndexedRecordReader(rec, idx, self._load_index_cache())
         prop = read_property(self.data_dir)
         self._property_classes = prop[0] if prop else None
         self.header: Optional[Tuple[int, int]] = None
         self.missing_images = 0
-        keys = np.asarray(sorted(self.reader.keys), dtype=np.int64)
+        keys = self.reader.offsets.key_array
+        if keys.size > 1 and not bool(np.all(keys[1:] > keys[:-1])):
+            keys = np.sort(keys)
         if 0 in self.reader:
             h, _ = unpack(self.reader.read(0), self.reader.where(0))
             if h.flag > 0:
@@ -107,6 +118,13 @@ class FaceRecDataset:
         return self.reader.rec_path
 
     @property
+    def image_offsets(self) -> np.ndarray:
+        """Byte offsets (int64) of the image records, aligned with ``image_keys``."""
+        if getattr(self, "_image_offsets", None) is None:
+            self._image_offsets = self.reader.offsets.lookup(self.image_keys)
+        return self._image_offsets
+
+    @property
     def num_images(self) -> int:
         return int(self.image_keys.size)
 
@@ -132,57 +150,132 @@ class FaceRecDataset:
         return cid, img
 
     # ------------------------------------------------------------------ label scan
+    def _load_index_cache(self) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """(keys, offsets) of ``train.idx`` from the cache (memory-mapped: the ranks of a node share
+        the pages). On a miss one process per node parses and writes it (:class:`ScanLock`) while
+        the others wait for it."""
+        from trainer.data.recordio import read_index_arrays
+
+        d = self._cache_dir()
+        got = self._index_from_cache(d)
+        if got is not None:
+            return got
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            lock: Optional[ScanLock] = ScanLock(d / "index.lock", str(self._paths[1]), task="index parse")
+        except OSError:
+            return read_index_arrays(self._paths[1])
+        with lock:
+            got = self._index_from_cache(d)
+            if got is not None:
+                return got
+            keys, offs = read_index_arrays(self._paths[1])
+            try:
+                from trainer.io.atomic import atomic_open
+
+                for name, arr in (("idx_keys.npy", keys), ("idx_offsets.npy", offs)):
+                    with atomic_open(d / name, "wb") as f:
+                        np.save(f, arr)
+            except OSError:
+                pass
+        return keys, offs
+
+    @staticmethod
+    def _index_from_cache(d: Path) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        try:
+            keys = np.load(d / "idx_keys.npy", mmap_mode="r", allow_pickle=False)
+            offs = np.load(d / "idx_offsets.npy", mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        if keys.shape == offs.shape and keys.ndim == 1 and keys.dtype == offs.dtype == np.int64:
+            return keys, offs
+        return None
+
     def _cache_dir(self) -> Path:
-        st_r, st_i = self.reader.rec_path.stat(), self.reader.idx_path.stat()
-        tag = (f"{self.reader.rec_path.resolve()}|{st_r.st_ino}|{st_r.st_size}|{st_r.st_mtime_ns}|"
+        rec_path, idx_path = self._paths
+        st_r, st_i = rec_path.stat(), idx_path.stat()
+        tag = (f"{rec_path.resolve()}|{st_r.st_ino}|{st_r.st_size}|{st_r.st_mtime_ns}|"
                f"{st_i.st_ino}|{st_i.st_size}|{st_i.st_mtime_ns}")
         digest = hashlib.sha1(tag.encode()).hexdigest()[:16]
         base = Path(os.environ.get("UNPG_DATA_CACHE", Path(tempfile.gettempdir()) / "unpg-data-cache"))
-        return base / f"{self.reader.rec_path.stem}-{digest}"
+        return base / f"{rec_path.stem}-{digest}"
 
-    def scan(self, progress: bool = False) -> np.ndarray:
+    def scan(self, progress: Optional[bool] = None, lock_timeout: Optional[float] = None) -> np.ndarray:
         """Labels of every image record (int64, aligned with ``image_keys``).
 
         Reads only the record headers (plus the IRHeader), checks framing, that
         the image is not empty and the label is an exact integer in range.
-        Cached on disk keyed by the files' size and mtime.
+        Cached on disk keyed by the files' size and mtime. One process per
+        cache directory scans (a lock file, :class:`ScanLock`); the others wait
+        for its cache file, and scan themselves if the scanner died.
+        ``progress``: a tqdm bar (None: when stderr is a terminal).
         """
         if self.labels is not None:
             return self.labels
         cache = self._cache_dir() / "labels.npy"
-        if cache.is_file():
+        lab = self._load_labels(cache)
+        if lab is None:
             try:
-                lab = np.load(cache)
-                if lab.shape == self.image_keys.shape:
-                    self.labels = lab
-                    return lab
-            except Exception:
-                pass
-        labels = np.empty(self.image_keys.size, dtype=np.int64)
-        it = self.image_keys
-        if progress:
-            from tqdm import tqdm
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                lock: Optional[ScanLock] = ScanLock(cache.parent / "labels.lock", str(self.rec_path),
+                                                    timeout=lock_timeout)
+            except OSError:
+                lock = None  # read-only cache location: scan without sharing
+            if lock is None:
+                lab = self._scan_records(progress)
+            else:
+                with lock:
+                    lab = self._load_labels(cache)  # written by the process we waited for
+                    if lab is None:
+                        lab = self._scan_records(progress)
+                        self._save_labels(cache, lab)
+        self.labels = lab
+        return lab
 
-            it = tqdm(it, desc=f"scanning {self.rec_path.name}", unit="rec")
-        nc = self._property_classes
-        for i, key in enumerate(it):
-            key = int(key)
-            where = self.reader.where(key)
-            head, length = self.reader.read_head(key, IR_SIZE + 64)
-            h, rest = unpack(head, where)
-            labels[i] = class_id(h, where, nc)
-            if length - IR_SIZE - 4 * max(h.flag, 0) <= 0:
-                raise RecordIOError(f"{where}: empty image (record holds a header only)")
-        self.labels = labels
+    def _load_labels(self, cache: Path) -> Optional[np.ndarray]:
+        if not cache.is_file():
+            return None
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
+            lab = np.load(cache, mmap_mode="r", allow_pickle=False)  # shared by the node's ranks
+        except Exception:
+            return None
+        return lab if lab.shape == self.image_keys.shape and lab.dtype == np.int64 else None
+
+    @staticmethod
+    def _save_labels(cache: Path, labels: np.ndarray) -> None:
+        try:
             from trainer.io.atomic import atomic_open
 
             with atomic_open(cache, "wb") as f:
                 np.save(f, labels)
         except OSError:
             pass
+
+    def _scan_records(self, progress: Optional[bool]) -> np.ndarray:
+        """Vectorised header scan: large sequential reads, numpy checks; any record the
+        fast path does not accept (split records, errors) goes through :meth:`_scan_one`
+        in key order, which gives the exact label or the error naming file and key."""
+        if self.image_keys.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        labels, ok = scan_labels(self.rec_path, self.image_offsets, self.reader.file_size,
+                                 self._property_classes, progress)
+        bad = ~ok
+        for i in np.flatnonzero(bad).tolist():  # key order: the first bad key raises
+            labels[i] = self._scan_one(int(self.image_keys[i]))
         return labels
+
+    def _scan_one(self, key: int) -> int:
+        """The per-record path (split records; exact errors naming file and key)."""
+        where = self.reader.where(key)
+        head, length = self.reader.read_head(key, IR_SIZE + 64)
+        flag = int.from_bytes(head[:4], "little") if len(head) >= 4 else 0
+        if len(head) < IR_SIZE + 4 * flag <= length:  # a long label array (face2rec with many labels)
+            head, length = self.reader.read_head(key, IR_SIZE + 4 * flag)
+        h, _ = unpack(head, where)
+        cid = class_id(h, where, self._property_classes)
+        if length - IR_SIZE - 4 * max(h.flag, 0) <= 0:
+            raise RecordIOError(f"{where}: empty image (record holds a header only)")
+        return cid
 
     def image_index_path(self) -> Path:
         """Path of an index listing only image records (what DALI must be fed).
@@ -193,7 +286,7 @@ class FaceRecDataset:
         p = self._cache_dir() / "images.idx"
         if not p.is_file():
             p.parent.mkdir(parents=True, exist_ok=True)
-            write_index(p, [(int(k), self.reader.offsets[int(k)]) for k in self.image_keys])
+            write_index_arrays(p, self.image_keys, self.image_offsets)
         return p
 
     def identity_order_stats(self) -> Dict[str, float]:
@@ -201,13 +294,164 @@ class FaceRecDataset:
         labels = self.scan()
         if labels.size == 0:
             return {"mean_run": 0.0, "images_per_identity": 0.0}
-        offs = np.asarray([self.reader.offsets[int(k)] for k in self.image_keys])
-        lab = labels[np.argsort(offs, kind="stable")]
+        offs = self.image_offsets
+        in_order = offs.size < 2 or bool(np.all(offs[1:] > offs[:-1]))
+        lab = labels if in_order else labels[np.argsort(offs, kind="stable")]
         runs = 1 + int(np.count_nonzero(lab[1:] != lab[:-1]))
         return {
             "mean_run": lab.size / runs,
-            "images_per_identity": lab.size / max(1, np.unique(lab).size),
+            "images_per_identity": lab.size / max(1, int(np.count_nonzero(np.bincount(lab)))),
         }
+
+
+#: the vectorised scan reads the file in sequential pieces of at most this many bytes / records.
+SCAN_CHUNK_BYTES = 64 << 20
+SCAN_CHUNK_RECORDS = 1 << 20
+#: bytes gathered per record: 8 framing + 24 IRHeader + the first float32 of a label array.
+_HEAD_BYTES = 8 + IR_SIZE + 4
+#: mean bytes per record above which a group is read with one small pread per record.
+_SPARSE_BYTES = 64 << 10
+
+
+def _scan_group(fd: int, offs: np.ndarray, file_size: int, num_classes: Optional[int]
+                ) -> Tuple[np.ndarray, np.ndarray]:
+    """(labels, ok) of the records starting at sorted byte offsets ``offs``.
+
+    ``ok`` is False for every record the fast path does not vouch for: bad
+    magic, a split record (cflag != 0), truncation, a payload shorter than its
+    IRHeader and label array, an empty image, a label that is not an exact
+    integer in [0, min(num_classes, 2^24)). Those are re-read one by one.
+    """
+    m = offs.size
+    start = int(offs[0])
+    stop = min(int(offs[-1]) + _HEAD_BYTES, file_size)
+    if (stop - start) / m <= _SPARSE_BYTES:
+        buf = os.pread(fd, stop - start, start)
+        arr = np.zeros(stop - start + _HEAD_BYTES, np.uint8)
+        arr[:len(buf)] = np.frombuffer(buf, np.uint8)
+        rel = offs - start
+        heads = arr[rel[:, None] + np.arange(_HEAD_BYTES)]
+    else:  # big records: only their heads, one small read each
+        heads = np.zeros((m, _HEAD_BYTES), np.uint8)
+        for r, off in enumerate(offs.tolist()):
+            b = os.pread(fd, _HEAD_BYTES, off)
+            heads[r, :len(b)] = np.frombuffer(b, np.uint8)
+    u = heads.view("<u4")  # [m, 9]: magic, lrec, flag, label, id lo/hi, id2 lo/hi, first array label
+    f = heads.view("<f4")
+    magic, lrec, flag = u[:, 0], u[:, 1], u[:, 2].astype(np.int64)
+    length = (lrec & MAX_LENGTH).astype(np.int64)
+    ok = (magic == MAGIC) & ((lrec >> 29) == 0) & (offs + 8 + length <= file_size)
+    ok &= length - IR_SIZE - 4 * flag > 0  # IRHeader + label array + a non-empty image
+    val = np.where(flag > 0, f[:, 8], f[:, 3]).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        ok &= np.isfinite(val) & (val == np.floor(val)) & (val >= 0)
+        ok &= val < (MAX_EXACT_LABEL if num_classes is None else min(num_classes, MAX_EXACT_LABEL))
+    lab = np.where(ok, val, 0).astype(np.int64)
+    return lab, ok
+
+
+def scan_labels(rec_path: PathLike, offsets: np.ndarray, file_size: int, num_classes: Optional[int],
+                progress: Optional[bool] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(labels, ok) of the records at ``offsets`` (any order), read in byte order in
+    pieces of <= ``SCAN_CHUNK_BYTES``; ``ok`` False marks records to re-check one by one."""
+    n = offsets.size
+    labels = np.zeros(n, dtype=np.int64)
+    ok = np.zeros(n, dtype=bool)
+    if n == 0:
+        return labels, ok
+    sorted_already = n < 2 or bool(np.all(offsets[1:] > offsets[:-1]))
+    order = None if sorted_already else np.argsort(offsets, kind="stable")
+    so = offsets if order is None else offsets[order]
+    if progress is None:
+        progress = sys.stderr.isatty()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"scanning {Path(rec_path).name}", unit="rec", unit_scale=True)
+    fd = os.open(rec_path, os.O_RDONLY)
+    try:
+        i = 0
+        while i < n:
+            j = int(np.searchsorted(so, so[i] + SCAN_CHUNK_BYTES, side="left"))
+            j = min(max(j, i + 1), i + SCAN_CHUNK_RECORDS)
+            lab, good = _scan_group(fd, so[i:j], file_size, num_classes)
+            where = slice(i, j) if order is None else order[i:j]
+            labels[where] = lab
+            ok[where] = good
+            if bar is not None:
+                bar.update(j - i)
+            i = j
+    finally:
+        os.close(fd)
+        if bar is not None:
+            bar.close()
+    return labels, ok
+
+
+class ScanLock:
+    """An exclusive ``flock`` on ``path`` (context manager) so one process per node scans.
+
+    The kernel drops the lock when its holder exits or is killed, so a crashed
+    scanner never blocks the others: they then find no cache and scan
+    themselves. The holder writes ``pid host time`` into the file; a waiter
+    names it on stderr. ``timeout`` (seconds, None = no limit) raises
+    ``TimeoutError`` naming the holder, for a live but hung scanner.
+    Where ``flock`` is unsupported (some network filesystems) it does nothing.
+    """
+
+    POLL_S = 0.2
+
+    def __init__(self, path: PathLike, what: str, timeout: Optional[float] = None, task: str = "label scan"):
+        self.path, self.what, self.timeout, self.task = Path(path), what, timeout, task
+        self.fd: Optional[int] = None
+        self.waited = False
+
+    def __enter__(self) -> "ScanLock":
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        t0 = time.monotonic()
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        os.close(fd)  # ENOLCK etc.: no locking here, scan unshared
+                        return self
+                if not self.waited:
+                    self.waited = True
+                    print(f"{self.what}: waiting for the {self.task} by {self.holder()} ({self.path})",
+                          file=sys.stderr, flush=True)
+                if self.timeout is not None and time.monotonic() - t0 > self.timeout:
+                    raise TimeoutError(f"{self.path}: {self.holder()} still holds the {self.task} lock of "
+                                       f"{self.what} after {self.timeout:.0f} s")
+                time.sleep(self.POLL_S)
+        except BaseException:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def holder(self) -> str:
+        try:
+            pid, host, ts = self.path.read_text().split()
+            return f"pid {pid} on {host} (since {max(0.0, time.time() - float(ts)):.0f} s)"
+        except (OSError, ValueError):
+            return "another process"
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
 
 
 def warn_if_identity_sorted(ds: FaceRecDataset, batch_size: int, shuffle_buffer: Optional[int]) -> None:
@@ -222,6 +466,7 @@ def warn_if_identity_sorted(ds: FaceRecDataset, batch_size: int, shuffle_buffer:
             f"{ds.rec_path} is stored sorted by identity (mean run {run:.1f} images); a shuffle "
             f"buffer of {shuffle_buffer} holds only ~{identities_in_buffer:.0f} identities, so "
             f"batches of {batch_size} see few identities and UNPG gets few negative pairs. "
-            "Re-pack it in random order with `python -m data_tools shuffle` or raise the buffer.",
+            "Re-pack it in random order with `python -m data_tools shuffle`, raise the buffer, or use "
+            "shuffle_mode='global' (random reads).",
             stacklevel=3,
         )

@@ -1,4 +1,5 @@
-"""What the DALI and torch loaders share: dataset scan, epoch length, resume position."""
+"""What the DALI and torch loaders share: dataset scan, epoch length, resume position,
+the rank's epoch selection (:class:`trainer.data.plan.RankPlan`)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -9,6 +10,9 @@ from trainer.data import plan
 from trainer.data.augment import AugmentConfig
 from trainer.data.face_rec import FaceRecDataset
 
+#: shuffle buffer (images) after the block shuffle: DALI ``initial_fill``, torch window.
+DEFAULT_SHUFFLE_BUFFER = 8192
+
 
 class FaceLoaderBase:
     """The loader contract (trainer.data.build_train_loader): ``len()`` batches per
@@ -17,7 +21,8 @@ class FaceLoaderBase:
     def __init__(self, ds: FaceRecDataset, batch_size: int, rank: int, world_size: int,
                  device: torch.device, num_threads: int = 2, seed: int = 0,
                  augment: Optional[AugmentConfig] = None, shuffle: bool = True, flip: bool = True,
-                 image_size: Tuple[int, int] = (112, 112)):
+                 image_size: Tuple[int, int] = (112, 112), shuffle_mode: str = "block",
+                 block_bytes: Optional[int] = None, shuffle_buffer: Optional[int] = None):
         self.ds = ds
         self.labels = ds.scan()  # validates every label / framing head up front
         self.num_classes = ds.num_classes
@@ -34,6 +39,15 @@ class FaceLoaderBase:
                 f"on each of {world_size} ranks"
             )
         self.epoch, self.start_batch = 0, 0
+        self.per_rank = self._len * batch_size
+        self.shuffle_mode = shuffle_mode
+        self.block_bytes = int(block_bytes or plan.DEFAULT_BLOCK_BYTES)
+        self.shuffle_buffer = max(1, min(shuffle_buffer or DEFAULT_SHUFFLE_BUFFER, self.per_rank))
+        offsets = ds.image_offsets
+        self.plan = plan.RankPlan(
+            offsets, rank, world_size, self.per_rank, seed, shuffle, shuffle_mode,
+            plan.block_images_for(offsets, ds.reader.file_size, self.block_bytes),
+        )
 
     def __len__(self) -> int:
         return self._len

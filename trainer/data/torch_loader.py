@@ -1,11 +1,15 @@
 """torch ``DataLoader`` fallback over the pure-Python RecordIO reader.
 
+The main process computes this rank's epoch plan (:class:`trainer.data.plan.RankPlan`,
+O(images per rank)); with the block shuffle it mixes the stream through a
+shuffle window (:func:`trainer.data.plan.window_shuffle`, ``shuffle_buffer``
+images). The sampler hands each worker a batch's image indices and flips.
 Workers (``num_threads`` processes) each read a whole batch with positional
-reads, decode with simplejpeg (libjpeg-turbo; Pillow for non-JPEG), flip, and
-return uint8 NHWC; the main process moves it to the device and normalises
-there (``(x - 127.5) / 127.5``, CHW), as the DALI pipeline does. On a CPU
-device the workers normalise (in shared memory), so the main process only
-receives finished batches.
+reads in byte order, decode with simplejpeg (libjpeg-turbo; Pillow for non-JPEG)
+straight into the batch buffer, flip, and return uint8 NHWC (pinned memory on
+CUDA); the main process copies it to the device (``non_blocking``), as the DALI
+pipeline delivers it. Cast and normalisation happen once, on the training
+device, in the step (:func:`trainer.data.to_model_input`).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainer.data import plan
 from trainer.data.augment import AugmentConfig, apply_numpy
-from trainer.data.face_rec import FaceRecDataset
+from trainer.data.face_rec import FaceRecDataset, warn_if_identity_sorted
 from trainer.data.loader_base import FaceLoaderBase
 from trainer.data.recordio import RecordIOError
 from trainer.io.images import ImageDecodeError, decode_rgb, is_jpeg
@@ -33,65 +37,34 @@ def decode_image(data: bytes, where: str, size: Tuple[int, int] = (112, 112),
         raise RecordIOError(str(e)) from None
 
 
-def normalize_nhwc(imgs: torch.Tensor, shared: bool = False) -> torch.Tensor:
-    """uint8 NHWC -> float32 NCHW in [-1, 1]: ``(x - 127.5) / 127.5``, one strided copy + two in-place ops.
-
-    ``shared``: allocate in shared memory (inside a DataLoader worker this saves
-    the copy torch makes when sending the batch to the main process).
-    """
-    n, h, w, c = imgs.shape
-    out = torch.empty((n, c, h, w), dtype=torch.float32, device=imgs.device)
-    if shared:
-        out.share_memory_()
-    out.copy_(imgs.permute(0, 3, 1, 2))
-    return out.sub_(127.5).div_(127.5)
-
-
 class _EpochBatches(Dataset):
-    """Item ``(epoch, b)`` = batch b of this rank in that epoch: (images, int64 labels).
+    """Item ``(epoch, b, image indices [B], flips [B])`` -> (images, int64 labels).
 
-    The epoch's plan is computed (and cached) inside whichever process serves
-    the item, so DataLoader workers can persist across epochs.
+    The plan travels with the item (computed once per epoch in the main
+    process), so DataLoader workers persist across epochs and hold no plan.
     """
 
-    def __init__(self, ds: FaceRecDataset, offsets: np.ndarray, batch_size: int, num_batches: int,
-                 rank: int, world_size: int, seed: int, shuffle: bool, flip: bool,
-                 augment: Optional[AugmentConfig], size: Tuple[int, int], normalize: bool):
+    def __init__(self, ds: FaceRecDataset, offsets: np.ndarray, seed: int,
+                 augment: Optional[AugmentConfig], size: Tuple[int, int]):
         self.ds, self.offsets = ds, offsets
-        self.B, self.L, self.rank, self.W = batch_size, num_batches, rank, world_size
-        self.seed, self.shuffle, self.flip, self.augment = seed, shuffle, flip, augment
-        self.size, self.normalize = size, normalize
-        self._plan_epoch: Optional[int] = None
+        self.seed, self.augment = seed, augment
+        self.size = size
 
-    def __len__(self) -> int:
-        return self.L
-
-    def plan(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(image indices [L, B], flips [L, B]) of this rank in ``epoch``."""
-        if self._plan_epoch != epoch:
-            per_rank = self.L * self.B
-            sel = plan.epoch_selection(self.offsets, self.seed, epoch, per_rank * self.W, self.shuffle)
-            mine = plan.rank_chunk(sel, self.rank, per_rank).reshape(self.L, self.B)
-            fl = plan.flips(self.seed, epoch, per_rank * self.W)
-            fl = plan.rank_chunk(fl, self.rank, per_rank).reshape(self.L, self.B)
-            if not self.flip:
-                fl = np.zeros_like(fl)
-            self._plan, self._plan_epoch = (mine, fl), epoch
-        return self._plan
-
-    def __getitem__(self, item: Tuple[int, int]):
-        epoch, b = item
-        batches, flips = self.plan(epoch)
-        idx, fl = batches[b], flips[b]
+    def __getitem__(self, item: Tuple[int, int, np.ndarray, np.ndarray]):
+        epoch, b, idx, fl = item
         out = np.empty((len(idx), self.size[0], self.size[1], 3), np.uint8)
         labels = np.empty(len(idx), np.int64)
         keys = self.ds.image_keys
         rng = None
         if self.augment is not None and self.augment.active():
             rng = np.random.default_rng([self.seed, epoch, b, 0xA06])
-        for j, i in enumerate(idx):
-            key = int(keys[i])
-            lab, data = self.ds.read_image(key)
+        # read in byte order (sequential within a block); augment draws stay in batch order
+        order = np.argsort(self.offsets[idx], kind="stable")
+        imgs_raw = [None] * len(idx)
+        for j in order.tolist():
+            key = int(keys[idx[j]])
+            imgs_raw[j] = (key,) + self.ds.read_image(key)
+        for j, (key, lab, data) in enumerate(imgs_raw):
             if rng is None and is_jpeg(data):
                 decode_image(data, self.ds.reader.where(key), self.size, out=out[j])
             else:
@@ -103,19 +76,19 @@ class _EpochBatches(Dataset):
         if fl.any():
             out[fl] = out[fl, :, ::-1]
         imgs = torch.from_numpy(out)
-        if self.normalize:
-            imgs = normalize_nhwc(imgs, shared=torch.utils.data.get_worker_info() is not None)
         return imgs, torch.from_numpy(labels)
 
 
 class _EpochSampler(Sampler):
-    """Yields ``(epoch, batch)`` for the current epoch from ``start``; state set by the loader."""
+    """Yields ``(epoch, batch, indices, flips)`` from ``start``; plan set by the loader."""
 
     def __init__(self, num_batches: int):
         self.n, self.epoch, self.start = num_batches, 0, 0
+        self.batches = self.flips = None
 
     def __iter__(self):
-        return iter([(self.epoch, b) for b in range(self.start, self.n)])
+        for b in range(self.start, self.n):
+            yield (self.epoch, b, self.batches[b], self.flips[b])
 
     def __len__(self) -> int:
         return self.n - self.start
@@ -129,20 +102,34 @@ class TorchFaceLoader(FaceLoaderBase):
     def __init__(self, ds: FaceRecDataset, batch_size: int, rank: int, world_size: int,
                  device: torch.device, num_threads: int = 2, seed: int = 0,
                  augment: Optional[AugmentConfig] = None, shuffle: bool = True, flip: bool = True,
-                 image_size: Tuple[int, int] = (112, 112)):
+                 image_size: Tuple[int, int] = (112, 112), shuffle_mode: str = "block",
+                 block_bytes: Optional[int] = None, shuffle_buffer: Optional[int] = None):
         super().__init__(ds, batch_size, rank, world_size, device, num_threads, seed, augment,
-                         shuffle, flip, image_size)
-        offsets = np.asarray([ds.reader.offsets[int(k)] for k in ds.image_keys], np.int64)
-        # CPU: normalise where the decoding happens (in parallel workers); CUDA: ship uint8, normalise on GPU
-        self._on_host = self.device.type == "cpu"
-        self._set = _EpochBatches(ds, offsets, batch_size, self._len, rank, world_size, seed, shuffle,
-                                  flip, augment, self.image_size, normalize=self._on_host)
+                         shuffle, flip, image_size, shuffle_mode, block_bytes, shuffle_buffer)
+        if shuffle and shuffle_mode == "block":
+            warn_if_identity_sorted(ds, batch_size, self.shuffle_buffer)
+        self._set = _EpochBatches(ds, ds.image_offsets, seed, augment, self.image_size)
         self._sampler = _EpochSampler(self._len)
         self._dl: Optional[DataLoader] = None
+        self._plan_epoch: Optional[int] = None
+
+    def epoch_plan(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(image indices [len, B], flips [len, B]) of this rank in ``epoch``; O(images per rank)."""
+        if self._plan_epoch != epoch:
+            pos = self.plan.rank_positions(epoch)
+            if self.shuffle and self.shuffle_mode == "block":
+                rng = np.random.default_rng([self.seed, epoch, self.rank, 0xB0FF])
+                pos = plan.window_shuffle(pos, self.shuffle_buffer, rng)
+            fl = plan.rank_flips(self.seed, epoch, self.rank, self.per_rank)
+            if not self.flip:
+                fl[:] = False
+            self._plan = (pos.reshape(self._len, self.batch_size), fl.reshape(self._len, self.batch_size))
+            self._plan_epoch = epoch
+        return self._plan
 
     def rank_indices(self, epoch: int) -> np.ndarray:
         """Image indices (into ``ds.image_keys``) this rank reads in ``epoch``, in order."""
-        return self._set.plan(epoch)[0].reshape(-1)
+        return self.epoch_plan(epoch)[0].reshape(-1)
 
     def _loader(self) -> DataLoader:
         if self._dl is None:
@@ -156,9 +143,8 @@ class TorchFaceLoader(FaceLoaderBase):
         return self._dl
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        self._sampler.batches, self._sampler.flips = self.epoch_plan(self.epoch)
         self._sampler.epoch, self._sampler.start = self.epoch, self.start_batch
         self.start_batch = 0  # a resume offset applies to one pass only
         for imgs, labels in self._loader():
-            if not self._on_host:
-                imgs = normalize_nhwc(imgs.to(self.device, non_blocking=True))
-            yield imgs, labels.to(self.device, non_blocking=True)
+            yield imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)

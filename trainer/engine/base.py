@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -22,18 +21,18 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class StepOutput:
-    ok: bool                                  # False: the step was skipped (nan_policy=skip)
-    losses: List[float] = field(default_factory=list)  # finite micro-batch losses
-    grad_norm: Optional[float] = None         # backbone gradient norm before clipping
+    """Device tensors (no host sync in the step): read them at logging steps only."""
+    loss: torch.Tensor                        # mean micro-batch loss (NaN/inf when skipped)
+    skipped: torch.Tensor                     # bool: non-finite loss or gradient, no weight changed
+    grad_norm: Optional[torch.Tensor] = None  # backbone gradient norm before clipping
     images: Optional[torch.Tensor] = None     # the last micro-batch (for the image grid)
 
 
 class Engine:
     """Wraps the backbone for training; owns its optimizer, precision and (loss) scaling.
 
-    Subclasses implement the hooks (``_wrap``, ``autocast``, ``micro_context``,
-    ``_backward``, ``_skip_backward``, ``_apply``, ``_skip_apply``, state);
-    :meth:`train_step` is the same for every engine.
+    Subclasses implement the hooks (``autocast``, ``input_dtype``, ``micro_context``,
+    ``_backward``, ``_apply``, state); :meth:`train_step` is the same for every engine.
     """
 
     name = "base"
@@ -63,16 +62,9 @@ class Engine:
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         raise NotImplementedError
 
-    def _skip_backward(self, last: bool) -> None:
-        """A micro-batch whose loss is not finite under nan_policy=skip."""
-        raise NotImplementedError
-
-    def _apply(self) -> Optional[float]:
-        """Step both optimizers at the accumulation boundary; returns the grad norm."""
-        raise NotImplementedError
-
-    def _skip_apply(self) -> None:
-        """Close an accumulation window without changing any weight."""
+    def _apply(self, bad: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """At the accumulation boundary: step both optimizers unless ``bad`` (device bool) or a
+        gradient is not finite, decided on the device; returns (grad norm, skipped)."""
         raise NotImplementedError
 
     def state_dict(self) -> Dict[str, Any]:
@@ -103,31 +95,29 @@ class Engine:
             emb.register_hook(lambda g: g * ws)
         return emb
 
-    def train_step(self, next_batch: Callable[[], Batch], nan_policy: str, step: int) -> StepOutput:
-        """One optimizer step over ``grad_accum`` micro-batches (``step`` is 1-based, for messages)."""
-        out = StepOutput(ok=True)
+    def train_step(self, next_batch: Callable[[], Batch]) -> StepOutput:
+        """One optimizer step over ``grad_accum`` micro-batches, without a host sync (DDP engine):
+        a non-finite loss or gradient skips the step on the device (weights and optimizer
+        state unchanged, as GradScaler does); the trainer reads ``skipped`` at logging steps."""
+        total = None
+        images = None
+        # running statistics (BatchNorm) move in the forward pass: keep a copy to restore
+        # them on the device if the step is skipped (a few small tensors per step)
+        stats = [b for b in self.backbone.buffers() if b.is_floating_point()]
+        saved = [b.detach().clone() for b in stats]
         for k in range(self.accum):
             last = k == self.accum - 1
             images, labels = next_batch()
-            out.images = images
             with self.micro_context(last):
                 loss = self.head(self.forward(images), labels)
-                lv = float(loss.detach())
-                if math.isfinite(lv) and out.ok:
-                    out.losses.append(lv)
-                    self._backward(loss, last)
-                    continue
-                if nan_policy == "stop":
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({lv}) at step {step}: stopping (nan_policy=stop); "
-                        "check lr, data and precision, or resume from the last checkpoint")
-                out.ok = False
-                self._skip_backward(last)
-        if not out.ok:
-            self._skip_apply()
-            return out
-        out.grad_norm = self._apply()
-        return out
+                total = loss.detach() if total is None else total + loss.detach()
+                self._backward(loss, last)
+        mean = total / self.accum
+        grad_norm, skipped = self._apply(~torch.isfinite(mean))
+        with torch.no_grad():
+            for b, old in zip(stats, saved):
+                b.copy_(torch.where(skipped, old, b))
+        return StepOutput(loss=mean, skipped=skipped, grad_norm=grad_norm, images=images)
 
     # ---------------------------------------------------------------- export
     def float_backbone(self) -> nn.Module:
@@ -141,8 +131,10 @@ class Engine:
         return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
                 for k, v in self.backbone.state_dict().items()}
 
-    def grad_norm_and_clip(self) -> float:
+    def grad_norm_and_clip(self) -> torch.Tensor:
+        """Backbone gradient norm before clipping (a device tensor; clipping needs no sync)."""
         params = [p for p in self.backbone.parameters() if p.grad is not None]
         if self.optim_cfg.clip_grad_norm > 0:
-            return float(nn.utils.clip_grad_norm_(params, self.optim_cfg.clip_grad_norm))
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+            return nn.utils.clip_grad_norm_(params, self.optim_cfg.clip_grad_norm)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
+                                                     for p in params]))

@@ -3,7 +3,7 @@ for bf16/fp16, ``torch.amp.GradScaler`` for fp16 over both optimizers."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Dict, Optional
+from typing import Any, ContextManager, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -12,6 +12,17 @@ from trainer.config import EngineConfig, OptimConfig
 from trainer.distributed import DistInfo
 from trainer.engine.base import Engine
 from trainer.optim import build_backbone_optimizer
+
+
+def _grads_finite(opt: torch.optim.Optimizer) -> torch.Tensor:
+    """Device bool: every gradient of ``opt`` is finite (sparse: its values)."""
+    ok = torch.ones((), dtype=torch.bool)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is not None:
+                ok = ok.to(g.device) & torch.isfinite(g._values() if g.is_sparse else g).all()
+    return ok
 
 
 class DDPEngine(Engine):
@@ -43,32 +54,29 @@ class DDPEngine(Engine):
         scaled = loss / self.accum
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
 
-    def _skip_backward(self, last: bool) -> None:
-        pass
-
-    def _zero(self) -> None:
-        self.backbone_opt.zero_grad(set_to_none=True)
-        self.head_opt.zero_grad(set_to_none=True)
-
-    def _skip_apply(self) -> None:
-        self._zero()
-
-    def _apply(self) -> Optional[float]:
+    def _apply(self, bad: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         if self.scaler is not None:
             self.scaler.unscale_(self.backbone_opt)
             self.scaler.unscale_(self.head_opt)
         gn = self.grad_norm_and_clip()
+        # a non-finite loss or gradient anywhere skips BOTH optimizers, on the device
+        skipped = bad | ~torch.isfinite(gn) | ~_grads_finite(self.head_opt)
+        found = skipped.to(torch.float32)
+        for opt in (self.backbone_opt, self.head_opt):
+            if getattr(opt, "_step_supports_amp_scaling", False):
+                opt.grad_scale, opt.found_inf = None, found  # grads are already unscaled
+                opt.step()
+                opt.grad_scale = opt.found_inf = None
+            elif not bool(skipped):  # an optimizer without device-side skipping: one sync
+                opt.step()
         if self.scaler is not None:
-            self.scaler.step(self.backbone_opt)
-            self.scaler.step(self.head_opt)
-            self.scaler.update()
-        else:
-            self.backbone_opt.step()
-            self.head_opt.step()
-        self._zero()
-        return gn
+            self.scaler.update()  # lowers the scale after an overflow, on the device
+        self.backbone_opt.zero_grad(set_to_none=True)
+        self.head_opt.zero_grad(set_to_none=True)
+        return gn, skipped
 
     def loss_scale(self) -> Optional[float]:
+        """The GradScaler's scale (a host sync: call it at logging steps)."""
         return float(self.scaler.get_scale()) if self.scaler is not None else None
 
     def state_dict(self) -> Dict[str, Any]:

@@ -3,17 +3,19 @@
 DeepSpeed scales the loss by 1/grad_accum in ``engine.backward`` (the head's
 gradients too) and steps its optimizer at the accumulation boundary; the head's
 optimizer is stepped at that same boundary, before ``engine.step()``.
-nan_policy=skip: a non-finite micro-batch back-propagates a zero loss (DeepSpeed's
+A non-finite loss: that micro-batch back-propagates a zero loss instead (DeepSpeed's
 counters and gradient hooks stay consistent) and the boundary step runs with
 learning rate 0 (weights unchanged; SGD momentum / Adam moments see one zero
-gradient); the head's step is skipped.
+gradient); the head's step is skipped. Deciding that costs a host sync per
+micro-batch, as DeepSpeed's own step (overflow checks, gradient norm) does anyway:
+the sync-free step is the DDP engine's.
 """
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -92,7 +94,7 @@ class DeepSpeedEngine(Engine):
             "fp16": {"enabled": precision == "fp16"},
         }
         fwd: nn.Module = torch.compile(backbone) if compile else backbone
-        engine, ds_opt, _, _ = deepspeed.initialize(model=fwd, optimizer=build_backbone_optimizer(backbone, optim),
+        engine, ds_opt, _, _ = deepspeed.initialize(model=fwd, optimizer=build_backbone_optimizer(backbone, optim, fused=False),
                                                     config=ds_cfg)
         self.ds = engine
         self.model = engine
@@ -109,33 +111,31 @@ class DeepSpeedEngine(Engine):
         return self._dtype
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        if not bool(torch.isfinite(loss)):  # host sync (see the module docstring)
+            self._bad = True
+            loss = sum(p.reshape(-1)[0] * 0.0 for p in self.backbone.parameters() if p.requires_grad)
         self.ds.backward(loss)
         if not last:
             self.ds.step()  # not a boundary: DeepSpeed only advances its micro-step counter
 
-    def _skip_backward(self, last: bool) -> None:
-        zero = sum(p.reshape(-1)[0] * 0.0 for p in self.backbone.parameters() if p.requires_grad)
-        self._backward(zero, last)
-
-    def _apply(self) -> Optional[float]:
-        assert self.ds.is_gradient_accumulation_boundary()
-        self.head_opt.step()
-        self.head_opt.zero_grad(set_to_none=True)
-        self.ds.step()
-        gn = self.ds.get_global_grad_norm()
-        return float(gn) if gn is not None else None
-
-    def _skip_apply(self) -> None:
+    def _apply(self, bad: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        skip = getattr(self, "_bad", False) or bool(bad)
+        self._bad = False
+        self.head_opt.zero_grad(set_to_none=True) if skip else self.head_opt.step()
         self.head_opt.zero_grad(set_to_none=True)
         groups = self.backbone_opt.param_groups
         saved = [g["lr"] for g in groups]
-        for g in groups:
-            g["lr"] = 0.0
+        if skip:
+            for g in groups:
+                g["lr"] = 0.0
         try:
             self.ds.step()
         finally:
             for g, lr in zip(groups, saved):
                 g["lr"] = lr
+        gn = self.ds.get_global_grad_norm()
+        dev = self.d.device
+        return (None if gn is None else torch.as_tensor(float(gn), device=dev)), torch.tensor(skip, device=dev)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"optimizer": None, "scaler": None}  # DeepSpeed saves its own (save_extra)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import ClassVar, Optional, Tuple
 
 import torch
 
@@ -56,6 +56,24 @@ class Margin:
         if self.straight_through:
             return value, torch.ones_like(c)
         return value, self.derivative(c)
+
+    # Hooks of the fused softmax (see ``adaptive.py`` for margins that use them):
+    # a fixed margin has no state, no per-row parameter, no extra term.
+    cos_eps: ClassVar[float] = 0.0
+    needs_target_cos: ClassVar[bool] = False
+    modulates_negatives: ClassVar[bool] = False
+
+    def prepare(self, x_norm: torch.Tensor, target_cos: Optional[torch.Tensor]) -> dict:
+        return {}
+
+    def target_value(self, c: torch.Tensor, idx, prep: dict) -> torch.Tensor:
+        return self.value(c)
+
+    def target_grads(self, c: torch.Tensor, prep: dict) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.target(c)[1], None
+
+    def extra_loss(self, global_x: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,17 +142,27 @@ def margin_from_list(margin_list: Tuple[float, float, float], s: float = 64.0) -
 
 
 #: margin names accepted by :func:`build_margin` (and the config's ``loss.margin``)
-MARGINS = ("arcface", "cosface", "combined")
+MARGINS = ("arcface", "cosface", "combined", "adaface", "magface", "curricularface")
 
 
 def build_margin(name: str, s: float = 64.0, m: float = 0.5,
-                 margin_list: Tuple[float, float, float] = (1.0, 0.5, 0.0)) -> Margin:
-    """A margin by name: ``arcface`` / ``cosface`` use ``m``; ``combined`` uses
-    insightface's ``margin_list`` (m1, m2, m3) through :func:`margin_from_list`."""
+                 margin_list: Tuple[float, float, float] = (1.0, 0.5, 0.0), **options: float) -> Margin:
+    """A margin by name. ``arcface`` / ``cosface`` / ``curricularface`` use ``m``; ``combined``
+    uses insightface's ``margin_list`` (m1, m2, m3) through :func:`margin_from_list`;
+    ``adaface`` uses ``m`` and ``options`` h, t_alpha; ``magface`` uses ``options`` l_a, u_a,
+    l_m, u_m, lambda_g (trainer/heads/adaptive.py). Options a margin does not use are ignored."""
+    from trainer.heads import adaptive
+
     if name == "arcface":
         return ArcFace(s=s, m=m)
     if name == "cosface":
         return CosFace(s=s, m=m)
     if name == "combined":
         return margin_from_list(margin_list, s=s)
+    if name == "adaface":
+        return adaptive.AdaFace(s=s, m=m, **{k: options[k] for k in ("h", "t_alpha") if k in options})
+    if name == "magface":
+        return adaptive.MagFace(s=s, **{k: options[k] for k in ("l_a", "u_a", "l_m", "u_m", "lambda_g") if k in options})
+    if name == "curricularface":
+        return adaptive.CurricularFace(s=s, m=m)
     raise ValueError(f"unknown margin {name!r}; valid: {', '.join(MARGINS)}")

@@ -10,6 +10,11 @@ the sampled centres, not to the shard. With a dense gradient
 
     buf = momentum * buf + (grad + weight_decay * w);   w -= lr * buf
 
+Skipping on the device (GradScaler's protocol for fused optimizers): when the
+attribute ``found_inf`` holds a tensor (set by the engine before ``step()``),
+a nonzero value leaves weights and momentum exactly as they were, with no host
+sync; ``None`` (the default) steps unconditionally.
+
 It is a ``torch.optim.Optimizer``, so torch's LR schedulers drive it. The state
 is one momentum buffer the size of the shard, allocated up front (its memory is
 known from the start); ``state_dict()`` holds it as a row-aligned tensor.
@@ -42,9 +47,13 @@ class PartialFCSGD(torch.optim.Optimizer):
                 if group["momentum"] > 0:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    _step_supports_amp_scaling = True  # reads self.found_inf (grads already unscaled by the engine)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        found = getattr(self, "found_inf", None)
+        keep = None if found is None else (found.reshape(()) == 0)  # device bool: True = step
         for group in self.param_groups:
             lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -53,13 +62,20 @@ class PartialFCSGD(torch.optim.Optimizer):
                 buf = self.state[p].get("momentum_buffer")
                 if p.grad.is_sparse:
                     rows, values = _unique_rows(p.grad)
-                    self._sparse_update(p, rows, values, buf, lr, momentum, wd)
+                    self._sparse_update(p, rows, values, buf, lr, momentum, wd, keep)
                 else:
-                    self._dense_update(p, p.grad, buf, lr, momentum, wd)
+                    self._dense_update(p, p.grad, buf, lr, momentum, wd, keep)
         return loss
 
     @staticmethod
-    def _dense_update(p, grad, buf, lr, momentum, wd) -> None:
+    def _dense_update(p, grad, buf, lr, momentum, wd, keep=None) -> None:
+        if keep is not None:  # device-side skip (torch.where: a NaN gradient never leaks in)
+            if buf is None:
+                p.copy_(torch.where(keep, p - lr * (grad + wd * p), p))
+                return
+            buf.copy_(torch.where(keep, momentum * buf + grad + wd * p, buf))
+            p.copy_(torch.where(keep, p - lr * buf, p))
+            return
         if buf is None:
             p.add_(grad, alpha=-lr)
             if wd:
@@ -72,15 +88,17 @@ class PartialFCSGD(torch.optim.Optimizer):
         p.add_(buf, alpha=-lr)
 
     @staticmethod
-    def _sparse_update(p, rows_all, values_all, buf, lr, momentum, wd) -> None:
+    def _sparse_update(p, rows_all, values_all, buf, lr, momentum, wd, keep=None) -> None:
         for k0 in range(0, rows_all.numel(), _ROW_CHUNK):
             rows, g = rows_all[k0 : k0 + _ROW_CHUNK], values_all[k0 : k0 + _ROW_CHUNK]
             w = p.index_select(0, rows)
             d = g + wd * w if wd else g.clone()
             if buf is not None:
-                d.add_(buf.index_select(0, rows), alpha=momentum)
-                buf.index_copy_(0, rows, d)
-            p.index_copy_(0, rows, w.sub_(d, alpha=lr))
+                old = buf.index_select(0, rows)
+                d.add_(old, alpha=momentum)
+                buf.index_copy_(0, rows, d if keep is None else torch.where(keep, d, old))
+            new = w - lr * d
+            p.index_copy_(0, rows, new if keep is None else torch.where(keep, new, w))
 
 
 def _unique_rows(grad: torch.Tensor):

@@ -31,9 +31,10 @@ from trainer.collectives import (
     scale_grad,
     world_info,
 )
+from trainer.heads.adaptive import AdaptiveMargin
 from trainer.heads.margins import Margin
 from trainer.heads.softmax import margin_softmax_parts
-from trainer.heads.unpg import UNPG, metric_negatives_lse
+from trainer.heads.unpg import UNPG, metric_negatives_lse, sharded_metric_negatives_lse
 
 # Per-rank input problems, exchanged before any data collective so that every
 # rank raises the same error instead of leaving the others hanging.
@@ -44,7 +45,9 @@ class PartialFC(nn.Module):
     """Model-parallel margin softmax with optional Partial FC sampling and UNPG.
 
     Args:
-        margin: ``ArcFace``, ``CosFace`` or ``CombinedMargin`` (carries the scale ``s``).
+        margin: ``ArcFace``, ``CosFace``, ``CombinedMargin``, ``AdaFace``, ``MagFace`` or
+            ``CurricularFace`` (carries the scale ``s``; the last three keep their
+            running state in buffers of the submodule ``margin``).
         embedding_size: D.
         num_classes: C, the total over all ranks.
         sample_rate: fraction of each shard's centres used per step (1.0 = all).
@@ -70,12 +73,16 @@ class PartialFC(nn.Module):
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
-        if not isinstance(margin, Margin):
-            raise TypeError(f"margin must be ArcFace/CosFace/CombinedMargin, got {type(margin).__name__}")
+        if not isinstance(margin, (Margin, AdaptiveMargin)):
+            raise TypeError("margin must be ArcFace/CosFace/CombinedMargin/AdaFace/MagFace/CurricularFace, "
+                            f"got {type(margin).__name__}")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if unpg is not None and not isinstance(unpg, UNPG):
             raise TypeError(f"unpg must be a trainer.heads.UNPG or None, got {type(unpg).__name__}")
+        if isinstance(margin, AdaptiveMargin):
+            # a submodule: its running state (buffers) is part of the head's state_dict
+            margin = margin.to(device=device, dtype=dtype)
         self.margin, self.unpg = margin, unpg
         self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
         self.sample_rate, self.chunk_elements = float(sample_rate), chunk_elements
@@ -188,12 +195,23 @@ class PartialFC(nn.Module):
                 if v_rows is not None:
                     denominator = torch.logaddexp(lse, v_rows)
             loss = (denominator - target).mean()
+            extra = self.margin.extra_loss(global_x)
+            if extra is not None:
+                # replicated on every rank: each contributes 1/R of its gradient
+                loss = loss + scale_grad(extra, 1.0 / self.world_size)
         stats["loss"] = float(loss.detach())
         self.last_stats = stats
         return loss
 
     def _unpg_term(self, local_x, global_x, global_labels, sizes) -> Tuple[Optional[torch.Tensor], dict]:
         s, wisk = self.margin.s, self.unpg.wisk
+        if self.unpg.use_sharded(self.world_size):
+            # Each rank evaluates only the pairs it owns: no 1/R scaling, the gather's backward sums.
+            elements = self.chunk_elements or (1 << 26 if global_x.is_cuda else 1 << 21)
+            v, stats = sharded_metric_negatives_lse(
+                F.normalize(global_x, dim=1), global_labels, sizes, s, wisk, self.process_group, elements
+            )
+            return (None if v is None else v.expand(global_x.shape[0])), stats
         if self.unpg.negatives == "global":
             v, stats = metric_negatives_lse(F.normalize(global_x, dim=1), global_labels, s, wisk)
             if v is None:

@@ -23,6 +23,15 @@ Backward (chain rule written out, g = incoming gradients, replicated on ranks):
     dL/dx           = (g - x^ <x^, g>) / |x|     (normalisation Jacobian)
 The gradient w.r.t. ``x`` is this rank's share; the caller's all-gather sums
 the shares of all ranks.
+
+Margin hooks (``margins.Margin`` defaults are no-ops; ``adaptive.py`` uses them):
+``cos_eps`` clamps every cosine to [-1 + eps, 1 - eps]; ``prepare(|x|, c_y)``
+runs once per forward on the global batch (running statistics, per-row
+margins); ``target_value``/``target_grads`` give f and (df/dc, df/d|x|) per row;
+with ``needs_target_cos`` every row's target cosine is computed by its owner
+and shared by one all-reduce SUM before the logit pass; ``modulates_negatives``
+maps every non-target cosine (value and derivative). A norm-dependent target
+adds ``s * df/d|x| * dL/dz_target * x^`` to dL/dx.
 """
 from __future__ import annotations
 
@@ -66,6 +75,24 @@ class _Chunks:
             yield k0, k1, w_hat, w_norm
 
 
+def _all_target_cos(x_hat, weight, rows, target_pos, group, lo_c, hi_c) -> torch.Tensor:
+    """Every row's clamped target cosine on every rank: the owner computes it, one all-reduce SUM."""
+    owned = target_pos >= 0
+    n_used = weight.shape[0] if rows is None else rows.numel()
+    if n_used == 0:
+        out = torch.zeros(x_hat.shape[0], dtype=x_hat.dtype, device=x_hat.device)
+    else:
+        pos = target_pos.clamp(0, n_used - 1)
+        w = weight.index_select(0, pos if rows is None else rows.index_select(0, pos))
+        w_hat, _ = _normalise(w.to(x_hat.dtype))
+        cos = torch.linalg.vecdot(x_hat, w_hat).clamp_(lo_c, hi_c)
+        out = torch.where(owned, cos, torch.zeros_like(cos))
+    _, world = world_info(group)
+    if world > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
 def _targets_in_chunk(target_pos: torch.Tensor, k0: int, k1: int):
     rows = torch.nonzero((target_pos >= k0) & (target_pos < k1)).squeeze(1)
     return rows, target_pos[rows] - k0
@@ -85,24 +112,32 @@ class MarginSoftmaxParts(torch.autograd.Function):
     ):
         dtype = global_x.dtype
         s = margin.s
+        lo_c, hi_c = -1.0 + margin.cos_eps, 1.0 - margin.cos_eps
         x_hat, x_norm = _normalise(global_x)
         n = x_hat.shape[0]
+        owned = target_pos >= 0
+        all_target_cos = None
+        if margin.needs_target_cos:
+            all_target_cos = _all_target_cos(x_hat, weight.detach(), rows, target_pos, group, lo_c, hi_c)
+        # Running state updated once per forward (global batch, identical on every rank).
+        prep = margin.prepare(x_norm.squeeze(1), all_target_cos)
         run_max = torch.full((n,), float("-inf"), dtype=dtype, device=x_hat.device)
         run_sum = torch.zeros(n, dtype=dtype, device=x_hat.device)
         target_cos = torch.zeros(n, dtype=dtype, device=x_hat.device)
         for k0, k1, w_hat, _ in _Chunks(weight.detach(), rows, chunk, dtype):
-            logits = (x_hat @ w_hat.t()).clamp_(-1.0, 1.0)
+            logits = (x_hat @ w_hat.t()).clamp_(lo_c, hi_c)
             t_rows, t_cols = _targets_in_chunk(target_pos, k0, k1)
-            cos_t = logits[t_rows, t_cols]
+            cos_t = logits[t_rows, t_cols] if all_target_cos is None else all_target_cos[t_rows]
             target_cos[t_rows] = cos_t
+            if margin.modulates_negatives:
+                logits = margin.negatives(logits, prep, need_grad=False)[0]
             logits.mul_(s)
-            logits[t_rows, t_cols] = s * margin.value(cos_t)
+            logits[t_rows, t_cols] = s * margin.target_value(cos_t, t_rows, prep)
             new_max = torch.maximum(run_max, logits.max(dim=1).values)
             run_sum.mul_(torch.exp(run_max - new_max))
             run_sum.add_(logits.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1))
             run_max = new_max
-        owned = target_pos >= 0
-        target = torch.where(owned, s * margin.value(target_cos), torch.zeros_like(target_cos))
+        target = torch.where(owned, s * margin.target_value(target_cos, None, prep), torch.zeros_like(target_cos))
 
         _, world = world_info(group)
         if world > 1:
@@ -116,13 +151,14 @@ class MarginSoftmaxParts(torch.autograd.Function):
         lse = run_max + torch.log(run_sum)
 
         ctx.save_for_backward(x_hat, x_norm, weight, rows, target_pos, target_cos, lse)
-        ctx.margin, ctx.chunk = margin, chunk
+        ctx.margin, ctx.chunk, ctx.prep = margin, chunk, prep
         return lse, target
 
     @staticmethod
     def backward(ctx, grad_lse: torch.Tensor, grad_target: torch.Tensor):
         x_hat, x_norm, weight, rows, target_pos, target_cos, lse = ctx.saved_tensors
-        margin, s = ctx.margin, ctx.margin.s
+        margin, s, prep = ctx.margin, ctx.margin.s, ctx.prep
+        lo_c, hi_c = -1.0 + margin.cos_eps, 1.0 - margin.cos_eps
         dtype = x_hat.dtype
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x_hat = torch.zeros_like(x_hat) if need_x else None
@@ -132,28 +168,38 @@ class MarginSoftmaxParts(torch.autograd.Function):
             # every row is written chunk by chunk below
             grad_w = torch.empty((n_used, weight.shape[1]), dtype=weight.dtype, device=weight.device)
         owned = target_pos >= 0
-        _, f_prime = margin.target(target_cos)
+        f_prime, f_norm = margin.target_grads(target_cos, prep)
         # dL/dz at the target entry, excluding the softmax part added per chunk.
         grad_target = torch.where(owned, grad_target, torch.zeros_like(grad_target))
+        # total dL/dz at each owned target (for the norm term of norm-aware margins)
+        grad_z_target = torch.zeros_like(grad_target) if f_norm is not None else None
 
         for k0, k1, w_hat, w_norm in _Chunks(weight.detach(), rows, ctx.chunk, dtype):
             raw = x_hat @ w_hat.t()
-            # torch.clamp passes gradient on [-1, 1] only. Cosines of unit vectors leave
-            # that range by rounding at most: build the mask only when they do.
+            # torch.clamp passes gradient on [lo_c, hi_c] only. Cosines of unit vectors leave
+            # [-1, 1] by rounding at most: build the mask only when they do.
             # (On CUDA the check would cost a device sync per chunk: always mask there.)
             if raw.is_cuda:
-                outside = raw.abs() > 1.0
+                outside = (raw < lo_c) | (raw > hi_c)
             else:
                 lo, hi = torch.aminmax(raw)
-                outside = ((raw < -1.0) | (raw > 1.0)) if (lo < -1.0 or hi > 1.0) else None
+                outside = ((raw < lo_c) | (raw > hi_c)) if (lo < lo_c or hi > hi_c) else None
             t_rows, t_cols = _targets_in_chunk(target_pos, k0, k1)
             cos_t = target_cos[t_rows]
-            logits = raw.clamp_(-1.0, 1.0).mul_(s)
-            logits[t_rows, t_cols] = s * margin.value(cos_t)
+            cos = raw.clamp_(lo_c, hi_c)
+            mod_grad = None
+            if margin.modulates_negatives:
+                cos, mod_grad = margin.negatives(cos, prep)
+            logits = cos.mul_(s)
+            logits[t_rows, t_cols] = s * margin.target_value(cos_t, t_rows, prep)
             # softmax, times the incoming gradient of lse -> dL/dz
             grad_z = logits.sub_(lse.unsqueeze(1)).exp_().mul_(grad_lse.unsqueeze(1))
             grad_z_t = grad_z[t_rows, t_cols] + grad_target[t_rows]
+            if grad_z_target is not None:
+                grad_z_target[t_rows] = grad_z_t
             grad_cos = grad_z.mul_(s)
+            if mod_grad is not None:
+                grad_cos.mul_(mod_grad)
             grad_cos[t_rows, t_cols] = s * f_prime[t_rows] * grad_z_t
             if outside is not None:
                 grad_cos.masked_fill_(outside, 0.0)
@@ -164,6 +210,9 @@ class MarginSoftmaxParts(torch.autograd.Function):
                 grad_w[k0:k1] = _unnormalise_grad_(grad_w_hat, w_hat, w_norm)
 
         grad_x = _unnormalise_grad_(grad_x_hat, x_hat, x_norm) if need_x else None
+        if need_x and f_norm is not None:
+            # the target logit also depends on |x| (MagFace): d|x|/dx = x^
+            grad_x.addcmul_(x_hat, (s * f_norm * grad_z_target).unsqueeze(1))
         if need_w and rows is not None:
             grad_w = torch.sparse_coo_tensor(
                 rows.unsqueeze(0), grad_w, weight.shape, is_coalesced=True, check_invariants=False
