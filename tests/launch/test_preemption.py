@@ -118,3 +118,20 @@ def test_workers_die_with_their_agent(tmp_path, tiny_dataset):
         for w in workers:  # the old code's orphans
             if _alive(w):
                 os.kill(w, signal.SIGKILL)
+
+
+def test_sigusr1_through_python_m_launch(tmp_path, tiny_dataset):
+    """SLURM's --signal=B:USR1 path: torchrun (as exec'd by python -m launch) must handle SIGUSR1
+    and forward it (its default signal list lacks it: it would die and orphan its workers)."""
+    output = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "cfg.yaml", tiny_dataset, output, max_steps=LONG, save_every=1000)
+    proc, log = _launch(cfg, tmp_path / "a.log")
+    with reaped([(proc, log)]):
+        _wait_for_steps(output, 2, proc, tmp_path / "a.log")
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=240)
+    text = (output / "train.log").read_text()
+    steps = [s for s, _, _ in step_lines(text)]
+    metas = checkpoint_meta(output)
+    assert "received SIGUSR1" in text and metas and max(metas) == steps[-1], (tmp_path / "a.log").read_text()[-3000:]
+    assert f"exit code {128 + signal.SIGUSR1}" in text
