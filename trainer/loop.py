@@ -30,7 +30,7 @@ from trainer.backbones import get_backbone
 from trainer.checkpointer import CheckpointManager, Progress, is_restart
 from trainer.config import Config, ConfigError, to_yaml
 from trainer.data import to_model_input
-from trainer.distributed import DistInfo, all_ok, barrier, gather_strings, init_distributed
+from trainer.distributed import DistInfo, all_ok, barrier, init_distributed
 from trainer.engine import NonFiniteLossError, build_engine
 from trainer.heads import UNPG, PartialFC, PartialFCSGD, build_margin
 from trainer.io.atomic import atomic_open, atomic_torch_save
