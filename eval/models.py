@@ -5,7 +5,8 @@ Accepted forms:
   built with ``--network`` (a backbone name for ``trainer.backbones.get_backbone`` such as
   ``r50``, or a ``package.module:factory`` spec). ``module.``/``backbone.`` prefixes from
   DDP/checkpoint wrappers are stripped; the embedding size is read from the weights.
-- a TorchScript archive (``torch.jit.save``): loaded as is, no ``--network`` needed.
+- a TorchScript archive (``torch.jit.save``): loaded as is, no ``--network`` needed (only
+  when named as the file itself, never picked from a folder: it carries code).
 - a run / checkpoint directory: ``model.pt`` inside it (insightface's output layout),
   ``trainer.pt`` (a step directory), the newest complete ``checkpoints/step_*/trainer.pt``,
   else the newest ``*.pt``/``*.pth``; backbone weights are found under one of the keys
@@ -221,9 +222,13 @@ def load_model(
         raise FileNotFoundError(f"model not found: {path}")
     if path.suffix == ".onnx":
         return OnnxModule(path)
-    if path.is_dir():
+    from_dir = path.is_dir()
+    if from_dir:
         path = checkpoint_file(path)
     if _is_torchscript(path):
+        if from_dir:  # TorchScript is code: run it only when the user named the file
+            raise ValueError(f"{path}: a TorchScript archive (it carries code) found in the folder {spec_s}; "
+                             "pass the file itself as --model if you trust it")
         return torch.jit.load(str(path), map_location=device).eval()
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not unsafe_load)

@@ -73,6 +73,13 @@ def test_factory_named_in_a_run_folder_is_never_called(tmp_path):
         load_model(d)
     # the same factory given on the command line is the user's choice
     assert _same(load_model(run, network="tests.eval.fixtures:TinyNet"), net)
+    # a TorchScript archive (code) is run only when named itself, not picked from a folder
+    ts = tmp_path / "ts"
+    ts.mkdir()
+    torch.jit.script(net).save(str(ts / "weights.pt"))
+    with pytest.raises(ValueError, match="TorchScript"):
+        load_model(ts)
+    assert _same(load_model(ts / "weights.pt"), net)
 
 
 def test_backbone_kwargs_from_config_or_flag(tmp_path):
