@@ -183,8 +183,14 @@ class Trainer:
                 loss, lr = float(np.mean(out.losses)), self.scheduler.get_lr()
                 self.scheduler.step()
                 stats = getattr(self.head, "last_stats", {}) or {}
+                # Head stats are 0-dim device tensors: kept_fraction stays one (NaN without a
+                # negative pair) until the next logging step converts the pending records.
                 self.history.append({"step": p.step, "loss": loss, **(
-                    {"kept_fraction": stats["kept"] / stats["neg_pairs"]} if stats.get("neg_pairs") else {})})
+                    {"kept_fraction": stats["kept"] / stats["neg_pairs"]} if "neg_pairs" in stats else {})})
+                if p.step % cfg.logging.log_every == 0 or p.step == self.total_steps:
+                    self._settle_history()
+                    if hasattr(self.head, "check_inputs"):
+                        self.head.check_inputs()  # labels of the steps since the last check (one sync)
                 monitor.record(p.step, p.epoch, loss, lr, out.grad_norm, self.engine.loss_scale(), stats, out.images)
                 t_side = time.time()
                 if self.validator.should_validate(p.step):
@@ -204,6 +210,19 @@ class Trainer:
         finally:
             monitor.close()
         return {"history": self.history, "val": self.validator.history, "best": dict(self.validator.best)}
+
+    def _settle_history(self) -> None:
+        """Turn the pending records' tensors into floats (one host sync); drop NaN kept_fraction."""
+        pending = [h for h in self.history[-self.cfg.logging.log_every - 1:]
+                   if isinstance(h.get("kept_fraction"), torch.Tensor)]
+        if not pending:
+            return
+        values = torch.stack([h["kept_fraction"].double() for h in pending]).tolist()
+        for h, v in zip(pending, values):
+            if v == v:
+                h["kept_fraction"] = v
+            else:
+                del h["kept_fraction"]  # no negative pair that step
 
     def _write_summary(self) -> None:
         """<out>/summary.json: loss per step and every verification (rank 0)."""

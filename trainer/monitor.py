@@ -76,7 +76,10 @@ class Monitor:
 
     def histogram(self, step: int, tag: str, values: torch.Tensor) -> None:
         if self.writer is not None and values is not None and values.numel() > 0:
-            self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+            values = values.detach().float().cpu()
+            values = values[~torch.isnan(values)]  # NaN: holes of a fixed-size sample
+            if values.numel() > 0:
+                self.writer.add_histogram(tag, values, step)
 
     def images(self, step: int, tag: str, images: torch.Tensor) -> None:
         if self.writer is not None:
@@ -114,7 +117,9 @@ class Monitor:
                 vals["train/grad_norm"] = grad_norm
             if loss_scale is not None:
                 vals["train/loss_scale"] = loss_scale
-            vals.update({f"unpg/{k}": float(v) for k, v in head_stats.items() if isinstance(v, (int, float))})
+            # head stats: Python numbers or 0-dim device tensors, converted here (logging steps only)
+            vals.update({f"unpg/{k}": float(v) for k, v in head_stats.items()
+                         if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.dim() == 0)})
             self.scalars(step, vals)
         if self.cfg.hist_every and step % self.cfg.hist_every == 0:
             sims = head_stats.get("neg_sims")

@@ -123,7 +123,9 @@ def test_sampling_matches_reference_on_sampled_centres(world):
             chosen = st["sampled"]
             positives = torch.unique(labels[(labels >= start) & (labels < stop)])
             assert set(positives.tolist()) <= set(chosen.tolist())
-            assert chosen.numel() == max(positives.numel(), math.floor(RATE * (stop - start)))
+            # fixed per rank: min(C_local, max(floor(r C_local), N)), whatever the labels
+            assert chosen.numel() == min(stop - start, max(math.floor(RATE * (stop - start)), len(labels)))
+            assert chosen.unique().numel() == chosen.numel()
             assert chosen.min() >= start and chosen.max() < stop
             sampled.append(chosen)
         union = torch.cat(sampled)

@@ -9,8 +9,8 @@ For embeddings ``x^`` (L2-normalised) with labels ``y``:
 
 The loss uses ``V`` once per row as an extra denominator term:
 ``log(sum_c exp(z_ic) + exp(V))`` — a scalar, never an N x |K| matrix. The
-bounds are exact order statistics read at device-side positions (a sort of the
-masked pairs, or an exact distributed radix selection) computed without
+bounds are exact order statistics read at device-side positions (a radix
+selection over the masked pairs, ``collectives.order_statistics``) computed without
 gradient; gradient flows through every kept ``t_ij``. No step reads anything on
 the host: the pair set is a mask, ``n`` a device tensor, ``V = -inf`` without
 a negative pair, and the statistics are 0-dim device tensors.
@@ -97,7 +97,7 @@ def metric_negatives_lse(
     ``V = -inf`` when there is no negative pair (every label equal): the UNPG term
     is then absent (docs/design.md §1; ``logaddexp(lse, -inf) == lse``). Fixed
     shapes throughout: the pairs are a mask over the N x N similarities, the
-    quartiles are read from the sorted masked values at device-side positions,
+    quartiles are selected from the masked values at device-side positions,
     and the log-sum-exp runs over the masked matrix (no host sync).
     """
     n_rows = x_hat.shape[0]
@@ -111,12 +111,11 @@ def metric_negatives_lse(
         n = neg_mask.sum()
         pos_mask = upper & same
         pos_n = pos_mask.sum()
-        holes = torch.where(neg_mask, t, nan).reshape(-1)  # NaN sorts last
-        if holes.numel():
-            ranks = _quartile_positions(n).clamp_max(holes.numel() - 1)
-            q1, q3 = torch.sort(holes).values.gather(0, ranks).unbind()
-        else:
-            q1 = q3 = t.new_full((), nan)
+        holes = torch.where(neg_mask, t, nan)  # NaN: not a value
+        # exact selection (radix, positions computed on the device from the device count n);
+        # values at out-of-range positions (n = 0) are unspecified and masked below
+        (q1, q3), _ = order_statistics(holes, _quartile_positions, local_only=True)
+        holes = holes.reshape(-1)
         iqr = q3 - q1
         lower, upper_bound = q1 - wisk * iqr, q3 + wisk * iqr
         keep = neg_mask & (t >= lower) & (t <= upper_bound)
