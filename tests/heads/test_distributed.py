@@ -180,6 +180,12 @@ def _error_worker(rank, world, case):
         elif case == "short_batch":  # unequal batch sizes are fine
             x, y = x[:1], y[:1]
     try:
+        if case == "late_range":  # bad only at the third step: found at the check point
+            for step in range(3):
+                y_step = torch.tensor([0, 11, 2]) if (rank == 1 and step == 2) else torch.tensor([0, 1, 2])
+                head(x, y_step).backward()
+            head.check_inputs()
+            return ("ok", None)
         loss = head(x, y)
         loss.backward()
         return ("ok", float(loss))
@@ -188,12 +194,14 @@ def _error_worker(rank, world, case):
 
 
 @pytest.mark.parametrize("case,needle", [("range", "11"), ("fraction", "2.5"), ("dtype", "rank 1"),
-                                         ("dim", "rank 1")])
+                                         ("dim", "rank 1"), ("late_range", "step 3 (")])
 def test_bad_input_on_one_rank_raises_same_error_everywhere(case, needle):
     results = run_world(_error_worker, 2, case)
     assert results[0][0] == results[1][0] == "error"
     assert results[0][1] == results[1][1]
     assert needle in results[0][1]
+    if case in ("range", "late_range"):
+        assert "rank 1" in results[0][1] and "[11]" in results[0][1]
 
 
 def test_unequal_batch_sizes_work():

@@ -200,7 +200,8 @@ class PartialFC(nn.Module):
             lo += b
         self._label_check = torch.zeros_like(self._label_check)
         raise ValueError(
-            f"PartialFC: labels must be integers in [0, {self.num_classes}); at step {step} "
+            f"PartialFC: labels must be integers in [0, {self.num_classes}); at step {step} (the head's "
+            f"forward call {step}) "
             f"got {count} bad label(s) in the global batch, the first from rank {rank}, e.g. {values}"
         )
 
