@@ -17,7 +17,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 bench-head: $(STAMP)
-	$(PY) bench/head.py
+	$(PY) -m bench.head
 
 # On a CUDA machine (no venv needed; uses the installed torch): make gpu-check OUT=gpu_out [WHEELS=dir]
 gpu-check:

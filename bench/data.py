@@ -1,6 +1,6 @@
 """Data loader throughput: DALI CPU pipeline vs torch fallback vs bare decode (the ceiling).
 
-    python bench/data.py [--identities 200 --images-per-identity 20 --threads 2 --batch-size 128]
+    python -m bench.data [--identities 200 --images-per-identity 20 --threads 2 --batch-size 128]
 
 Generates the synthetic dataset (112x112 JPEGs) once under --data, then, in one
 run with the same thread count: a decode-only loop (simplejpeg over the same

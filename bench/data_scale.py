@@ -1,7 +1,7 @@
 """The data path at scale: per-rank epoch start, label scan, index bytes, read pattern, mixing.
 
-    PYTHONPATH=. python bench/data_scale.py [--n 2000000] [--ranks 8] [--batch 128]
-    PYTHONPATH=. python bench/data_scale.py --n 42000000          # WebFace42M size (~1.5 GB .rec)
+    python -m bench.data_scale [--n 2000000] [--ranks 8] [--batch 128]
+    python -m bench.data_scale --n 42000000          # WebFace42M size (~1.5 GB .rec)
 
 Writes a synthetic RecordIO of N tiny image records (IRHeader + a 4-byte
 payload, 36 bytes a record, framed exactly as ``trainer.data.recordio``'s

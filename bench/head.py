@@ -15,8 +15,8 @@ steps, the slower rank. Memory = peak RSS of a rank (VmHWM, reset right
 before the steps) minus its RSS before the head was built: what the head,
 its optimizer state and the step's temporaries cost.
 
-    python bench/head.py                 # the full grid (~5-10 min on 2 cores)
-    python bench/head.py --classes 100000 --steps 2
+    python -m bench.head                 # the full grid (~5-10 min on 2 cores)
+    python -m bench.head --classes 100000 --steps 2
 """
 from __future__ import annotations
 
@@ -31,28 +31,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from bench.memory import peak_mb, reset_peak, rss_mb  # noqa: E402
+
 BATCH, DIM = 512, 512
-
-
-def _rss_mb() -> float:
-    return _status_kb("VmRSS") / 1024
-
-
-def _peak_mb() -> float:
-    return _status_kb("VmHWM") / 1024
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise RuntimeError(key)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _warm_up(UNPG, ArcFace, PartialFC, PartialFCSGD, rate, unpg_on, local) -> None:
@@ -73,14 +54,14 @@ def _partial_fc_rank(rank, world, store, classes, rate, unpg_on, steps, threads,
     torch.manual_seed(rank)
     local = BATCH // world
     _warm_up(UNPG, ArcFace, PartialFC, PartialFCSGD, rate, unpg_on, local)
-    base = _rss_mb()
+    base = rss_mb()
     head = PartialFC(ArcFace(s=64.0, m=0.5), DIM, classes, sample_rate=rate,
                      unpg=UNPG(wisk=1.5) if unpg_on else None)
     opt = PartialFCSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
     state_mb = (head.weight.numel() * 2 * 4) / 2**20  # shard + momentum buffer
     emb = torch.randn(local, DIM, requires_grad=True)
     times = []
-    _reset_peak()
+    reset_peak()
     for step in range(steps + 1):
         labels = torch.randint(0, classes, (local,))
         dist.barrier()
@@ -93,7 +74,7 @@ def _partial_fc_rank(rank, world, store, classes, rate, unpg_on, steps, threads,
         dt = time.perf_counter() - t0
         if step:  # the first step is warm-up
             times.append(dt)
-    torch.save(dict(time=statistics.median(times), mem=_peak_mb() - base, state=state_mb,
+    torch.save(dict(time=statistics.median(times), mem=peak_mb() - base, state=state_mb,
                     kept=head.last_stats.get("kept")), f"{out}/r{rank}.pt")
     dist.destroy_process_group()
 
@@ -155,13 +136,13 @@ def _dense_pfc_rank(rank, world, store, classes, rate, steps, threads, out):
     warm = _DenseGradPartialFC(4000, rate, rank, world)
     warm(torch.randn(local, DIM, requires_grad=True), torch.randint(0, 4000, (local,))).backward()
     del warm
-    base = _rss_mb()
+    base = rss_mb()
     head = _DenseGradPartialFC(classes, rate, rank, world)
     opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     state_mb = head.weight.numel() * 2 * 4 / 2**20
     emb = torch.randn(local, DIM, requires_grad=True)
     times = []
-    _reset_peak()
+    reset_peak()
     for step in range(steps + 1):
         labels = torch.randint(0, classes, (local,))
         dist.barrier()
@@ -172,7 +153,7 @@ def _dense_pfc_rank(rank, world, store, classes, rate, steps, threads, out):
         opt.step()
         if step:
             times.append(time.perf_counter() - t0)
-    torch.save(dict(time=statistics.median(times), mem=_peak_mb() - base, state=state_mb), f"{out}/r{rank}.pt")
+    torch.save(dict(time=statistics.median(times), mem=peak_mb() - base, state=state_mb), f"{out}/r{rank}.pt")
     dist.destroy_process_group()
 
 

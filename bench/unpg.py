@@ -21,8 +21,8 @@ CPU time, not wall time: the R sharded ranks share this machine's cores, which
 on a cluster they would not; a rank blocked in a collective uses no CPU time.
 Sharded figures are the maximum over the ranks.
 
-    python bench/unpg.py                      # N in {2k, 8k} x R in {4, 8}, series at B = 1024
-    python bench/unpg.py --sizes 16384 --worlds 8 --no-series   # the goal point (~5 GB on rank 0)
+    python -m bench.unpg                      # N in {2k, 8k} x R in {4, 8}, series at B = 1024
+    python -m bench.unpg --sizes 16384 --worlds 8 --no-series   # the goal point (~5 GB on rank 0)
 """
 from __future__ import annotations
 
@@ -36,20 +36,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench.memory import reset_peak, status_kb
+
 DIM, S, WISK = 64, 64.0, 1.5
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise RuntimeError(key)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _batch(n_rows: int, seed: int = 0):
@@ -79,14 +68,14 @@ def _measure(mode, x, labels, sizes, repeat):
     """(peak MB above the RSS before, median CPU seconds, median wall seconds)."""
     peak, cpu, wall = None, [], []
     for i in range(repeat):
-        base = _status_kb("VmRSS")
-        _reset_peak()
+        base = status_kb("VmRSS")
+        reset_peak()
         c0, w0 = time.thread_time(), time.perf_counter()
         _term(mode, x, labels, sizes)
         cpu.append(time.thread_time() - c0)
         wall.append(time.perf_counter() - w0)
         if i == 0:
-            peak = (_status_kb("VmHWM") - base) / 1024
+            peak = (status_kb("VmHWM") - base) / 1024
     return peak, statistics.median(cpu), statistics.median(wall)
 
 

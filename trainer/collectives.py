@@ -177,8 +177,12 @@ def order_statistics(
     positions,
     group: ProcessGroup = None,
     chunk_elements: int = 1 << 20,
+    local_only: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact 0-based order statistics of the union of every rank's ``local`` values.
+
+    ``local_only=True``: of this rank's values alone (no collective; e.g. values
+    replicated on every rank).
 
     ``local``: float32 or float64, any shape and strides (a 2-D view is read in
     row chunks of about ``chunk_elements``); NaN entries are not values (they mark
@@ -222,7 +226,9 @@ def order_statistics(
             for j in range(m):
                 hit = (high == target_prefix[j]) & valid
                 counts[j] += _histogram(torch.where(hit, digit, nb), nb + 1)
-        counts = all_reduce_(counts[:, :nb].contiguous(), "sum", group)
+        counts = counts[:, :nb].contiguous()
+        if not local_only:
+            counts = all_reduce_(counts, "sum", group)
         if p == 0:
             n = counts.sum()
             ranks = torch.as_tensor(positions(n), dtype=torch.int64, device=device).reshape(-1)

@@ -271,7 +271,7 @@ class Trainer:
         run = self.cfg.run
         for (step, *_), row in zip(pending, vals):
             rec: Dict[str, Any] = {"step": step, "loss": row[0]}
-            if row[3]:
+            if row[3] == row[3] and row[3] > 0:  # NaN / 0: no negative pair that step
                 rec["kept_fraction"] = row[2] / row[3]
             if row[1]:
                 rec["skipped"] = True
@@ -310,6 +310,8 @@ class Trainer:
                 val_now, save_now = self.validator.should_validate(p.step), self.checkpointer.should_save(p.step)
                 if log_now or val_now or save_now:
                     self._flush(pending)  # NaN policy before any validation or checkpoint
+                    if hasattr(self.head, "check_inputs"):
+                        self.head.check_inputs()  # labels of the steps since the last check (one sync)
                 monitor.record(p.step, p.epoch, lr, self.history[-1]["loss"] if log_now else None, out.grad_norm,
                                self.engine.loss_scale, stats, out.images)
                 t_side = time.time()

@@ -76,7 +76,10 @@ class Monitor:
 
     def histogram(self, step: int, tag: str, values: torch.Tensor) -> None:
         if self.writer is not None and values is not None and values.numel() > 0:
-            self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+            values = values.detach().float().cpu()
+            values = values[~torch.isnan(values)]  # NaN: holes of a fixed-size sample
+            if values.numel() > 0:
+                self.writer.add_histogram(tag, values, step)
 
     def images(self, step: int, tag: str, images: torch.Tensor) -> None:
         if self.writer is not None:

@@ -113,9 +113,10 @@ class PreemptionHandler:
         if self._flag is None:
             self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
             self._flag = torch.zeros(1, dtype=torch.int32)
-        self._flag.fill_(self.signum)
+        view = self._flag.numpy()  # host memory: read and written without any torch op
+        view[0] = self.signum
         dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group)
-        got = int(self._flag.item())
+        got = int(view[0])
         if got and not self.signum:
             self.signum, self.first_at = got, time.monotonic()
         return got

@@ -123,7 +123,9 @@ def test_sampling_matches_reference_on_sampled_centres(world):
             chosen = st["sampled"]
             positives = torch.unique(labels[(labels >= start) & (labels < stop)])
             assert set(positives.tolist()) <= set(chosen.tolist())
-            assert chosen.numel() == max(positives.numel(), math.floor(RATE * (stop - start)))
+            # fixed per rank: min(C_local, max(floor(r C_local), N)), whatever the labels
+            assert chosen.numel() == min(stop - start, max(math.floor(RATE * (stop - start)), len(labels)))
+            assert chosen.unique().numel() == chosen.numel()
             assert chosen.min() >= start and chosen.max() < stop
             sampled.append(chosen)
         union = torch.cat(sampled)
@@ -178,6 +180,12 @@ def _error_worker(rank, world, case):
         elif case == "short_batch":  # unequal batch sizes are fine
             x, y = x[:1], y[:1]
     try:
+        if case == "late_range":  # bad only at the third step: found at the check point
+            for step in range(3):
+                y_step = torch.tensor([0, 11, 2]) if (rank == 1 and step == 2) else torch.tensor([0, 1, 2])
+                head(x, y_step).backward()
+            head.check_inputs()
+            return ("ok", None)
         loss = head(x, y)
         loss.backward()
         return ("ok", float(loss))
@@ -186,12 +194,14 @@ def _error_worker(rank, world, case):
 
 
 @pytest.mark.parametrize("case,needle", [("range", "11"), ("fraction", "2.5"), ("dtype", "rank 1"),
-                                         ("dim", "rank 1")])
+                                         ("dim", "rank 1"), ("late_range", "step 3 (")])
 def test_bad_input_on_one_rank_raises_same_error_everywhere(case, needle):
     results = run_world(_error_worker, 2, case)
     assert results[0][0] == results[1][0] == "error"
     assert results[0][1] == results[1][1]
     assert needle in results[0][1]
+    if case in ("range", "late_range"):
+        assert "rank 1" in results[0][1] and "[11]" in results[0][1]
 
 
 def test_unequal_batch_sizes_work():

@@ -205,3 +205,54 @@ def test_sparse_gradients_accumulate_over_two_backward_passes():
     expect = w.clone()
     expect[rows] = w[rows] - 0.1 * (dense_sum[rows] + 5e-4 * w[rows])
     torch.testing.assert_close(head.weight.detach(), expect, rtol=1e-12, atol=1e-14)
+
+
+def test_sparse_step_sums_repeated_rows_without_coalesce():
+    """An uncoalesced gradient with repeated, unsorted rows (as concatenated backward
+    passes may give): one update per row with the row's summed gradient, momentum too."""
+    torch.manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(8, D, dtype=torch.float64))
+    w0 = p.detach().clone()
+    opt = PartialFCSGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    buf = torch.randn(8, D, dtype=torch.float64)
+    opt.state[p]["momentum_buffer"].copy_(buf)
+    rows = torch.tensor([5, 1, 5, 3, 1, 5, 0])
+    values = torch.randn(rows.numel(), D, dtype=torch.float64)
+    p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, p.shape)
+    assert not p.grad.is_coalesced()
+    opt.step()
+    g = torch.zeros(8, D, dtype=torch.float64).index_add_(0, rows, values)
+    used = torch.tensor([0, 1, 3, 5])
+    expect_buf = buf.clone()
+    expect_buf[used] = 0.9 * buf[used] + g[used] + 5e-4 * w0[used]
+    expect_w = w0.clone()
+    expect_w[used] = w0[used] - 0.1 * expect_buf[used]
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], expect_buf, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(p.detach(), expect_w, rtol=1e-12, atol=1e-14)
+
+
+def test_bad_label_after_the_first_step_is_reported_at_the_check_point():
+    head = PartialFC(CosFace(s=64.0, m=0.4), D, C, unpg=UNPG())
+    head(torch.randn(3, D), torch.tensor([0, 1, 2]))  # the eager check passes
+    head.check_inputs()
+    head(torch.randn(3, D), torch.tensor([0, 1, 2]))
+    loss = head(torch.randn(3, D), torch.tensor([1, C + 4, 2]))  # recorded, not raised (no sync)
+    assert torch.isfinite(loss)
+    head(torch.randn(3, D), torch.tensor([-3, 1, 2]))  # a later bad step: the first is reported
+    with pytest.raises(ValueError, match=rf"step 3 .*rank 0.*\[{C + 4}\]"):
+        head.check_inputs()
+    head.check_inputs()  # reported once
+
+
+def test_sampling_keeps_a_fixed_count_and_every_positive():
+    c_big = 200
+    head = PartialFC(CosFace(s=64.0, m=0.4), D, c_big, sample_rate=0.05)
+    for labels in (torch.arange(12), torch.full((12,), 7), torch.arange(12) * 16):
+        head(torch.randn(12, D), labels)
+        used = head.sampled_classes
+        assert used.numel() == max(10, 12) == head.num_sampled(12)
+        assert set(labels.tolist()) <= set(used.tolist())
+        assert torch.equal(used, used.unique())
+    small = PartialFC(CosFace(s=64.0, m=0.4), D, 20, sample_rate=0.5)
+    small(torch.randn(30, D), torch.randint(0, 20, (30,)))
+    assert small.sampled_classes.numel() == 20  # min(C_local, ...)

@@ -86,3 +86,31 @@ def phases_worker(rank: int, world: int, root: str, phases: List[Dict[str, Any]]
             results.append((type(e).__name__, str(e)))
         dist.barrier()
     return results
+
+
+def sync_count_worker(rank: int, world: int, out: str, overrides: List[str], data: Dict[str, Any],
+                      first: int = 3, last: int = 5):
+    """Train with the host-sync counter active over steps ``first``..``last`` (steady state:
+    no logging, validation or checkpoint in them), loop body included; returns the counts."""
+    from tests.syncs import SyncCounter
+
+    cfg = tiny_config(Path(out), ["logging.log_every=100", "logging.hist_every=0"] + list(overrides))
+    imgs, labels = make_dataset(**data)
+
+    def factory(c, d):
+        return MemoryLoader(imgs, labels, c.data.batch_size, d.rank, d.world_size, c.run.seed)
+
+    t = Trainer(cfg, factory).setup()
+    counter = SyncCounter()
+    original = t._one_step
+
+    def one_step():
+        if t.step + 1 == first:
+            counter.__enter__()
+        if t.step + 1 == last + 1:
+            counter.__exit__(None, None, None)
+        return original()
+
+    t._one_step = one_step
+    t.train()
+    return {"total": counter.total, "report": counter.report()}

@@ -5,7 +5,8 @@ sparse gradient holding the rows of the centres sampled this step. ``step()``
 updates exactly those rows — their momentum buffer, weight decay and weight —
 and leaves every other centre AND its momentum untouched (no decay, no momentum
 carry-over for centres that were not sampled). Per-step cost is proportional to
-the sampled centres, not to the shard. With a dense gradient
+the sampled centres, not to the shard, and no shape depends on the data (no
+coalesce, no host sync; temporaries: a few copies of the gradient's values). With a dense gradient
 (``sample_rate == 1``) it is exactly ``torch.optim.SGD`` (dampening 0):
 
     buf = momentum * buf + (grad + weight_decay * w);   w -= lr * buf
@@ -26,7 +27,6 @@ from typing import Iterable, Union
 import torch
 from torch import nn
 
-_ROW_CHUNK = 1 << 12  # rows updated per block in the sparse path (bounds temporaries)
 
 
 class PartialFCSGD(torch.optim.Optimizer):
@@ -88,28 +88,37 @@ class PartialFCSGD(torch.optim.Optimizer):
         p.add_(buf, alpha=-lr)
 
     @staticmethod
-    def _sparse_update(p, rows_all, values_all, buf, lr, momentum, wd, keep=None) -> None:
-        for k0 in range(0, rows_all.numel(), _ROW_CHUNK):
-            rows, g = rows_all[k0 : k0 + _ROW_CHUNK], values_all[k0 : k0 + _ROW_CHUNK]
-            w = p.index_select(0, rows)
-            d = g + wd * w if wd else g.clone()
-            if buf is not None:
-                old = buf.index_select(0, rows)
-                d.add_(old, alpha=momentum)
-                buf.index_copy_(0, rows, d if keep is None else torch.where(keep, d, old))
-            new = w - lr * d
-            p.index_copy_(0, rows, new if keep is None else torch.where(keep, new, w))
+    def _sparse_update(p, rows, values, buf, lr, momentum, wd, keep=None) -> None:
+        # Every entry of a row holds the row's total gradient, so repeated rows compute and
+        # write identical values; all reads happen before the writes. ``keep`` (device
+        # bool): False leaves the rows as they were (torch.where: a NaN never leaks in).
+        w = p.index_select(0, rows)
+        d = values.add(w, alpha=wd) if wd else values.clone()
+        if buf is not None:
+            old = buf.index_select(0, rows)
+            d.add_(old, alpha=momentum)
+            buf.index_copy_(0, rows, d if keep is None else torch.where(keep, d, old))
+        new = w - lr * d
+        p.index_copy_(0, rows, new if keep is None else torch.where(keep, new, w))
 
 
 def _unique_rows(grad: torch.Tensor):
-    """``(rows, values)`` of a sparse row gradient, each row once.
+    """``(rows, values)`` of a sparse row gradient; a repeated row's entries all hold its sum.
 
-    The head emits sorted unique rows, but autograd's accumulation drops the
-    "coalesced" flag; coalescing again would copy every value. Only when rows
-    repeat (several backward passes accumulated) is a real coalesce needed.
+    The head emits sorted unique rows; several backward passes may concatenate
+    them. No coalesce (its output size depends on the data, a host sync on a
+    GPU): the entries are sorted by row, runs of equal rows are summed with a
+    fixed-size ``index_add_`` and every entry of a run gets the run's total. For
+    unique rows this is the identity (``0 + g == g``).
     """
     rows, values = grad._indices()[0], grad._values()
-    if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+    m = rows.numel()
+    if m < 2:
         return rows, values
-    grad = grad.coalesce()
-    return grad.indices()[0], grad.values()
+    rows, order = torch.sort(rows, stable=True)
+    values = values.index_select(0, order)
+    starts = torch.ones(m, dtype=torch.int64, device=rows.device)
+    starts[1:] = rows[1:] != rows[:-1]
+    run = starts.cumsum(0) - 1
+    totals = torch.zeros_like(values).index_add_(0, run, values)
+    return rows, totals.index_select(0, run)

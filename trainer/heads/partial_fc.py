@@ -39,6 +39,7 @@ from trainer.heads.unpg import UNPG, metric_negatives_lse, sharded_metric_negati
 # Per-rank input problems, exchanged before any data collective so that every
 # rank raises the same error instead of leaving the others hanging.
 _BAD_EMB_SHAPE, _BAD_LABEL_SHAPE, _BAD_LABEL_DTYPE = 1, 2, 4
+_SHOWN_BAD = 10  # bad label values named in the error
 
 
 class PartialFC(nn.Module):
@@ -96,7 +97,16 @@ class PartialFC(nn.Module):
             torch.empty(stop - start, self.embedding_size, dtype=dtype, device=device).normal_(0, init_std)
         )
         self.sampled_classes: Optional[torch.Tensor] = None
+        # Statistics of the last forward: 0-dim detached device tensors (no host sync);
+        # "batch" is a Python number. Convert them at logging steps only.
         self.last_stats: Dict[str, object] = {}
+        # Input checks (see _exchange_sizes, check_inputs): cached sizes, device-side record.
+        self.eager_checks = 1
+        self._steps = 0
+        self._size_key: Optional[tuple] = None
+        self._sizes: Optional[list] = None
+        self._label_check = torch.zeros(3 + _SHOWN_BAD, dtype=torch.float64, device=device)
+        self._size_log: Dict[int, list] = {}  # first step -> sizes, since the last check
 
     @property
     def num_local(self) -> int:
@@ -109,10 +119,14 @@ class PartialFC(nn.Module):
         )
 
     # ------------------------------------------------------------------ inputs
-    def _exchange_and_validate(
-        self, local_embeddings: torch.Tensor, local_labels: torch.Tensor
-    ) -> Tuple[list, torch.Tensor]:
-        """Batch sizes of all ranks and the validated global labels (int64)."""
+    def _exchange_sizes(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> list:
+        """Batch sizes of all ranks (rank order); shape/dtype problems raise on every rank.
+
+        Exchanged (one tiny all-gather read on the host) only when this rank's batch
+        size or shape problems differ from the previous step's: Python facts, known
+        without a sync. Ranks change their batch size in the same step (a last, short
+        batch of a drop_last=False sampler) or never (the trainer: drop_last=True).
+        """
         problems = 0
         if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
             problems |= _BAD_EMB_SHAPE
@@ -120,35 +134,88 @@ class PartialFC(nn.Module):
             problems |= _BAD_LABEL_SHAPE
         if local_labels.dtype == torch.bool or local_labels.is_complex():
             problems |= _BAD_LABEL_DTYPE
-        info = all_gather_object_ints([local_embeddings.shape[0], problems], self.process_group)
-        if int(info[:, 1].max()) != 0:
+        key = (int(local_embeddings.shape[0]), problems)
+        if self._sizes is not None and key == self._size_key:
+            return self._sizes
+        info = all_gather_object_ints(list(key), self.process_group).tolist()  # CPU ints
+        if any(p for _, p in info):
             lines = []
-            for r, (b, p) in enumerate(info.tolist()):
+            for r, (b, p) in enumerate(info):
                 if p & _BAD_EMB_SHAPE:
                     lines.append(f"rank {r}: embeddings must be [batch, {self.embedding_size}]")
                 if p & _BAD_LABEL_SHAPE:
                     lines.append(f"rank {r}: labels must be a 1-D tensor with one label per embedding")
                 if p & _BAD_LABEL_DTYPE:
                     lines.append(f"rank {r}: labels must be integer class ids")
-            raise ValueError("PartialFC got bad inputs:\n  " + "\n  ".join(lines))
-        sizes = info[:, 0].tolist()
-        # float64 holds every int below 2^53 exactly, and lets us name non-integer values.
-        global_labels = all_gather_rows(
-            local_labels.detach().reshape(-1).to(torch.float64), sizes, self.process_group
-        )
+            raise ValueError(f"PartialFC got bad inputs at step {self._steps + 1}:\n  " + "\n  ".join(lines))
+        self._size_key, self._sizes = key, [int(b) for b, _ in info]
+        self._size_log[self._steps + 1] = self._sizes  # to name the rank of a bad label later
+        return self._sizes
+
+    def _validate_labels(self, global_labels: torch.Tensor, sizes: list) -> torch.Tensor:
+        """int64 global labels; bad ones (not an integer in [0, C)) recorded on the device.
+
+        The first step with a bad label keeps (step, first bad row, up to 10 sorted bad
+        values) in ``_label_check``; :meth:`check_inputs` reads it (one sync) and raises.
+        Bad labels are mapped to -1 (no class: no target) so the step itself runs.
+        The labels are the gathered global ones: every rank records the same.
+        """
         bad = (global_labels != torch.floor(global_labels)) | (global_labels < 0) | (
             global_labels >= self.num_classes
         )
-        if bool(bad.any()):
-            values = global_labels[bad].unique()[:10].tolist()
-            values = [int(v) if float(v).is_integer() else v for v in values]
-            raise ValueError(
-                f"PartialFC: labels must be integers in [0, {self.num_classes}); "
-                f"got {int(bad.sum())} bad label(s) in the global batch, e.g. {values}"
-            )
-        return sizes, global_labels.to(torch.int64)
+        n = global_labels.shape[0]
+        step = float(self._steps + 1)
+        with torch.no_grad():
+            if n:
+                row = torch.where(bad, torch.arange(n, device=bad.device, dtype=torch.float64),
+                                  torch.full((), float(n), dtype=torch.float64, device=bad.device)).amin()
+                values = torch.where(bad, global_labels, float("nan")).sort().values[:_SHOWN_BAD]
+                values = F.pad(values, (0, _SHOWN_BAD - values.numel()), value=float("nan"))
+                record = torch.cat([torch.stack([torch.full_like(row, step), row, bad.sum().double()]), values])
+                check = self._label_check.to(global_labels.device)
+                first = (check[0] == 0) & (record[2] > 0)  # nothing recorded yet, bad now
+                self._label_check = torch.where(first, record, check)
+        return torch.where(bad, -1.0, global_labels).to(torch.int64)
+
+    def check_inputs(self) -> None:
+        """Raise (on every rank alike) if a step since the last check had a bad label.
+
+        One host sync: call it at logging steps. The first ``eager_checks`` steps check
+        at once, so bad input of a fresh run stops it immediately.
+        """
+        check = self._label_check.cpu().tolist()  # the one sync
+        step, row, count = int(check[0]), int(check[1]), int(check[2])
+        sizes = self._size_log.get(max((k for k in self._size_log if k <= step), default=-1), [])
+        if self._size_log:  # keep only the sizes in force now
+            last = max(self._size_log)
+            self._size_log = {last: self._size_log[last]}
+        if step == 0:
+            return
+        values = list(dict.fromkeys(int(v) if float(v).is_integer() else v for v in check[3:] if v == v))
+        rank, lo = 0, 0
+        for r, b in enumerate(sizes):
+            if lo <= row < lo + b:
+                rank = r
+                break
+            lo += b
+        self._label_check = torch.zeros_like(self._label_check)
+        raise ValueError(
+            f"PartialFC: labels must be integers in [0, {self.num_classes}); at step {step} (the head's "
+            f"forward call {step}) "
+            f"got {count} bad label(s) in the global batch, the first from rank {rank}, e.g. {values}"
+        )
 
     # ---------------------------------------------------------------- sampling
+    def num_sampled(self, global_batch: int) -> int:
+        """Centres used per step on this rank: ``min(C_local, max(floor(r C_local), N))``.
+
+        N (the global batch) bounds the positives that can fall in the shard, so
+        every positive fits; the count depends on no label (docs/design.md §2).
+        """
+        if self.sample_rate >= 1.0:
+            return self.num_local
+        return min(self.num_local, max(math.floor(self.sample_rate * self.num_local), int(global_batch)))
+
     def _select_centres(self, global_labels: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """Rows of the shard used this step and, per global row, the target's position among them."""
         start, stop = self.class_range
@@ -157,12 +224,13 @@ class PartialFC(nn.Module):
         if self.sample_rate >= 1.0:
             self.sampled_classes = None
             return None, local_label
-        positives = torch.unique(local_label[in_shard])  # sorted
-        num_sample = max(positives.numel(), math.floor(self.sample_rate * self.num_local))
-        # Uniform random others: random scores, positives forced to the top (docs/design.md §2).
-        scores = torch.rand(self.num_local, device=self.weight.device)
-        scores[positives] = 2.0
-        rows = torch.topk(scores, num_sample, sorted=False).indices.sort().values
+        num_sample = self.num_sampled(global_labels.shape[0])
+        # Uniform random others: random scores in [0, 1), positives forced to 2 (top-k keeps
+        # them all: at most N <= num_sample of them). Out-of-shard labels go to a dummy slot.
+        scores = torch.rand(self.num_local + 1, device=self.weight.device)
+        slot = torch.where(in_shard, local_label, torch.full_like(local_label, self.num_local))
+        scores.index_fill_(0, slot, 2.0)
+        rows = torch.topk(scores[: self.num_local], num_sample, sorted=False).indices.sort().values
         target_pos = torch.where(
             in_shard, torch.searchsorted(rows, local_label.clamp_min(0)), torch.full_like(local_label, -1)
         )
@@ -173,7 +241,15 @@ class PartialFC(nn.Module):
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """Mean loss over the global batch; the same float32 (or float64) scalar on every rank."""
         group = self.process_group
-        sizes, global_labels = self._exchange_and_validate(local_embeddings, local_labels)
+        sizes = self._exchange_sizes(local_embeddings, local_labels)
+        # float64 holds every int below 2^53 exactly, and lets us name non-integer values.
+        global_labels = all_gather_rows(
+            local_labels.detach().reshape(-1).to(torch.float64), sizes, group
+        )
+        global_labels = self._validate_labels(global_labels, sizes)
+        self._steps += 1
+        if self._steps <= self.eager_checks:
+            self.check_inputs()
         device_type = local_embeddings.device.type
         # Softmax and UNPG log-sum-exp in float32 whatever the autocast state (float64 if the head is).
         compute_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
@@ -190,20 +266,21 @@ class PartialFC(nn.Module):
             denominator = lse
             stats: Dict[str, object] = {"batch": float(global_x.shape[0])}
             if self.unpg is not None:
+                # V = -inf (no negative pair) adds exactly nothing: logaddexp(lse, -inf) == lse
                 v_rows, unpg_stats = self._unpg_term(local_x, global_x, global_labels, sizes)
                 stats.update(unpg_stats)
-                if v_rows is not None:
-                    denominator = torch.logaddexp(lse, v_rows)
+                denominator = torch.logaddexp(lse, v_rows)
             loss = (denominator - target).mean()
             extra = self.margin.extra_loss(global_x)
             if extra is not None:
                 # replicated on every rank: each contributes 1/R of its gradient
                 loss = loss + scale_grad(extra, 1.0 / self.world_size)
-        stats["loss"] = float(loss.detach())
+        stats["loss"] = loss.detach()
         self.last_stats = stats
         return loss
 
-    def _unpg_term(self, local_x, global_x, global_labels, sizes) -> Tuple[Optional[torch.Tensor], dict]:
+    def _unpg_term(self, local_x, global_x, global_labels, sizes) -> Tuple[torch.Tensor, dict]:
+        """Per global row, V of its row's pairs ([N]; -inf where there is no negative pair)."""
         s, wisk = self.margin.s, self.unpg.wisk
         if self.unpg.use_sharded(self.world_size):
             # Each rank evaluates only the pairs it owns: no 1/R scaling, the gather's backward sums.
@@ -211,19 +288,15 @@ class PartialFC(nn.Module):
             v, stats = sharded_metric_negatives_lse(
                 F.normalize(global_x, dim=1), global_labels, sizes, s, wisk, self.process_group, elements
             )
-            return (None if v is None else v.expand(global_x.shape[0])), stats
+            return v.expand(global_x.shape[0]), stats
         if self.unpg.negatives == "global":
             v, stats = metric_negatives_lse(F.normalize(global_x, dim=1), global_labels, s, wisk)
-            if v is None:
-                return None, stats
             # Replicated on every rank: each contributes 1/R of its gradient (collectives.py).
             return scale_grad(v, 1.0 / self.world_size).expand(global_x.shape[0]), stats
         # "local": row i uses V of its own rank, computed from that rank's batch.
         start = sum(sizes[: self.rank])
         local_labels = global_labels[start : start + sizes[self.rank]]
         v, stats = metric_negatives_lse(F.normalize(local_x, dim=1), local_labels, s, wisk)
-        if v is None:
-            v = torch.tensor(float("-inf"), dtype=local_x.dtype, device=local_x.device)
         if self.world_size == 1:
             return v.expand(global_x.shape[0]), stats
         all_v = all_gather_rows(v.detach().reshape(1), [1] * self.world_size, self.process_group)

@@ -94,8 +94,17 @@ def _all_target_cos(x_hat, weight, rows, target_pos, group, lo_c, hi_c) -> torch
 
 
 def _targets_in_chunk(target_pos: torch.Tensor, k0: int, k1: int):
-    rows = torch.nonzero((target_pos >= k0) & (target_pos < k1)).squeeze(1)
-    return rows, target_pos[rows] - k0
+    """``(hit [N] bool, col [N, 1])``: rows whose target lies in chunk ``[k0, k1)`` and its
+    column there (clamped into the chunk for the other rows, whose entries are
+    gathered and written back unchanged): fixed shapes, no ``nonzero``."""
+    hit = (target_pos >= k0) & (target_pos < k1)
+    return hit, (target_pos - k0).clamp(0, k1 - k0 - 1).unsqueeze(1)
+
+
+def _put_targets_(block: torch.Tensor, hit: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> None:
+    """``block[i, col_i] = values_i`` for the rows with ``hit``; others keep their entry."""
+    current = block.gather(1, col).squeeze(1)
+    block.scatter_(1, col, torch.where(hit, values, current).unsqueeze(1))
 
 
 class MarginSoftmaxParts(torch.autograd.Function):
@@ -126,13 +135,13 @@ class MarginSoftmaxParts(torch.autograd.Function):
         target_cos = torch.zeros(n, dtype=dtype, device=x_hat.device)
         for k0, k1, w_hat, _ in _Chunks(weight.detach(), rows, chunk, dtype):
             logits = (x_hat @ w_hat.t()).clamp_(lo_c, hi_c)
-            t_rows, t_cols = _targets_in_chunk(target_pos, k0, k1)
-            cos_t = logits[t_rows, t_cols] if all_target_cos is None else all_target_cos[t_rows]
-            target_cos[t_rows] = cos_t
+            hit, col = _targets_in_chunk(target_pos, k0, k1)
+            cos_t = logits.gather(1, col).squeeze(1) if all_target_cos is None else all_target_cos
+            target_cos = torch.where(hit, cos_t, target_cos)
             if margin.modulates_negatives:
                 logits = margin.negatives(logits, prep, need_grad=False)[0]
             logits.mul_(s)
-            logits[t_rows, t_cols] = s * margin.target_value(cos_t, t_rows, prep)
+            _put_targets_(logits, hit, col, s * margin.target_value(cos_t, None, prep))
             new_max = torch.maximum(run_max, logits.max(dim=1).values)
             run_sum.mul_(torch.exp(run_max - new_max))
             run_sum.add_(logits.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1))
@@ -173,36 +182,30 @@ class MarginSoftmaxParts(torch.autograd.Function):
         grad_target = torch.where(owned, grad_target, torch.zeros_like(grad_target))
         # total dL/dz at each owned target (for the norm term of norm-aware margins)
         grad_z_target = torch.zeros_like(grad_target) if f_norm is not None else None
+        target_value_all = margin.target_value(target_cos, None, prep)  # f at every row's target
 
         for k0, k1, w_hat, w_norm in _Chunks(weight.detach(), rows, ctx.chunk, dtype):
             raw = x_hat @ w_hat.t()
-            # torch.clamp passes gradient on [lo_c, hi_c] only. Cosines of unit vectors leave
-            # [-1, 1] by rounding at most: build the mask only when they do.
-            # (On CUDA the check would cost a device sync per chunk: always mask there.)
-            if raw.is_cuda:
-                outside = (raw < lo_c) | (raw > hi_c)
-            else:
-                lo, hi = torch.aminmax(raw)
-                outside = ((raw < lo_c) | (raw > hi_c)) if (lo < lo_c or hi > hi_c) else None
-            t_rows, t_cols = _targets_in_chunk(target_pos, k0, k1)
-            cos_t = target_cos[t_rows]
+            # torch.clamp passes gradient on [lo_c, hi_c] only (cosines of unit vectors leave
+            # [-1, 1] by rounding at most; masking always costs no host sync).
+            outside = (raw < lo_c) | (raw > hi_c)
+            hit, col = _targets_in_chunk(target_pos, k0, k1)
             cos = raw.clamp_(lo_c, hi_c)
             mod_grad = None
             if margin.modulates_negatives:
                 cos, mod_grad = margin.negatives(cos, prep)
             logits = cos.mul_(s)
-            logits[t_rows, t_cols] = s * margin.target_value(cos_t, t_rows, prep)
+            _put_targets_(logits, hit, col, s * target_value_all)
             # softmax, times the incoming gradient of lse -> dL/dz
             grad_z = logits.sub_(lse.unsqueeze(1)).exp_().mul_(grad_lse.unsqueeze(1))
-            grad_z_t = grad_z[t_rows, t_cols] + grad_target[t_rows]
+            grad_z_t = grad_z.gather(1, col).squeeze(1) + grad_target
             if grad_z_target is not None:
-                grad_z_target[t_rows] = grad_z_t
+                grad_z_target = torch.where(hit, grad_z_t, grad_z_target)
             grad_cos = grad_z.mul_(s)
             if mod_grad is not None:
                 grad_cos.mul_(mod_grad)
-            grad_cos[t_rows, t_cols] = s * f_prime[t_rows] * grad_z_t
-            if outside is not None:
-                grad_cos.masked_fill_(outside, 0.0)
+            _put_targets_(grad_cos, hit, col, s * f_prime * grad_z_t)
+            grad_cos.masked_fill_(outside, 0.0)
             if need_x:
                 grad_x_hat.addmm_(grad_cos, w_hat)
             if need_w:

@@ -9,8 +9,11 @@ For embeddings ``x^`` (L2-normalised) with labels ``y``:
 
 The loss uses ``V`` once per row as an extra denominator term:
 ``log(sum_c exp(z_ic) + exp(V))`` — a scalar, never an N x |K| matrix. The
-bounds are selected order statistics (``torch.kthvalue`` or an exact distributed
-selection: not a full sort) computed without gradient; gradient flows through every kept ``t_ij``.
+bounds are exact order statistics read at device-side positions (a radix
+selection over the masked pairs, ``collectives.order_statistics``) computed without
+gradient; gradient flows through every kept ``t_ij``. No step reads anything on
+the host: the pair set is a mask, ``n`` a device tensor, ``V = -inf`` without
+a negative pair, and the statistics are 0-dim device tensors.
 
 Two ways to compute ``V`` over the global batch (``negatives="global"``):
 
@@ -81,51 +84,59 @@ class UNPG:
         return world_size > 1 if self.sharded is None else bool(self.sharded)
 
 
-def _order_statistic(values: torch.Tensor, index: int) -> torch.Tensor:
-    """0-based ``index``-th smallest value (``kthvalue`` is 1-based)."""
-    return torch.kthvalue(values, index + 1).values
+def _quartile_positions(n: torch.Tensor) -> torch.Tensor:
+    """``[floor(0.25 n), floor(0.75 n)]`` for an int64 count ``n`` (exactly, on the device)."""
+    return torch.stack([n // 4, (3 * n) // 4])
 
 
 def metric_negatives_lse(
     x_hat: torch.Tensor, labels: torch.Tensor, s: float, wisk: float
-) -> Tuple[Optional[torch.Tensor], Dict[str, object]]:
-    """``V = log sum_{t in K} exp(s t)`` and monitoring statistics.
+) -> Tuple[torch.Tensor, Dict[str, object]]:
+    """``V = log sum_{t in K} exp(s t)`` and monitoring statistics (0-dim device tensors).
 
-    Returns ``(None, stats)`` when there is no negative pair (every label equal):
-    the UNPG term is then absent (docs/design.md §1).
+    ``V = -inf`` when there is no negative pair (every label equal): the UNPG term
+    is then absent (docs/design.md §1; ``logaddexp(lse, -inf) == lse``). Fixed
+    shapes throughout: the pairs are a mask over the N x N similarities, the
+    quartiles are selected from the masked values at device-side positions,
+    and the log-sum-exp runs over the masked matrix (no host sync).
     """
     n_rows = x_hat.shape[0]
     sims = x_hat @ x_hat.t()  # [N, N]
     upper = torch.ones(n_rows, n_rows, dtype=torch.bool, device=x_hat.device).triu_(1)
     same = labels.unsqueeze(0) == labels.unsqueeze(1)
     neg_mask = upper & ~same
-    t = sims[neg_mask]  # the n values of P-, with gradient
-    n = t.numel()
-    stats: Dict[str, object] = {"neg_pairs": float(n)}
+    nan = float("nan")
     with torch.no_grad():
-        pos = sims[upper & same]
-        stats["mean_pos_sim"] = float(pos.mean()) if pos.numel() else float("nan")
-    if n == 0:
-        stats.update(kept=0.0, lower=float("nan"), upper=float("nan"), mean_neg_sim=float("nan"),
-                     neg_sims=t.detach()[:0].float().cpu())
-        return None, stats
-    with torch.no_grad():
-        t_detached = t.detach()
-        q1 = _order_statistic(t_detached, math.floor(0.25 * n))
-        q3 = _order_statistic(t_detached, math.floor(0.75 * n))
+        t = sims.detach()
+        n = neg_mask.sum()
+        pos_mask = upper & same
+        pos_n = pos_mask.sum()
+        holes = torch.where(neg_mask, t, nan)  # NaN: not a value
+        # exact selection (radix, positions computed on the device from the device count n);
+        # values at out-of-range positions (n = 0) are unspecified and masked below
+        (q1, q3), _ = order_statistics(holes, _quartile_positions, local_only=True)
+        holes = holes.reshape(-1)
         iqr = q3 - q1
         lower, upper_bound = q1 - wisk * iqr, q3 + wisk * iqr
-        keep = (t_detached >= lower) & (t_detached <= upper_bound)
-        step = max(1, n // _HIST_SAMPLE)
-        stats.update(
-            kept=float(keep.sum()),
-            lower=float(lower),
-            upper=float(upper_bound),
-            mean_neg_sim=float(t_detached.mean()),
-            neg_sims=t_detached[::step].float().cpu(),
-        )
-    # Q1 and Q3 are elements of P-, so K is never empty.
-    return torch.logsumexp(s * t[keep], dim=0), stats
+        keep = neg_mask & (t >= lower) & (t <= upper_bound)
+        has = n > 0
+        zero = t.new_zeros(())
+        step = max(1, holes.numel() // _HIST_SAMPLE)
+        stats: Dict[str, object] = {
+            "neg_pairs": n.to(torch.float64),
+            "mean_pos_sim": torch.where(pos_mask, t, zero).sum(dtype=torch.float64) / pos_n,  # 0/0: NaN
+            "kept": keep.sum().to(torch.float64),
+            "lower": torch.where(has, lower, nan),
+            "upper": torch.where(has, upper_bound, nan),
+            "mean_neg_sim": torch.where(neg_mask, t, zero).sum(dtype=torch.float64) / n,
+            "neg_sims": holes[::step].float(),  # NaN holes: dropped by the monitor
+        }
+    # Q1 and Q3 are elements of P-, so K is never empty when n > 0. Without a pair, a
+    # finite dummy keeps the log-sum-exp's gradient finite; the outer where cuts it.
+    z = torch.where(keep, s * sims, float("-inf"))
+    z = torch.where(has, z, zero)
+    v = torch.where(has, torch.logsumexp(z.reshape(-1), dim=0), float("-inf"))
+    return v, stats
 
 
 # ------------------------------------------------------------------------------------ sharded
@@ -169,7 +180,9 @@ class _KeptLogSumExp(torch.autograd.Function):
         x_hat, band, cols, lower, upper, max_z, sum_exp = ctx.saved_tensors
         lo, s = ctx.row_start, ctx.s
         rows, width = band.shape
-        scale = (grad_v * s / sum_exp.to(grad_v.dtype)).to(x_hat.dtype)
+        # No kept pair (V = -inf): nothing to send back (and no 0/0).
+        total = sum_exp.to(grad_v.dtype)
+        scale = torch.where(total > 0, grad_v * s / torch.where(total > 0, total, 1.0), 0.0).to(x_hat.dtype)
         x_rows = x_hat[lo : lo + rows]
         x_cols = x_hat.index_select(0, cols)
         grad_rows = torch.zeros_like(x_rows)
@@ -203,13 +216,13 @@ def sharded_metric_negatives_lse(
     wisk: float,
     group: ProcessGroup = None,
     chunk_elements: int = 1 << 20,
-) -> Tuple[Optional[torch.Tensor], Dict[str, object]]:
+) -> Tuple[torch.Tensor, Dict[str, object]]:
     """``V`` over the global batch with this rank computing only the pairs it owns.
 
     ``x_hat [N, D]``: the gathered, L2-normalised global batch (with gradient
     through the gather); ``labels [N]``; ``sizes[r]``: the row count of rank r
     (rank order, summing to N). Every rank of ``group`` calls it with the same
-    arguments (and its own graph). Returns the same ``V`` on every rank (``None``
+    arguments (and its own graph). Returns the same ``V`` on every rank (``-inf``
     without negative pairs) and the global statistics, with the meaning of
     :func:`metric_negatives_lse`'s.
 
@@ -219,8 +232,8 @@ def sharded_metric_negatives_lse(
     only O(B_r N) buffer (positive pairs and the one unowned corner are NaN
     holes). It is read in row chunks of ``chunk_elements``: 2 (float32) or 4
     (float64) all-reduces of 2 x 65536 counts for the quartiles, one MAX and one
-    SUM for ``V``, one small all-gather for the histogram sample, and one host
-    transfer for the statistics.
+    SUM for ``V`` and one small all-gather for the histogram sample; the
+    statistics stay on the device (no host sync).
     """
     n_rows = x_hat.shape[0]
     device, dtype = x_hat.device, x_hat.dtype
@@ -283,25 +296,21 @@ def sharded_metric_negatives_lse(
         sums = torch.stack([local_sum * torch.exp(finite(local_max) - finite(max_z)).double(),
                             kept_count, neg_sum, pos_count, pos_sum])
         sum_exp, kept_total, neg_total, pos_total, pos_sim_total = all_reduce_(sums, "sum", group).unbind()
-        # Histogram sample: fixed positions of every band (holes dropped on the host).
+        # Histogram sample: fixed positions of every band (NaN holes: dropped by the monitor).
         stride, _ = _sample_positions(count * width, world)
         sample = band.reshape(-1)[::stride].double() if count * width else band.new_zeros(0, dtype=torch.float64)
         sample = all_gather_rows(sample, [_sample_positions(b * width, world)[1] for b in sizes], group)
-        head = torch.stack([n.double(), kept_total, lower.double(), upper_bound.double(), neg_total,
-                            pos_total, pos_sim_total])
-        host = torch.cat([head, sample]).cpu()  # the one host sync of the term
-    n_pairs, kept_n, lo_b, up_b, neg_t, pos_n, pos_t = host[:7].tolist()
-    sims = host[7:]
-    sims = sims[~torch.isnan(sims)]
-    sims = sims[:: max(1, sims.numel() // _HIST_SAMPLE)].to(torch.float32)
-    stats: Dict[str, object] = {
-        "neg_pairs": n_pairs,
-        "mean_pos_sim": pos_t / pos_n if pos_n else float("nan"),
-    }
-    if n_pairs == 0:
-        stats.update(kept=0.0, lower=float("nan"), upper=float("nan"), mean_neg_sim=float("nan"),
-                     neg_sims=sims[:0])
-        return None, stats
-    stats.update(kept=kept_n, lower=lo_b, upper=up_b, mean_neg_sim=neg_t / n_pairs, neg_sims=sims)
+        has = n > 0
+        nan = float("nan")
+        stats: Dict[str, object] = {
+            "neg_pairs": n.to(torch.float64),
+            "mean_pos_sim": pos_sim_total / pos_total,  # 0/0: NaN
+            "kept": kept_total,
+            "lower": torch.where(has, lower.double(), nan),
+            "upper": torch.where(has, upper_bound.double(), nan),
+            "mean_neg_sim": neg_total / n,
+            "neg_sims": sample.float(),
+        }
+    # V = -inf without a kept pair (max_z = -inf, sum_exp = 0): the term is then absent.
     v = _KeptLogSumExp.apply(x_hat, band, cols, lo, lower, upper_bound, max_z, sum_exp, float(s), chunk_rows)
     return v, stats
