@@ -11,7 +11,7 @@ Resume rules (``checkpoint.resume``):
   each candidate and why) instead of starting over on top of the old run; a run
   folder with a ``model.pt`` but no checkpoint stops too.
 - ``none``: start over deliberately. The previous run's files (``checkpoints/``,
-  ``model.pt``, ``model_best.pt``, ``summary.json``, ``config.yaml``) are moved
+  ``model.pt``, ``model_best.pt``, ``summary.json``, ``config.yaml``, ``tensorboard/``) are moved
   into ``<output>/previous-<UTC time>/``, never deleted. Under a torchrun restart
   (``TORCHELASTIC_RESTART_COUNT`` > 0) or a SLURM requeue (``SLURM_RESTART_COUNT``
   > 0) of the same job, ``none`` acts as ``auto``: the job resumes its own checkpoints.
@@ -57,7 +57,7 @@ class ResumeError(RuntimeError):
 
 
 #: what ``resume: none`` moves aside (into ``<output>/previous-<time>/``)
-PREVIOUS_RUN_FILES = (ckpt.CHECKPOINTS_DIR, "model.pt", "model_best.pt", "summary.json", "config.yaml")
+PREVIOUS_RUN_FILES = (ckpt.CHECKPOINTS_DIR, "model.pt", "model_best.pt", "summary.json", "config.yaml", "tensorboard")
 
 
 def is_restart() -> bool:

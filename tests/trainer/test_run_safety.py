@@ -123,7 +123,7 @@ def test_unloadable_checkpoints_stop_the_run_and_change_nothing(tmp_path):
     # resume=none starts over deliberately: the old run is moved aside, not deleted
     _train(out, ["checkpoint.resume=none"])
     prev = [p for p in out.iterdir() if p.name.startswith("previous-")]
-    assert len(prev) == 1 and (prev[0] / "model.pt").read_bytes() == model
+    assert len(prev) == 1 and (prev[0] / "model.pt").read_bytes() == model and (prev[0] / "config.yaml").is_file()
     assert sorted(p.name for p in (prev[0] / "checkpoints").iterdir()) == before
     assert ck.list_checkpoints(out / "checkpoints")[-1][0] == 4
 
