@@ -81,3 +81,15 @@ def test_families_change_the_data_and_reject_split_families(tmp_path):
         generate_dataset(tmp_path / "c", 6, 2, seed=5, workers=1, family_size=4)
     with pytest.raises(ValueError, match="family_spread"):
         generate_dataset(tmp_path / "d", 8, 2, seed=5, workers=1, family_size=4, family_spread=1.5)
+
+
+def test_ratio_sweep_flags_an_arm_that_does_not_train():
+    from bench.experiment import ratio_loss_stats
+
+    steps = np.arange(300)
+    trains = ratio_loss_stats(list(40 * np.exp(-steps / 40) + 10))
+    stalls = ratio_loss_stats(list(49 - 0.01 * steps + 0.3 * np.sin(steps)))
+    still_falling = ratio_loss_stats(list(49 - 0.1 * steps))
+    assert trains["trains"] and trains["flat"]
+    assert not stalls["trains"] and stalls["start"] > 48
+    assert still_falling["trains"] and not still_falling["flat"]
