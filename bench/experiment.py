@@ -231,6 +231,8 @@ def ratio_gallery(out: Path, families: bool) -> tuple:
     """(uint8 images NCHW, identity labels, family labels) of the held-out gallery."""
     path = out / "data" / f"gallery_fam{'on' if families else 'off'}.pt"
     if not path.is_file():
+        import simplejpeg
+
         from data_tools.synth import family_of, make_pixels
         from trainer.io.atomic import atomic_torch_save
 
@@ -239,8 +241,6 @@ def ratio_gallery(out: Path, families: bool) -> tuple:
         images, labels = [], []
         for ident in ids:
             for k in range(RATIO_GALLERY_IMAGES):
-                import simplejpeg
-
                 jpg = simplejpeg.encode_jpeg(make_pixels(0, int(ident), 10_000 + k, **f), quality=90, colorspace="RGB")
                 images.append(torch.from_numpy(simplejpeg.decode_jpeg(jpg, colorspace="RGB")).permute(2, 0, 1))
                 labels.append(int(ident))
@@ -402,6 +402,8 @@ def family_grid(path: Path, members: int = 4, images: int = 5, identity: int = R
 
 
 def ratio_main(args) -> None:
+    from trainer.io.atomic import atomic_open
+
     ids_list = args.ids or list(RATIO_DEFAULT_IDS)
     fams = [f == "on" for f in (args.families or ["off", "on"])]
     baseline = args.baseline or ["auto"]
@@ -438,9 +440,8 @@ def ratio_main(args) -> None:
             m = ratio_evaluate(run, data_dir, gallery)
             m.update(ids=ids, families=fam, arm=arm, seed=seed, steps=steps, train_seconds=t_train,
                      seconds=time.time() - t0)
-            with open(run / "metrics.json.tmp", "w") as fh:
+            with atomic_open(run / "metrics.json", "w") as fh:
                 json.dump(m, fh)
-            os.replace(run / "metrics.json.tmp", run / "metrics.json")
             wf = m.get("tar_at_far_within_family", {}).get("0.0001")
             print(f"[{n}/{len(todo)}] ids {ids} fam {'on' if fam else 'off'} {arm} seed {seed}: loss {m['start']:.2f} -> "
                   f"{m['end']:.2f} (trains {m['trains']}, flat {m['flat']}) TAR@1e-4 {m['tar_at_far']['0.0001']:.4f}"
