@@ -426,6 +426,7 @@ def ratio_main(args) -> None:
         t_all = time.time()
         # auto: the paper arms first, then the working arms, each skipped below unless the rule asks for it
         todo = plan(["paper"]) + plan(["working"]) if "auto" in baseline else plan(baseline)
+        todo = list(dict.fromkeys(todo))  # --arms makes both plans the same list
         for n, (ids, fam, arm, seed) in enumerate(todo, 1):
             if "auto" in baseline and RATIO_ARMS[arm][0] == "working" and not working_needed(ids, fam):
                 continue
