@@ -12,6 +12,9 @@ Protocol (issue #7, docs/RESULTS.md):
     python bench/experiment.py                       # the whole grid (~33 runs x ~3 min)
     python bench/experiment.py --group core --noise 0.2 --seeds 0
     python bench/experiment.py --report-only         # table + plots from finished runs
+    python bench/experiment.py --group ratio --ids 300 --families on --seeds 0 --baseline paper
+                                                     # a part of the pairs:classes sweep (issue #16)
+    python bench/experiment.py --family-grid docs/results/family_grid.png
 Finished runs are skipped, so the grid can be run in parts.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,11 +87,12 @@ def make_gallery(out: Path) -> tuple:
     return g["images"], g["labels"]
 
 
-def train(run: Path, data_dir: Path, seed: int, loss: dict) -> None:
-    overrides = [f"run.output={run}", f"data.train_dir={data_dir}", f"run.seed={seed}"]
+def train(run: Path, data_dir: Path, seed: int, loss: dict, config: str = "configs/experiment.yaml",
+          extra: Sequence[str] = ()) -> None:
+    overrides = [f"run.output={run}", f"data.train_dir={data_dir}", f"run.seed={seed}", *extra]
     overrides += [f"loss.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in loss.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "trainer.train", "configs/experiment.yaml", *overrides]
+           "-m", "trainer.train", config, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run.mkdir(parents=True, exist_ok=True)
     with open(run / "stdout.log", "w") as log:
@@ -171,16 +175,321 @@ def report(out: Path, results: Dict[tuple, dict]) -> str:
     return table
 
 
+# ---------------------------------------------------------------------------------------------
+# --group ratio: when does UNPG help? Sweep pairs:classes at the paper's loss settings, with
+# and without look-alike families (issue #16, docs/RESULTS.md "UNPG against the ratio of
+# negative pairs to classes"). Fixed before any run; nothing here is tuned on held-out pairs.
+# ---------------------------------------------------------------------------------------------
+RATIO_CONFIG = "configs/experiment_ratio.yaml"
+RATIO_GLOBAL_BATCH = 128  # 64 per rank x 2 ranks (configs/experiment_ratio.yaml), every arm
+RATIO_PAIRS = RATIO_GLOBAL_BATCH * (RATIO_GLOBAL_BATCH - 1) // 2  # 8,128 pairs per step
+RATIO_IDS = (300, 1500, 5000, 8000)  # 8000 optional (not in the default parts)
+RATIO_DEFAULT_IDS = (300, 1500, 5000)
+RATIO_IMAGES = 10  # training images per identity, every count
+#: optimizer steps per identity count (equal for every arm of a count); the loss-flattening
+#: criterion (ratio_flat) is checked and reported, not used to stop runs
+RATIO_STEPS = {300: 400, 1500: 500, 5000: 600, 8000: 700}
+RATIO_FAMILY = dict(family_size=4, family_spread=0.25)  # "families on"; off: family_size 1
+RATIO_VAL_IDS = 300  # held-out identities in val.bin (10-fold accuracy), after the training ones
+RATIO_VAL_PAIRS = 600
+#: the held-out gallery (TAR@FAR): RATIO_GALLERY_IDS identities from RATIO_GALLERY_FIRST on (never
+#: trained on at any count, whole families), RATIO_GALLERY_IMAGES images each, all pairs
+RATIO_GALLERY_FIRST, RATIO_GALLERY_IDS, RATIO_GALLERY_IMAGES = 100_000, 300, 16
+RATIO_SEEDS = (0, 1, 2)  # training seeds; the data (seed 0) is fixed
+#: name -> (baseline set, loss overrides). "paper": s = 64, ArcFace m = 0.5 (the paper's);
+#: "working": the earlier study's smaller m = 0.3 at the same s = 64 (the working-baseline rule)
+RATIO_ARMS: Dict[str, tuple] = {
+    "arcface": ("paper", dict(margin="arcface", s=64.0, m=0.5, unpg=False)),
+    "arcface+unpg wisk1.0": ("paper", dict(margin="arcface", s=64.0, m=0.5, unpg=True, wisk=1.0)),
+    "arcface+unpg wisk1.5": ("paper", dict(margin="arcface", s=64.0, m=0.5, unpg=True, wisk=1.5)),
+    "arcface m0.3": ("working", dict(margin="arcface", s=64.0, m=0.3, unpg=False)),
+    "arcface m0.3+unpg wisk1.0": ("working", dict(margin="arcface", s=64.0, m=0.3, unpg=True, wisk=1.0)),
+    "arcface m0.3+unpg wisk1.5": ("working", dict(margin="arcface", s=64.0, m=0.3, unpg=True, wisk=1.5)),
+}
+RATIO_PLAIN = {"paper": "arcface", "working": "arcface m0.3"}
+RATIO_TRAINS = 0.9  # an arm trains when its final loss (mean of the last 10 % of steps) < 0.9 x its start
+RATIO_FLAT = 0.02  # ... and has flattened when that mean is within 2 % of the mean of the 10 % before
+
+
+def ratio_fam(families: bool) -> dict:
+    return dict(RATIO_FAMILY) if families else dict(family_size=1, family_spread=1.0)
+
+
+def ratio_data(out: Path, ids: int, families: bool) -> Path:
+    from data_tools.synth import generate_dataset
+
+    d = out / "data" / f"ids{ids}_fam{'on' if families else 'off'}"
+    if not (d / "val.bin").is_file():
+        print(f"generating {d} ...", flush=True)
+        f = ratio_fam(families)
+        generate_dataset(d, ids, RATIO_IMAGES, seed=0, val_identities=RATIO_VAL_IDS, val_pairs=RATIO_VAL_PAIRS,
+                         family_size=f["family_size"], family_spread=f["family_spread"], val_family_share=0.5)
+    return d
+
+
+def ratio_gallery(out: Path, families: bool) -> tuple:
+    """(uint8 images NCHW, identity labels, family labels) of the held-out gallery."""
+    path = out / "data" / f"gallery_fam{'on' if families else 'off'}.pt"
+    if not path.is_file():
+        import simplejpeg
+
+        from data_tools.synth import family_of, make_pixels
+        from trainer.io.atomic import atomic_torch_save
+
+        f = ratio_fam(families)
+        ids = np.arange(RATIO_GALLERY_FIRST, RATIO_GALLERY_FIRST + RATIO_GALLERY_IDS)
+        images, labels = [], []
+        for ident in ids:
+            for k in range(RATIO_GALLERY_IMAGES):
+                jpg = simplejpeg.encode_jpeg(make_pixels(0, int(ident), 10_000 + k, **f), quality=90, colorspace="RGB")
+                images.append(torch.from_numpy(simplejpeg.decode_jpeg(jpg, colorspace="RGB")).permute(2, 0, 1))
+                labels.append(int(ident))
+        labels = torch.tensor(labels)
+        atomic_torch_save({"images": torch.stack(images), "labels": labels,
+                           "families": torch.from_numpy(np.asarray(family_of(labels.numpy(), f["family_size"])))}, path)
+    g = torch.load(path, weights_only=True)
+    return g["images"], g["labels"], g["families"]
+
+
+def ratio_slug(ids: int, families: bool, arm: str, seed: int) -> str:
+    return f"ids{ids}__fam{'on' if families else 'off'}__{arm.replace('+', '_').replace(' ', '_')}__seed{seed}"
+
+
+def ratio_loss_stats(loss: Sequence[float]) -> dict:
+    """Start (mean of the first 10 steps), end (mean of the last 10 %), the 10 % before, trains / flat."""
+    loss = np.asarray(loss, dtype=np.float64)
+    w = max(1, len(loss) // 10)
+    start, end, before = loss[:10].mean(), loss[-w:].mean(), loss[-2 * w:-w].mean()
+    return {"start": float(start), "end": float(end), "trains": bool(end < RATIO_TRAINS * start),
+            "flat": bool(before - end < RATIO_FLAT * abs(before))}
+
+
+def ratio_evaluate(run: Path, data_dir: Path, gallery) -> dict:
+    """val.bin accuracy; TAR@FAR on all gallery pairs and on genuine + within-family impostors."""
+    from eval.metrics import tar_at_far
+    from eval.verification import verify_embeddings
+    from trainer.backbones import get_backbone
+    from trainer.verification import embed_images, load_bin
+
+    model = get_backbone(BACKBONE, num_features=EMB)
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    images, issame = load_bin(data_dir / "val.bin")
+    acc = verify_embeddings(embed_images(model, images, progress=False), issame)["accuracy"]
+    g_images, g_labels, g_fams = gallery
+    emb = embed_images(model, g_images, progress=False).float()
+    emb = torch.nn.functional.normalize(emb, dim=1).numpy()
+    iu = np.triu_indices(len(g_labels), k=1)
+    scores = (emb @ emb.T)[iu]
+    lab, fam = g_labels.numpy(), g_fams.numpy()
+    same = lab[iu[0]] == lab[iu[1]]
+    within = ~same & (fam[iu[0]] == fam[iu[1]])
+    del iu
+    res = {"accuracy": float(acc), "tar_at_far": {str(k): v for k, v in tar_at_far(scores, same, FARS).items()},
+           "pairs": {"genuine": int(same.sum()), "impostor": int((~same).sum()), "within_family": int(within.sum())}}
+    if within.any():
+        keep = same | within
+        res["tar_at_far_within_family"] = {str(k): v for k, v in tar_at_far(scores[keep], same[keep], FARS).items()}
+    summary = json.loads((run / "summary.json").read_text())
+    res["loss"] = [h["loss"] for h in summary["history"]]
+    res["kept_fraction"] = [h.get("kept_fraction") for h in summary["history"]]
+    res.update(ratio_loss_stats(res["loss"]))
+    return res
+
+
+def ratio_report(out: Path, results: Dict[tuple, dict], doc_dir: Path) -> str:
+    """Aggregate table (mean ± std over seeds), the gain plot and the loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def ms(vals, scale=100.0):
+        vals = [v for v in vals if v is not None]
+        return f"{scale * np.mean(vals):.2f} ± {scale * np.std(vals):.2f}" if vals else "-"
+
+    cells: Dict[tuple, List[dict]] = {}
+    for (ids, fam, arm, seed), r in sorted(results.items()):
+        cells.setdefault((ids, fam, arm), []).append(r)
+    lines = ["| ids | pairs:classes | families | arm | runs | steps | loss start -> end | trains / flat | "
+             "TAR@1e-3 | TAR@1e-4 | within-family TAR@1e-3 | within-family TAR@1e-4 | val.bin acc |",
+             "| " + " | ".join(["---"] * 13) + " |"]
+    for ids in RATIO_IDS:
+        for fam in (False, True):
+            for arm in RATIO_ARMS:
+                rs = cells.get((ids, fam, arm))
+                if not rs:
+                    continue
+                trains = sum(r["trains"] for r in rs)
+                flat = sum(r["flat"] for r in rs)
+                flag = f"{trains}/{len(rs)} / {flat}/{len(rs)}" + (" **DOES NOT TRAIN**" if trains < len(rs) else "")
+                wf = [r.get("tar_at_far_within_family") for r in rs]
+                lines.append(
+                    f"| {ids} | {RATIO_PAIRS / ids:.1f}:1 | {'on' if fam else 'off'} | {arm} | {len(rs)} | "
+                    f"{len(rs[0]['loss'])} | {np.mean([r['start'] for r in rs]):.2f} -> {np.mean([r['end'] for r in rs]):.2f} | "
+                    f"{flag} | {ms([r['tar_at_far']['0.001'] for r in rs])} | {ms([r['tar_at_far']['0.0001'] for r in rs])} | "
+                    f"{ms([w['0.001'] if w else None for w in wf])} | {ms([w['0.0001'] if w else None for w in wf])} | "
+                    f"{ms([r['accuracy'] for r in rs])} |")
+    # UNPG gain in TAR@FAR=1e-4 over the plain arm of the same baseline set, paired by seed
+    gain_lines = ["| ids | pairs:classes | families | UNPG arm | vs | seeds | gain TAR@1e-4 (all) | gain TAR@1e-4 (within-family) |",
+                  "| " + " | ".join(["---"] * 8) + " |"]
+    series: Dict[tuple, list] = {}
+    for ids in RATIO_IDS:
+        for fam in (False, True):
+            for arm, (bset, loss) in RATIO_ARMS.items():
+                if not loss["unpg"]:
+                    continue
+                plain = RATIO_PLAIN[bset]
+                pr = {s: results[(ids, fam, plain, s)] for (i, f, a, s) in results if (i, f, a) == (ids, fam, plain)}
+                ur = {s: results[(ids, fam, arm, s)] for (i, f, a, s) in results if (i, f, a) == (ids, fam, arm)}
+                seeds = sorted(set(pr) & set(ur))
+                if not seeds:
+                    continue
+                g = [ur[s]["tar_at_far"]["0.0001"] - pr[s]["tar_at_far"]["0.0001"] for s in seeds]
+                gw = [ur[s]["tar_at_far_within_family"]["0.0001"] - pr[s]["tar_at_far_within_family"]["0.0001"]
+                      for s in seeds if "tar_at_far_within_family" in ur[s]]
+                gain_lines.append(f"| {ids} | {RATIO_PAIRS / ids:.1f}:1 | {'on' if fam else 'off'} | {arm} | {plain} | "
+                                  f"{len(seeds)} | {ms(g)} | {ms(gw) if gw else '-'} |")
+                series.setdefault((fam, arm), []).append((RATIO_PAIRS / ids, 100 * np.mean(g), 100 * np.std(g)))
+    table = "\n".join(lines) + "\n\n" + "\n".join(gain_lines)
+    (out / "ratio_results.md").write_text(table + "\n")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for (fam, arm), pts in sorted(series.items()):
+        x, y, e = (np.asarray(v) for v in zip(*sorted(pts)))
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=f"{arm}, families {'on' if fam else 'off'}",
+                    linestyle="-" if fam else "--")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlim(0.8, 40)
+    ax.set(xlabel="negative pairs per step : classes", ylabel="UNPG gain in TAR@FAR=1e-4 (points, ± std)",
+           title="UNPG gain vs pairs:classes (held-out gallery)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    doc_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(doc_dir / "ratio_gain.png", dpi=90)
+    plt.close(fig)
+    # every arm's loss curve (every seed), one panel per (ids, families)
+    keys = sorted({(i, f) for (i, f, _, _) in results})
+    if keys:
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+        for ax, (ids, fam) in zip(axes[0], keys):
+            for j, arm in enumerate(RATIO_ARMS):
+                for (i, f, a, s), r in sorted(results.items()):
+                    if (i, f, a) == (ids, fam, arm):
+                        ax.plot(r["loss"], color=f"C{j}", lw=0.7, alpha=0.8, label=arm if s == min(
+                            ss for (ii, ff, aa, ss) in results if (ii, ff, aa) == (ids, fam, arm)) else None)
+            ax.set(title=f"{ids} ids, families {'on' if fam else 'off'}", xlabel="step", ylabel="loss")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(doc_dir / "ratio_loss.png", dpi=80)
+        plt.close(fig)
+    return table
+
+
+def family_grid(path: Path, members: int = 4, images: int = 5, identity: int = RATIO_GALLERY_FIRST) -> None:
+    """A PNG grid of one family: ``members`` rows (identities) x ``images`` columns."""
+    from PIL import Image
+
+    from data_tools.synth import SIZE, make_pixels
+
+    first = identity - identity % RATIO_FAMILY["family_size"]
+    grid = np.zeros((members * SIZE, images * SIZE, 3), np.uint8)
+    for r in range(members):
+        for c in range(images):
+            grid[r * SIZE:(r + 1) * SIZE, c * SIZE:(c + 1) * SIZE] = make_pixels(0, first + r, 10_000 + c, **RATIO_FAMILY)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+def ratio_main(args) -> None:
+    from trainer.io.atomic import atomic_open
+
+    ids_list = args.ids or list(RATIO_DEFAULT_IDS)
+    fams = [f == "on" for f in (args.families or ["off", "on"])]
+    baseline = args.baseline or ["auto"]
+    seeds = args.seeds
+
+    def plan(sets):
+        arms = args.arms or [a for a, (b, _) in RATIO_ARMS.items() if b in sets]
+        return [(i, f, a, s) for i in ids_list for f in fams for s in seeds for a in arms]
+
+    def working_needed(ids, fam):
+        """The working-baseline rule: a cell gets the m = 0.3 arms when a paper plain run did not train."""
+        cell = ratio_slug(ids, fam, RATIO_PLAIN["paper"], 0).rsplit("__seed", 1)[0]
+        for p in (args.out / "runs").glob(f"{cell}__seed*/metrics.json"):
+            if not json.loads(p.read_text())["trains"]:
+                return True
+        return False
+
+    if not args.report_only:
+        t_all = time.time()
+        # auto: the paper arms first, then the working arms, each skipped below unless the rule asks for it
+        todo = plan(["paper"]) + plan(["working"]) if "auto" in baseline else plan(baseline)
+        todo = list(dict.fromkeys(todo))  # --arms makes both plans the same list
+        for n, (ids, fam, arm, seed) in enumerate(todo, 1):
+            if "auto" in baseline and RATIO_ARMS[arm][0] == "working" and not working_needed(ids, fam):
+                continue
+            run = args.out / "runs" / ratio_slug(ids, fam, arm, seed)
+            if (run / "metrics.json").is_file():
+                continue
+            data_dir = ratio_data(args.out, ids, fam)
+            gallery = ratio_gallery(args.out, fam)
+            steps = args.max_steps or RATIO_STEPS[ids]
+            t0 = time.time()
+            train(run, data_dir, seed, RATIO_ARMS[arm][1], config=RATIO_CONFIG, extra=[f"run.max_steps={steps}"])
+            t_train = time.time() - t0
+            m = ratio_evaluate(run, data_dir, gallery)
+            m.update(ids=ids, families=fam, arm=arm, seed=seed, steps=steps, train_seconds=t_train,
+                     seconds=time.time() - t0)
+            with atomic_open(run / "metrics.json", "w") as fh:
+                json.dump(m, fh)
+            wf = m.get("tar_at_far_within_family", {}).get("0.0001")
+            print(f"[{n}/{len(todo)}] ids {ids} fam {'on' if fam else 'off'} {arm} seed {seed}: loss {m['start']:.2f} -> "
+                  f"{m['end']:.2f} (trains {m['trains']}, flat {m['flat']}) TAR@1e-4 {m['tar_at_far']['0.0001']:.4f}"
+                  + (f" within-family {wf:.4f}" if wf is not None else "")
+                  + f" acc {m['accuracy']:.4f} (train {t_train:.0f} s, total {m['seconds']:.0f} s)", flush=True)
+        print(f"wall time of this invocation: {time.time() - t_all:.0f} s", flush=True)
+    results = {}
+    for p in sorted((args.out / "runs").glob("ids*/metrics.json")):
+        m = json.loads(p.read_text())
+        results[(m["ids"], m["families"], m["arm"], m["seed"])] = m
+    print(ratio_report(args.out, results, args.doc_dir))
+    print(f"\nplots: {args.doc_dir}/ratio_gain.png, {args.doc_dir}/ratio_loss.png; table: {args.out}/ratio_results.md")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "bench_out" / "experiment")
-    ap.add_argument("--group", choices=["core", "ablation", "all"], default="all")
-    ap.add_argument("--arms", nargs="*", help=f"subset of: {list(ARMS)}")
+    ap.add_argument("--group", choices=["core", "ablation", "all", "ratio"], default="all",
+                    help="ratio: the pairs:classes sweep (its own grid and output folder; not in 'all')")
+    ap.add_argument("--arms", nargs="*", help=f"subset of: {list(ARMS)} (ratio: {list(RATIO_ARMS)})")
     ap.add_argument("--noise", type=float, nargs="*", default=[0.0, 0.2])
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--report-only", action="store_true")
+    ratio = ap.add_argument_group("--group ratio")
+    ratio.add_argument("--ids", type=int, nargs="*", choices=RATIO_IDS,
+                       help=f"training identity counts (default {list(RATIO_DEFAULT_IDS)})")
+    ratio.add_argument("--families", nargs="*", choices=["off", "on"], help="default: both")
+    ratio.add_argument("--baseline", nargs="*", choices=["auto", "paper", "working"],
+                       help="arm sets: paper (m=0.5), working (m=0.3), or auto (default): paper, plus working "
+                            "for the (ids, families) cells where a paper plain ArcFace run did not train")
+    ratio.add_argument("--max-steps", type=int, help="override the steps per count (pilots only: use another --out)")
+    ratio.add_argument("--doc-dir", type=Path, default=ROOT / "docs" / "results",
+                       help="where the ratio plots go (default docs/results)")
+    ratio.add_argument("--family-grid", type=Path, help="only write the PNG grid of one family (4 x 5) here")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.family_grid:
+        family_grid(args.family_grid)
+        print(f"wrote {args.family_grid}")
+        return
+    if args.group == "ratio":
+        if args.out == ap.get_default("out"):
+            args.out = ROOT / "bench_out" / "ratio"
+        args.out.mkdir(parents=True, exist_ok=True)
+        ratio_main(args)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
 
     arms = args.arms or [a for a, (g, _, _) in ARMS.items() if args.group in ("all", g)]

@@ -12,11 +12,18 @@ by (seed, identity, image): the output is deterministic for a seed, whatever
 the number of worker processes.
 
     python -m data_tools synth --out DIR --identities N --images-per-identity K \
-        --seed S --label-noise F --val-identities M --val-pairs P
+        --seed S --label-noise F --val-identities M --val-pairs P \
+        [--family-size K --family-spread X --val-family-share Q]
+
+With ``--family-size K`` (> 1) identities come in families of K look-alikes that
+share most of their parameters and differ by a fraction X (``--family-spread``);
+held-out identities are whole families, a share Q of the val.bin impostor pairs is
+drawn within a family, and ``val_pairs.json`` marks them.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import time
@@ -37,8 +44,8 @@ _U0 = (_XX - (RENDER - 1) / 2) / (RENDER / 2)
 _V0 = (_YY - (RENDER - 1) / 2) / (RENDER / 2)
 
 
-def identity_params(seed: int, identity: int) -> Dict[str, np.ndarray]:
-    r = np.random.default_rng([seed, 1, identity])
+def _draw_params(r: np.random.Generator) -> Dict[str, np.ndarray]:
+    """One independent draw of every identity parameter from ``r``."""
     skin = np.array([0.55, 0.42, 0.33]) + r.uniform(-0.25, 0.3) + r.normal(0, 0.06, 3)
     out = {
         "face_a": r.uniform(0.52, 0.70),  # half width
@@ -68,6 +75,43 @@ def identity_params(seed: int, identity: int) -> Dict[str, np.ndarray]:
         "tex_a": r.uniform(0.02, 0.08),
     }
     return {k: (np.asarray(v, np.float32) if isinstance(v, np.ndarray) else np.float32(v)) for k, v in out.items()}
+
+
+def family_of(identity, family_size: int = 1):
+    """Family index of ``identity`` (int or array): identities ``f*K .. f*K+K-1`` form family ``f``."""
+    if family_size < 1:
+        raise ValueError(f"family_size must be >= 1, got {family_size}")
+    return np.asarray(identity) // family_size if not isinstance(identity, (int, np.integer)) else int(identity) // family_size
+
+
+def identity_params(seed: int, identity: int, family_size: int = 1, family_spread: float = 1.0) -> Dict[str, np.ndarray]:
+    """The parameters of ``identity``.
+
+    ``family_size`` 1 (the default): an independent draw per identity. ``family_size``
+    K > 1: identities ``f*K .. f*K+K-1`` are one family (look-alikes, as siblings are).
+    The family has its own draw ``b`` (seeded by (seed, family)) and each member its
+    independent draw ``o`` (the one it would have with K = 1); with spread ``x`` in
+    [0, 1] every continuous parameter of the member is ``(1 - x) * b + x * o`` (a
+    convex combination, so it stays in the parameter's range), and its identity marks
+    (a variable-length list) are its own with probability ``x``, else the family's.
+    ``x`` = 0: all members identical; ``x`` = 1: as unrelated as independent identities.
+    """
+    own = _draw_params(np.random.default_rng([seed, 1, identity]))
+    if family_size == 1:
+        return own
+    if not 0.0 <= family_spread <= 1.0:
+        raise ValueError(f"family_spread must be in [0, 1], got {family_spread}")
+    base = _draw_params(np.random.default_rng([seed, 5, family_of(int(identity), family_size)]))
+    x = np.float32(family_spread)
+    out = {k: ((1 - x) * base[k] + x * own[k]).astype(np.float32) for k in base if k != "marks"}
+    use_own = np.random.default_rng([seed, 6, identity]).random() < family_spread
+    out["marks"] = own["marks"] if use_own else base["marks"]
+    return out
+
+
+def param_vector(p: Dict[str, np.ndarray]) -> np.ndarray:
+    """The continuous parameters of ``p`` as one flat vector (marks left out: variable length)."""
+    return np.concatenate([np.ravel(p[k]) for k in sorted(p) if k != "marks"]).astype(np.float64)
 
 
 _NOISE = None
@@ -202,21 +246,26 @@ def encode(img: np.ndarray, quality: int = 90) -> bytes:
     return simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=quality, colorspace="RGB")
 
 
-_PCACHE: Dict[Tuple[int, int], Dict[str, np.ndarray]] = {}
+_PCACHE: Dict[tuple, Dict[str, np.ndarray]] = {}
 
 
-def make_image(seed: int, identity: int, index: int) -> bytes:
+def make_image(seed: int, identity: int, index: int, family_size: int = 1, family_spread: float = 1.0) -> bytes:
     """Encoded JPEG of image ``index`` of ``identity`` (deterministic)."""
-    key = (seed, identity)
+    return encode(make_pixels(seed, identity, index, family_size, family_spread))
+
+
+def make_pixels(seed: int, identity: int, index: int, family_size: int = 1, family_spread: float = 1.0) -> np.ndarray:
+    """Image ``index`` of ``identity`` as uint8 HxWx3, before JPEG encoding."""
+    key = (seed, identity, family_size, float(family_spread) if family_size > 1 else 1.0)
     p = _PCACHE.get(key)
     if p is None:
         if len(_PCACHE) > 4096:
             _PCACHE.clear()
-        p = _PCACHE[key] = identity_params(seed, identity)
-    return encode(render(p, np.random.default_rng([seed, 2, identity, index])))
+        p = _PCACHE[key] = identity_params(seed, identity, family_size, family_spread)
+    return render(p, np.random.default_rng([seed, 2, identity, index]))
 
 
-def _work(job: Tuple[int, int, int]) -> bytes:
+def _work(job: tuple) -> bytes:
     return make_image(*job)
 
 
@@ -241,6 +290,9 @@ def generate_dataset(
     workers: int = None,
     shuffle: bool = True,
     progress: bool = False,
+    family_size: int = 1,
+    family_spread: float = 0.25,
+    val_family_share: float = 0.5,
 ) -> dict:
     """Write ``train.rec``, ``train.idx``, ``property`` (and ``val.bin``) under ``out_dir``.
 
@@ -249,8 +301,18 @@ def generate_dataset(
     ``label_noise`` share of training images is given a wrong (different,
     random) label. ``val_pairs`` pairs: half genuine, half impostor.
     Returns a summary dict (includes ``noisy_keys``: source indices relabelled).
+
+    ``family_size`` K > 1 groups identities into families of look-alikes
+    (:func:`identity_params`, ``family_spread``); both identity counts must be
+    multiples of K, so validation families are held out whole. Then a
+    ``val_family_share`` of the impostor pairs (rounded) is drawn within a held-out
+    family and the rest across two different families, and ``val_pairs.json``
+    records each pair's identities, whether it is genuine and whether it is a
+    within-family impostor, in ``val.bin`` order. K = 1 (the default) writes the
+    same bytes as before families existed.
     """
     from data_tools.layout import write_face_rec
+    from trainer.io.atomic import atomic_open
     from trainer.io.binfile import write_bin
 
     if identities < 1 or images_per_identity < 1:
@@ -261,6 +323,18 @@ def generate_dataset(
         raise ValueError("val pairs need at least 2 validation identities (impostor pairs)")
     if val_pairs % 2:
         raise ValueError("val_pairs must be even (half genuine, half impostor)")
+    if family_size < 1:
+        raise ValueError(f"family_size must be >= 1, got {family_size}")
+    if family_size > 1:
+        if identities % family_size or val_identities % family_size:
+            raise ValueError(f"with family_size {family_size}, identities ({identities}) and val_identities "
+                             f"({val_identities}) must be multiples of it (families are held out whole)")
+        if not 0.0 <= family_spread <= 1.0:
+            raise ValueError(f"family_spread must be in [0, 1], got {family_spread}")
+        if not 0.0 <= val_family_share <= 1.0:
+            raise ValueError(f"val_family_share must be in [0, 1], got {val_family_share}")
+        if val_pairs and val_family_share < 1.0 and val_identities < 2 * family_size:
+            raise ValueError("across-family impostor pairs need at least 2 validation families")
     workers = workers or min(2, os.cpu_count() or 1)
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -274,7 +348,8 @@ def generate_dataset(
     if n_noisy:
         off = r.integers(1, identities, n_noisy)
         labels[noisy] = (true[noisy] + off) % identities
-    jobs_all = [(seed, int(t), int(i)) for t, i in zip(true, index)]
+    fam = (family_size, float(family_spread)) if family_size > 1 else ()
+    jobs_all = [(seed, int(t), int(i), *fam) for t, i in zip(true, index)]
 
     def payloads(src):
         return _images([jobs_all[k] for k in src], workers)
@@ -293,14 +368,27 @@ def generate_dataset(
         for k in range(half):
             a = int(vr.choice(ids))
             pairs.append(((a, 2 * k), (a, 2 * k + 1), True))
-        for k in range(half):
-            a, b = vr.choice(ids, 2, replace=False)
-            pairs.append(((int(a), 2 * half + 2 * k), (int(b), 2 * half + 2 * k + 1), False))
+        if family_size == 1:
+            for k in range(half):
+                a, b = vr.choice(ids, 2, replace=False)
+                pairs.append(((int(a), 2 * half + 2 * k), (int(b), 2 * half + 2 * k + 1), False))
+        else:
+            n_within = int(round(val_family_share * half))
+            fams = np.unique(family_of(ids, family_size))
+            for k in range(half):
+                if k < n_within:  # two different members of one held-out family
+                    f = int(vr.choice(fams))
+                    a, b = f * family_size + vr.choice(family_size, 2, replace=False)
+                else:  # members of two different held-out families
+                    f, g = vr.choice(fams, 2, replace=False)
+                    a = f * family_size + int(vr.integers(family_size))
+                    b = g * family_size + int(vr.integers(family_size))
+                pairs.append(((int(a), 2 * half + 2 * k), (int(b), 2 * half + 2 * k + 1), False))
         order = vr.permutation(len(pairs))
         pairs = [pairs[i] for i in order]
         jobs = []
         for (a, ia), (b, ib), _ in pairs:
-            jobs += [(seed, a, 100000 + ia), (seed, b, 100000 + ib)]
+            jobs += [(seed, a, 100000 + ia, *fam), (seed, b, 100000 + ib, *fam)]
         it = _images(jobs, workers)
         if progress:
             from tqdm import tqdm
@@ -308,6 +396,16 @@ def generate_dataset(
             it = tqdm(it, total=len(jobs), desc="synth val.bin", unit="img")
         write_bin(out_dir / "val.bin", list(it), [p[2] for p in pairs])
         summary.update(val_pairs=val_pairs, val_genuine=half, val_impostor=half, val_identities=val_identities)
+        if family_size > 1:
+            within = [bool(not same and family_of(a, family_size) == family_of(b, family_size))
+                      for (a, _), (b, _), same in pairs]
+            side = {"family_size": family_size, "family_spread": float(family_spread),
+                    "val_family_share": float(val_family_share),
+                    "fields": ["identity_a", "identity_b", "genuine", "within_family_impostor"],
+                    "pairs": [[a, b, bool(same), w] for ((a, _), (b, _), same), w in zip(pairs, within)]}
+            with atomic_open(out_dir / "val_pairs.json", "w") as f:
+                json.dump(side, f)
+            summary.update(val_within_family_impostor=int(sum(within)))
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
 
@@ -322,6 +420,12 @@ def add_parser(sub) -> None:
     p.add_argument("--label-noise", type=float, default=0.0, help="share of training images given a wrong label")
     p.add_argument("--val-identities", type=int, default=50, help="held-out identities for val.bin")
     p.add_argument("--val-pairs", type=int, default=400, help="verification pairs (half genuine, half impostor)")
+    p.add_argument("--family-size", type=int, default=1,
+                   help="identities per family of look-alikes (1: every identity independent, the default)")
+    p.add_argument("--family-spread", type=float, default=0.25,
+                   help="with --family-size > 1: how far members differ, 0 (identical) .. 1 (unrelated)")
+    p.add_argument("--val-family-share", type=float, default=0.5,
+                   help="with --family-size > 1: share of val.bin impostor pairs drawn within a family")
     p.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cores))")
     p.add_argument("--sorted", action="store_true", help="store image records in identity order (like insightface) instead of shuffled")
     p.set_defaults(func=_main)
@@ -329,12 +433,16 @@ def add_parser(sub) -> None:
 
 def _main(a) -> int:
     s = generate_dataset(a.out, a.identities, a.images_per_identity, a.seed, a.label_noise,
-                         a.val_identities, a.val_pairs, workers=a.workers, shuffle=not a.sorted, progress=True)
+                         a.val_identities, a.val_pairs, workers=a.workers, shuffle=not a.sorted, progress=True,
+                         family_size=a.family_size, family_spread=a.family_spread,
+                         val_family_share=a.val_family_share)
     print(
         f"synth: {s['images']} images of {s['identities']} identities ({s['noisy_images']} with noisy labels) "
         f"-> {a.out}/train.rec, train.idx, property"
         + (f"; val.bin: {s['val_pairs']} pairs ({s['val_genuine']} genuine, {s['val_impostor']} impostor) "
            f"of {s['val_identities']} held-out identities" if s.get("val_pairs") else "")
+        + (f", {s['val_within_family_impostor']} impostor pairs within a family (val_pairs.json)"
+           if "val_within_family_impostor" in s else "")
         + f"; {s['seconds']} s"
     )
     return 0
