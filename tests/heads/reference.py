@@ -96,3 +96,18 @@ def make_margin(kind: str, s: float):
 
     cls = {"arcface": ArcFace, "cosface": CosFace, "combined": CombinedMargin}[kind]
     return cls(s=s, **MARGINS[kind])
+
+
+def rank_step(head, x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, sizes: Sequence[int], rank: int):
+    """One forward + backward of ``head`` on this rank's part of a global batch: the rank's
+    rows of ``x``/``labels`` (``sizes`` per rank, in rank order) against its shard of the full
+    weight ``w``. Returns (loss, local rows with their ``.grad``)."""
+    lo = sum(sizes[:rank])
+    start, stop = head.class_range
+    with torch.no_grad():
+        head.weight.copy_(w[start:stop])
+    head.weight.grad = None
+    local_x = x[lo:lo + sizes[rank]].clone().requires_grad_(True)
+    loss = head(local_x, labels[lo:lo + sizes[rank]])
+    loss.backward()
+    return loss, local_x

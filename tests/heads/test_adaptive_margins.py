@@ -14,6 +14,7 @@ import torch
 
 from tests.distributed import run_world
 from tests.heads.reference_margins import INITIAL_STATE, PARAMS, make_margin, reference_loss
+from tests.heads.reference import rank_step
 from trainer.heads import UNPG, PartialFC, class_range
 
 D, C = 6, 11
@@ -62,20 +63,13 @@ def _buffers(head):
 
 
 def _worker(rank, world, sizes):
-    lo = sum(sizes[:rank])
     out = []
     for case in CASES:
         head = _make_head(case, C)
         steps = []
         for step in range(2):
             x, labels, w = _data(sum(sizes), C, seed=10 + step)
-            start, stop = head.class_range
-            with torch.no_grad():
-                head.weight.copy_(w[start:stop])
-            head.weight.grad = None
-            local_x = x[lo:lo + sizes[rank]].clone().requires_grad_(True)
-            loss = head(local_x, labels[lo:lo + sizes[rank]])
-            loss.backward()
+            loss, local_x = rank_step(head, x, labels, w, sizes, rank)
             steps.append((loss.detach(), local_x.grad, head.weight.grad.clone(), _buffers(head)))
         out.append((head.class_range, steps))
     return out
@@ -160,20 +154,13 @@ SAMPLING_CASES = [("adaface", 32.0, dict(h=1.5, t_alpha=0.7), {}, 1.5, "global")
 
 def _sampling_worker(rank, world, sizes):
     torch.manual_seed(100 + rank)
-    lo = sum(sizes[:rank])
     out = []
     for case in SAMPLING_CASES:
         head = _make_head(case, CS, sample_rate=RATE)
         steps = []
         for step in range(2):
             x, labels, w = _data(sum(sizes), CS, seed=20 + step)
-            start, stop = head.class_range
-            with torch.no_grad():
-                head.weight.copy_(w[start:stop])
-            head.weight.grad = None
-            local_x = x[lo:lo + sizes[rank]].clone().requires_grad_(True)
-            loss = head(local_x, labels[lo:lo + sizes[rank]])
-            loss.backward()
+            loss, local_x = rank_step(head, x, labels, w, sizes, rank)
             steps.append(dict(loss=loss.detach(), gx=local_x.grad, grad=head.weight.grad.to_dense(),
                               sampled=head.sampled_classes.clone(), bufs=_buffers(head)))
         out.append((head.class_range, steps))

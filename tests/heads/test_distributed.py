@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.distributed import run_world
-from tests.heads.reference import MARGINS, make_margin, reference_loss
+from tests.heads.reference import MARGINS, make_margin, rank_step, reference_loss
 from trainer.heads import UNPG, PartialFC, PartialFCSGD, class_range
 
 D, C = 6, 11
@@ -37,17 +37,11 @@ def _global_data(n_rows, seed=1):
 
 def _dense_worker(rank, world, sizes):
     x, labels, w = _global_data(sum(sizes))
-    lo = sum(sizes[:rank])
     out = []
     for kind, s, wisk, negatives in CASES:
         unpg = None if wisk is None else UNPG(wisk=wisk, negatives=negatives)
         head = PartialFC(make_margin(kind, s), D, C, unpg=unpg, dtype=torch.float64)
-        start, stop = head.class_range
-        with torch.no_grad():
-            head.weight.copy_(w[start:stop])
-        local_x = x[lo : lo + sizes[rank]].clone().requires_grad_(True)
-        loss = head(local_x, labels[lo : lo + sizes[rank]])
-        loss.backward()
+        loss, local_x = rank_step(head, x, labels, w, sizes, rank)
         out.append((loss.detach(), local_x.grad, head.weight.grad, head.class_range))
     return out
 

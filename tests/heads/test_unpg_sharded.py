@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.distributed import run_world
-from tests.heads.reference import MARGINS, make_margin, reference_loss
+from tests.heads.reference import MARGINS, make_margin, rank_step, reference_loss
 from trainer.collectives import _histogram, order_statistics
 from trainer.heads import UNPG, PartialFC
 from trainer.heads.unpg import owned_pairs
@@ -169,19 +169,13 @@ def _case_data(name, n_rows):
 
 def _head_worker(rank, world, sizes):
     n_rows = sum(sizes)
-    lo = sum(sizes[:rank])
     out = {}
     for name, (kind, s, wisk, chunk) in HEAD_CASES.items():
         x, labels, w = _case_data(name, n_rows)
         for sharded in (True, False):
             head = PartialFC(make_margin(kind, s), D, C, unpg=UNPG(wisk=wisk, sharded=sharded),
                              dtype=torch.float64, chunk_elements=chunk)
-            start, stop = head.class_range
-            with torch.no_grad():
-                head.weight.copy_(w[start:stop])
-            local_x = x[lo : lo + sizes[rank]].clone().requires_grad_(True)
-            loss = head(local_x, labels[lo : lo + sizes[rank]])
-            loss.backward()
+            loss, local_x = rank_step(head, x, labels, w, sizes, rank)
             stats = {k: v for k, v in head.last_stats.items()}
             out[(name, sharded)] = (loss.detach(), local_x.grad, head.weight.grad, head.class_range, stats)
     return out
