@@ -45,7 +45,7 @@ from eval.align import norm_crop
 from eval.metrics import DEFAULT_FARS, READOUTS, roc, tar_fpr_at_far
 from eval.models import add_model_args, model_from_args
 from trainer.io.atomic import atomic_open
-from trainer.verification import to_model_input
+from trainer.verification import embed_images
 
 IJB_FARS: Tuple[float, ...] = DEFAULT_FARS  # 1e-6 .. 1e-1
 
@@ -178,23 +178,6 @@ def load_aligned(root: Path, name: str, landmarks: np.ndarray, image_size: int =
     return cv2.cvtColor(norm_crop(img, landmarks, image_size), cv2.COLOR_BGR2RGB)
 
 
-@torch.no_grad()
-def _embed_batch(model: torch.nn.Module, images: torch.Tensor, device: torch.device, flip: bool, batch_size: int) -> np.ndarray:
-    """Raw (un-normalised) features of uint8 RGB [N,3,S,S]: emb(x) + emb(flip x), or emb(x)."""
-    outs = []
-    for s in range(0, images.shape[0], batch_size):
-        x = to_model_input(images[s : s + batch_size].to(device))
-        n = x.shape[0]
-        out = model(torch.cat([x, torch.flip(x, dims=[3])]) if flip else x)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        out = out.float()
-        if out.ndim != 2 or out.shape[0] != (2 * n if flip else n):
-            raise ValueError(f"model returned shape {tuple(out.shape)} for a batch of {2 * n if flip else n}; expected [N, D]")
-        outs.append((out[:n] + out[n:] if flip else out).cpu())
-    return torch.cat(outs).numpy()
-
-
 def embed_ijb(
     model: torch.nn.Module,
     meta: IJBMeta,
@@ -224,16 +207,14 @@ def embed_ijb(
             for s in range(0, n, chunk):
                 imgs = list(pool.map(job, range(s, min(n, s + chunk))))
                 batch = torch.from_numpy(np.stack(imgs).transpose(0, 3, 1, 2).copy())
-                emb = _embed_batch(model, batch, dev, flip, batch_size)
+                emb = embed_images(model, batch, batch_size, dev, progress=False, flip=flip, normalize=False).numpy()
                 if feats is None:
                     feats = np.empty((n, emb.shape[1]), dtype=np.float32)
                 feats[s : s + len(imgs)] = emb
                 bar.update(len(imgs))
     finally:
         model.train(was_training)
-    assert feats is not None
-    if not np.all(np.isfinite(feats)):
-        raise ValueError(f"{meta.target}: model produced NaN/inf features")
+    assert feats is not None  # embed_images raised already on NaN/inf features
     return feats
 
 

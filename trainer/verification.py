@@ -143,8 +143,11 @@ def embed_images(
     *,
     progress: Optional[bool] = None,
     desc: str = "embed",
+    flip: bool = True,
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """Flip-augmented, L2-normalised embeddings ``float32 [N, D]`` on the CPU.
+    """Embeddings ``float32 [N, D]`` on the CPU: emb(x) + emb(flip x) (``flip``; else
+    emb(x)), L2-normalised (``normalize``; IJB's norm score keeps them raw).
 
     ``images`` is uint8 RGB [N, 3, H, W]. The model runs in eval mode under no_grad on
     ``device`` (default: where its parameters are); its train/eval mode is restored
@@ -163,14 +166,15 @@ def embed_images(
         for s in tqdm(starts, desc=desc, disable=(None if progress is None else not progress), leave=False):
             x = to_model_input(images[s : s + batch_size].to(device, non_blocking=True))
             n = x.shape[0]
-            out = model(torch.cat([x, torch.flip(x, dims=[3])], dim=0))
+            out = model(torch.cat([x, torch.flip(x, dims=[3])], dim=0) if flip else x)
             if isinstance(out, (tuple, list)):
                 out = out[0]
             out = out.float()
-            if out.ndim != 2 or out.shape[0] != 2 * n:
-                raise ValueError(f"model returned shape {tuple(out.shape)} for a batch of {2 * n}; expected [N, D]")
-            emb = out[:n] + out[n:]
-            chunks.append(torch.nn.functional.normalize(emb, dim=1).cpu())
+            rows = 2 * n if flip else n
+            if out.ndim != 2 or out.shape[0] != rows:
+                raise ValueError(f"model returned shape {tuple(out.shape)} for a batch of {rows}; expected [N, D]")
+            emb = out[:n] + out[n:] if flip else out
+            chunks.append((torch.nn.functional.normalize(emb, dim=1) if normalize else emb).cpu())
     finally:
         model.train(was_training)
     if not chunks:
