@@ -98,6 +98,7 @@ class DeepSpeedEngine(Engine):
                                                     config=ds_cfg)
         self.ds = engine
         self.model = engine
+        self._bad = False  # a non-finite micro-batch loss since the last boundary
         self.backbone_opt = ds_opt
         self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         if self._dtype is not None:
@@ -119,9 +120,11 @@ class DeepSpeedEngine(Engine):
             self.ds.step()  # not a boundary: DeepSpeed only advances its micro-step counter
 
     def _apply(self, bad: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-        skip = getattr(self, "_bad", False) or bool(bad)
-        self._bad = False
-        self.head_opt.zero_grad(set_to_none=True) if skip else self.head_opt.step()
+        # every non-finite micro-batch loss was seen (and replaced) in _backward, so ``bad``
+        # (the mean loss not finite) adds nothing: no second host read
+        skip, self._bad = self._bad, False
+        if not skip:
+            self.head_opt.step()
         self.head_opt.zero_grad(set_to_none=True)
         groups = self.backbone_opt.param_groups
         saved = [g["lr"] for g in groups]
