@@ -93,3 +93,30 @@ def test_ratio_sweep_flags_an_arm_that_does_not_train():
     assert trains["trains"] and trains["flat"]
     assert not stalls["trains"] and stalls["start"] > 48
     assert still_falling["trains"] and not still_falling["flat"]
+
+
+def test_ratio_report_pairs_the_gain_by_seed(tmp_path):
+    """The gain is UNPG minus plain of the same seed (mean ± sample std), not a difference of means."""
+    from bench.experiment import ratio_report
+
+    def run(ids, arm, seed, tar4, within4):
+        return {"ids": ids, "families": True, "arm": arm, "seed": seed, "steps": 3, "loss": [3.0, 2.0, 1.0],
+                "start": 3.0, "end": 1.0, "trains": True, "flat": False, "accuracy": 0.9,
+                "tar_at_far": {"0.001": 0.5, "0.0001": tar4}, "tar_at_far_within_family": {"0.001": 0.4, "0.0001": within4},
+                "train_seconds": 10.0, "seconds": 12.0}
+
+    plain = {0: 0.10, 1: 0.30, 2: 0.20}
+    gain = {0: 0.05, 1: -0.01, 2: 0.02}   # paired gains; differences of unpaired means would hide the sign flip
+    results = {}
+    for s in plain:
+        results[(300, True, "arcface", s)] = run(300, "arcface", s, plain[s], 0.2)
+        results[(300, True, "arcface+unpg wisk1.5", s)] = run(300, "arcface+unpg wisk1.5", s, plain[s] + gain[s], 0.1)
+    table = ratio_report(tmp_path, results, tmp_path / "doc")
+    row = next(line for line in table.splitlines() if "| arcface+unpg wisk1.5 | arcface |" in line)
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    g = np.array(list(gain.values()))
+    assert cols[7] == f"{100 * g.mean():.2f} ± {100 * g.std(ddof=1):.2f}"   # gain TAR@1e-4 (all)
+    assert cols[8] == "2/3"                                                  # UNPG better in 2 seeds of 3
+    assert cols[10] == "-10.00 ± 0.00"                                        # within-family gain
+    assert (tmp_path / "doc" / "ratio_gain.png").is_file() and (tmp_path / "ratio_results.md").is_file()
+    assert "| all | | 6 | | | 1.2 |" in table                                # budget: 6 runs x 12 s
