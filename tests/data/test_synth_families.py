@@ -120,3 +120,20 @@ def test_ratio_report_pairs_the_gain_by_seed(tmp_path):
     assert cols[10] == "-10.00 ± 0.00"                                        # within-family gain
     assert (tmp_path / "doc" / "ratio_gain.png").is_file() and (tmp_path / "ratio_results.md").is_file()
     assert "| all | | 6 | | | 1.2 |" in table                                # budget: 6 runs x 12 s
+
+
+@pytest.mark.parametrize("wisk", [None, 1.5])
+def test_orthogonal_loss_is_the_loss_of_orthogonal_embeddings(wisk):
+    """L0 (the 'ends near L0' check of the sweep) against the loss's definition (tests/heads/reference.py)."""
+    import torch
+
+    from bench.experiment import orthogonal_loss
+    from tests.heads.reference import reference_loss
+
+    classes, n, s, m = 7, 5, 64.0, 0.5
+    eye = torch.eye(classes + n, dtype=torch.float64)
+    w, x = eye[:classes], eye[classes:]          # centres and embeddings: every cosine 0
+    labels = torch.tensor([0, 2, 3, 5, 6])        # distinct: all n(n-1)/2 pairs are negatives, all kept
+    ref = reference_loss(x, labels, w, "arcface", {"m": m}, s, wisk=wisk)
+    pairs = 0 if wisk is None else n * (n - 1) // 2
+    assert orthogonal_loss(classes, s, m, pairs) == pytest.approx(float(ref), rel=1e-12)
