@@ -407,37 +407,52 @@ def ratio_report(out: Path, results: Dict[tuple, dict], doc_dir: Path) -> str:
     budget.append(f"| all | | {len(results)} | | | {total:.1f} |")
     table = "\n".join(lines) + "\n\n" + "\n".join(gain_lines) + "\n\n" + "\n".join(budget)
     (out / "ratio_results.md").write_text(table + "\n")
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for (fam, arm), pts in sorted(series.items()):
-        x, y, e = (np.asarray(v) for v in zip(*sorted(pts)))
-        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=f"{arm}, families {'on' if fam else 'off'}",
-                    linestyle="-" if fam else "--")
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlim(0.8, 40)
-    ax.set(xlabel="negative pairs per step : classes", ylabel="UNPG gain in TAR@FAR=1e-4 (points, ± std)",
-           title="UNPG gain vs pairs:classes (held-out gallery)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    # one panel per baseline set (paper: m = 0.5; working: m = 0.3), one line per (families, wisk)
+    sets = [b for b in ("paper", "working") if any(RATIO_ARMS[a][0] == b for (_, a) in series)]
+    fig, axes = plt.subplots(1, max(1, len(sets)), figsize=(7.0 * max(1, len(sets)), 4.6), squeeze=False)
+    for ax, bset in zip(axes[0], sets):
+        for (fam, arm), pts in sorted(series.items()):
+            if RATIO_ARMS[arm][0] != bset:
+                continue
+            wisk = RATIO_ARMS[arm][1]["wisk"]
+            x, y, e = (np.asarray(v) for v in zip(*sorted(pts)))
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color="C0" if wisk == 1.0 else "C1",
+                        label=f"wisk {wisk}, families {'on' if fam else 'off'}", linestyle="-" if fam else "--")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlim(0.8, 40)
+        m = RATIO_ARMS[RATIO_PLAIN[bset]][1]["m"]
+        ax.set(xlabel="negative pairs per step : classes", ylabel="UNPG gain in TAR@FAR=1e-4 (points, ± std)",
+               title=f"ArcFace s=64 m={m} ({bset}): UNPG minus plain, paired by seed")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     doc_dir.mkdir(parents=True, exist_ok=True)
     fig.savefig(doc_dir / "ratio_gain.png", dpi=90)
     plt.close(fig)
-    # every arm's loss curve (every seed), one panel per (ids, families)
-    keys = sorted({(i, f) for (i, f, _, _) in results})
-    if keys:
-        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
-        for ax, (ids, fam) in zip(axes[0], keys):
-            for j, arm in enumerate(RATIO_ARMS):
-                for (i, f, a, s), r in sorted(results.items()):
-                    if (i, f, a) == (ids, fam, arm):
-                        ax.plot(r["loss"], color=f"C{j}", lw=0.7, alpha=0.8, label=arm if s == min(
-                            ss for (ii, ff, aa, ss) in results if (ii, ff, aa) == (ids, fam, arm)) else None)
-            ax.set(title=f"{ids} ids, families {'on' if fam else 'off'}", xlabel="step", ylabel="loss")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
+    # every arm's loss curve (every seed): one panel per (ids, families), rows = families off / on;
+    # dotted: L0 of each plain arm (all-orthogonal embeddings, ratio_orthogonal_loss)
+    ids_done = sorted({i for (i, _, _, _) in results})
+    fams_done = sorted({f for (_, f, _, _) in results})
+    if results:
+        fig, axes = plt.subplots(len(fams_done), len(ids_done), figsize=(4.6 * len(ids_done), 3.4 * len(fams_done)),
+                                 squeeze=False)
+        for row, fam in enumerate(fams_done):
+            for col, ids in enumerate(ids_done):
+                ax = axes[row][col]
+                for j, arm in enumerate(RATIO_ARMS):
+                    runs = [r for (i, f, a, _), r in sorted(results.items()) if (i, f, a) == (ids, fam, arm)]
+                    for k, r in enumerate(runs):
+                        ax.plot(r["loss"], color=f"C{j}", lw=0.6, alpha=0.7, label=arm if k == 0 else None)
+                    if runs and not RATIO_ARMS[arm][1]["unpg"]:
+                        ax.axhline(ratio_orthogonal_loss(runs[0]), color=f"C{j}", ls=":", lw=1.2,
+                                   label=f"L0 of {arm}")
+                ax.set(title=f"{ids} ids ({RATIO_PAIRS / ids:.1f}:1), families {'on' if fam else 'off'}",
+                       xlabel="step", ylabel="training loss")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=6)
         fig.tight_layout()
-        fig.savefig(doc_dir / "ratio_loss.png", dpi=80)
+        fig.savefig(doc_dir / "ratio_loss.png", dpi=72)
         plt.close(fig)
     return table
 
