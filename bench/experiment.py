@@ -412,6 +412,15 @@ def ratio_report(out: Path, results: Dict[tuple, dict], doc_dir: Path) -> str:
     budget.append(f"| all | | {len(results)} | | | {total:.1f} |")
     table = "\n".join(lines) + "\n\n" + "\n".join(gain_lines) + "\n\n" + "\n".join(budget)
     (out / "ratio_results.md").write_text(table + "\n")
+    # every run's metrics, one JSON line each (curves rounded), for the repository next to the plots
+    doc_dir.mkdir(parents=True, exist_ok=True)
+    with open(doc_dir / "ratio_runs.jsonl", "w") as fh:
+        for key, r in sorted(results.items()):
+            row = {k: v for k, v in r.items() if k != "roc"}
+            row["loss"] = [round(v, 4) for v in r["loss"]]
+            kept = [v for v in r.get("kept_fraction") or [] if v is not None]
+            row["kept_fraction"] = [round(v, 5) for v in kept] if kept else None  # None: no UNPG
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
     # one panel per baseline set (paper: m = 0.5; working: m = 0.3), one line per (families, wisk)
     sets = [b for b in RATIO_PLAIN if any(RATIO_ARMS[a][0] == b for (_, a) in series)]
     fig, axes = plt.subplots(1, max(1, len(sets)), figsize=(7.0 * max(1, len(sets)), 4.6), squeeze=False)

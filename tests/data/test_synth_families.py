@@ -120,6 +120,8 @@ def test_ratio_report_pairs_the_gain_by_seed(tmp_path):
     assert cols[10] == "-10.00 ± 0.00"                                        # within-family gain
     assert (tmp_path / "doc" / "ratio_gain.png").is_file() and (tmp_path / "ratio_results.md").is_file()
     assert "| all | | 6 | | | 1.2 |" in table                                # budget: 6 runs x 12 s
+    rows = [json.loads(line) for line in (tmp_path / "doc" / "ratio_runs.jsonl").read_text().splitlines()]
+    assert sorted((r["arm"], r["seed"]) for r in rows) == sorted((k[2], k[3]) for k in results)
 
 
 @pytest.mark.parametrize("wisk", [None, 1.5])
