@@ -9,12 +9,12 @@ Protocol (issue #7, docs/RESULTS.md):
   and schedule for every arm); arms differ only in ``loss.*`` keys (ARMS).
 - 3 seeds per arm; report mean ± std. Nothing here is tuned on the held-out pairs.
 
-    python bench/experiment.py                       # the whole grid (~33 runs x ~3 min)
-    python bench/experiment.py --group core --noise 0.2 --seeds 0
-    python bench/experiment.py --report-only         # table + plots from finished runs
-    python bench/experiment.py --group ratio --ids 300 --families on --seeds 0 --baseline paper
+    python -m bench.experiment                       # the whole grid (~33 runs x ~3 min)
+    python -m bench.experiment --group core --noise 0.2 --seeds 0
+    python -m bench.experiment --report-only         # table + plots from finished runs
+    python -m bench.experiment --group ratio --ids 300 --families on --seeds 0 --baseline paper
                                                      # a part of the pairs:classes sweep (issue #16)
-    python bench/experiment.py --family-grid docs/results/family_grid.png
+    python -m bench.experiment --family-grid docs/results/family_grid.png
 Finished runs are skipped, so the grid can be run in parts.
 """
 from __future__ import annotations
