@@ -42,6 +42,26 @@ def kept_negatives(x_hat: torch.Tensor, labels: torch.Tensor, wisk: float) -> to
     return t[keep]
 
 
+def pair_logits(x_hat: torch.Tensor, labels: torch.Tensor, s: float, wisk: Optional[float],
+                groups: Optional[Sequence[int]] = None) -> list:
+    """Per row, the extra logit columns s*t of UNPG's kept pairs (empty without UNPG).
+
+    groups: for "local" negatives, the row counts of each rank's batch; a row then
+    gets the kept pairs of its own group only.
+    """
+    n = x_hat.shape[0]
+    if wisk is None:
+        return [x_hat.new_zeros(0)] * n
+    if groups is None:
+        return [s * kept_negatives(x_hat, labels, wisk)] * n
+    extras, start = [], 0
+    for size in groups:
+        k = kept_negatives(x_hat[start : start + size], labels[start : start + size], wisk)
+        extras += [s * k] * size
+        start += size
+    return extras
+
+
 def reference_loss(
     x: torch.Tensor,
     labels: torch.Tensor,
@@ -67,17 +87,7 @@ def reference_loss(
     z = torch.where(onehot, torch.zeros_like(cos), s * cos)
     z = z.masked_scatter(onehot, target)
     losses = []
-    if wisk is None:
-        extras = [x.new_zeros(0)] * n
-    elif groups is None:
-        k = kept_negatives(x_hat, labels, wisk)
-        extras = [s * k] * n
-    else:
-        extras, start = [], 0
-        for size in groups:
-            k = kept_negatives(x_hat[start : start + size], labels[start : start + size], wisk)
-            extras += [s * k] * size
-            start += size
+    extras = pair_logits(x_hat, labels, s, wisk, groups)
     for i in range(n):
         row = torch.cat([z[i], extras[i]])
         losses.append(-target[i] + torch.logsumexp(row, dim=0))

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from tests.heads.reference import kept_negatives
+from tests.heads.reference import pair_logits
 
 PARAMS = {
     "adaface": dict(m=0.4, h=0.333, t_alpha=0.01),
@@ -88,16 +88,7 @@ def reference_loss(kind: str, x, labels, w, s: float, params: dict, state: dict,
     z, extra, new_state = LOGITS[kind](x, labels, w, s, params, state)
     n = x.shape[0]
     x_hat = x / x.norm(dim=1, keepdim=True)
-    if wisk is None:
-        extras = [x.new_zeros(0)] * n
-    elif groups is None:
-        extras = [s * kept_negatives(x_hat, labels, wisk)] * n
-    else:
-        extras, start = [], 0
-        for size in groups:
-            k = kept_negatives(x_hat[start:start + size], labels[start:start + size], wisk)
-            extras += [s * k] * size
-            start += size
+    extras = pair_logits(x_hat, labels, s, wisk, groups)
     losses = [-z[i, labels[i]] + torch.logsumexp(torch.cat([z[i], extras[i]]), dim=0) for i in range(n)]
     return torch.stack(losses).mean() + extra, {**state, **new_state}
 
