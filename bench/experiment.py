@@ -361,14 +361,15 @@ def ratio_report(out: Path, results: Dict[tuple, dict], doc_dir: Path) -> str:
                     continue
                 trains = sum(r["trains"] for r in rs)
                 flat = sum(r["flat"] for r in rs)
-                stalls = sum(r["end"] / ratio_orthogonal_loss(r) > RATIO_STALL for r in rs)
+                end_l0 = [r["end"] / ratio_orthogonal_loss(r) for r in rs]
+                stalls = sum(v > RATIO_STALL for v in end_l0)
                 flag = (f"{trains}/{len(rs)} / {flat}/{len(rs)}" + (" **DOES NOT TRAIN**" if trains < len(rs) else "")
                         + (f" **ends near L0 ({stalls}/{len(rs)})**" if stalls else ""))
                 wf = [r.get("tar_at_far_within_family") for r in rs]
                 lines.append(
                     f"| {ids} | {RATIO_PAIRS / ids:.1f}:1 | {'on' if fam else 'off'} | {arm} | {len(rs)} | "
                     f"{len(rs[0]['loss'])} | {np.mean([r['start'] for r in rs]):.2f} -> {np.mean([r['end'] for r in rs]):.2f} | "
-                    f"{np.mean([r['end'] / ratio_orthogonal_loss(r) for r in rs]):.2f} | {flag} | {ms([r['tar_at_far']['0.001'] for r in rs])} | {ms([r['tar_at_far']['0.0001'] for r in rs])} | "
+                    f"{np.mean(end_l0):.2f} | {flag} | {ms([r['tar_at_far']['0.001'] for r in rs])} | {ms([r['tar_at_far']['0.0001'] for r in rs])} | "
                     f"{ms([w['0.001'] if w else None for w in wf])} | {ms([w['0.0001'] if w else None for w in wf])} | "
                     f"{ms([r['accuracy'] for r in rs])} |")
     # UNPG gain in TAR@FAR=1e-4 over the plain arm of the same baseline set, paired by seed
