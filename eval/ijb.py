@@ -23,7 +23,9 @@ step by step:
    with the FPR actually reached (eval/metrics.py::tar_fpr_at_far).
 
 When the release has the 1:N files (``<t>_1N_gallery_G1.csv`` ...; eval/ijb_1n.py) the
-same template features also give 1:N identification (TPIR@FPIR, rank-1/5).
+same template features also give 1:N identification (TPIR@FPIR, rank-1/5/10), under the
+same ``readout``: insightface's ``ijb_evals.py`` threshold rank and pooled mean rank-k by
+default, ``strict`` FPIR <= target and equal-weight means.
 
     python -m eval.ijb --model model.pt --network r50 --root IJB_release/IJBC --out ijbc_out
 """
@@ -343,7 +345,7 @@ def evaluate_ijb(
         "tpr": tpr,
     }
     if one_n is not None:
-        res["identification_1n"] = ijb_1n.evaluate_1n(tids, tfeats, one_n)
+        res["identification_1n"] = ijb_1n.evaluate_1n(tids, tfeats, one_n, readout=readout)
     return res
 
 
@@ -380,8 +382,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="L2-normalise image features before pooling (insightface use_norm_score=False)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no flip test (insightface use_flip_test=False)")
     p.add_argument("--readout", choices=READOUTS, default="insightface",
-                   help="TAR@FAR rule: insightface = ROC point with FPR nearest the target (published tables); "
-                        "strict = best TAR with FPR <= target")
+                   help="insightface (default, its scripts' numbers): 1:1 TAR at the ROC point with FPR nearest the "
+                        "target; 1:N threshold nm[max(int(n*f)-1,0)] and rank-k pooled over all mated probes. "
+                        "strict: best TAR/TPIR with FPR/FPIR <= target (1:N threshold nm[floor(n*f)]) and "
+                        "equal-weight means over galleries")
     p.add_argument("--save-scores", default=None, metavar="FILE.npy", help="write the per-pair scores (pair-file order)")
     p.add_argument("--no-1n", dest="identification", action="store_false", help="skip 1:N identification")
     p.add_argument("--batch-size", type=int, default=128)

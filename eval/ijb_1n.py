@@ -13,16 +13,37 @@ weighting, media/template pooling); the template ids must be those of
 
 Each gallery is evaluated on its own against all mixed probes (the standard protocol: a
 probe whose subject is enrolled in that gallery is *mated*, the others are *non-mated*),
-and the mean over the galleries is reported too. With S[p, s] the highest cosine between
+and a mean over the galleries is reported too. With S[p, s] the highest cosine between
 probe p and any gallery template of subject s:
 
 - rank of a mated probe = number of gallery subjects s with S[p, s] >= S[p, true]
   (ties count against the probe); rank-k = share of mated probes with rank <= k (CMC).
 - FPIR(t) = share of non-mated probes with max_s S[p, s] > t; TPIR(t) = share of mated
-  probes with rank 1 and S[p, true] > t. TPIR@FPIR=f is the best TPIR of any threshold
-  with FPIR <= f (the strict rule of eval/metrics.py::tar_at_far: with n non-mated
-  probes, t = the (floor(f n) + 1)-th highest non-mated max score), reported with the
-  FPIR reached and the threshold.
+  probes with rank 1 and S[p, true] > t.
+
+TPIR@FPIR=f thresholds at a non-mated score. With the n non-mated probes' best scores
+sorted from the highest, nm[0] >= nm[1] >= ... >= nm[n-1], t = nm[j] with, by read-out
+(``readout``, the switch of the 1:1 part, eval/metrics.py::READOUTS):
+
+- ``insightface`` (default; insightface's ``ijb_evals.py`` ``evaluation_1N``):
+  j = max(int(n f) - 1, 0), Python's int of the float product as the script computes it
+  (at f = 1e-2, 1e-1 equal to floor(n f)). FPIR reached = j / n without ties: one false
+  alarm fewer than the target allows (none for n f < 2).
+- ``strict``: j = floor(n f) (t = -inf when j >= n): the best TPIR of any threshold with
+  FPIR <= f (the rule of eval/metrics.py::tar_at_far), FPIR reached = floor(n f) / n.
+
+The two thresholds are equal only when n f < 1. Every TPIR comes with the FPIR reached and
+the threshold.
+
+The mean over galleries G (mated probes M_g, hits H_g(k) = #{p in M_g: rank(p) <= k}):
+
+- ``insightface``: rank-k pooled, sum_g H_g(k) / sum_g |M_g| (insightface divides the
+  summed hits by the number of mixed probes, which on IJB-B/C equals sum_g |M_g| since
+  every probe's subject is enrolled in exactly one gallery); TPIR equal-weight,
+  mean_g TPIR_g.
+- ``strict``: equal-weight for both, mean_g rank-k_g and mean_g TPIR_g.
+
+The FPIR reached shown for the mean is mean_g FPIR_g.
 """
 from __future__ import annotations
 
@@ -31,6 +52,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from eval.metrics import READOUTS
 
 FPIRS: Tuple[float, ...] = (1e-2, 1e-1)
 RANKS: Tuple[int, ...] = (1, 5, 10)
@@ -78,6 +101,25 @@ def read_1n_protocol(root: Path, target: str) -> Optional[Dict[str, Tuple[np.nda
     return out
 
 
+RANK_MEAN = {"insightface": "pooled", "strict": "equal-weight"}
+TPIR_MEAN = "equal-weight"  # both read-outs
+
+
+def _check_readout(readout: str) -> None:
+    if readout not in READOUTS:
+        raise ValueError(f"1:N readout must be one of {READOUTS}, got {readout!r}")
+
+
+def threshold_index(n: int, fpir: float, readout: str = "insightface") -> int:
+    """j of the threshold t = nm[j] (module docstring) for n non-mated probes at FPIR ``fpir``."""
+    _check_readout(readout)
+    if not 0.0 < float(fpir) <= 1.0:
+        raise ValueError(f"FPIR target must be in (0, 1], got {fpir!r}")
+    if readout == "insightface":
+        return max(int(n * float(fpir)) - 1, 0)
+    return int(np.floor(float(fpir) * n + 1e-9))
+
+
 def _subject_scores(sim: np.ndarray, gallery_subjects: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Per probe, the max score over each gallery subject's templates: (subjects, [P, U])."""
     order = np.argsort(gallery_subjects, kind="stable")
@@ -93,8 +135,11 @@ def identify(
     gallery_subjects: np.ndarray,
     fpirs: Sequence[float] = FPIRS,
     ranks: Sequence[int] = RANKS,
+    readout: str = "insightface",
 ) -> Dict[str, object]:
-    """CMC rank-k and TPIR@FPIR (module docstring) of L2-normalised template features."""
+    """CMC rank-k and TPIR@FPIR under ``readout`` (module docstring) of L2-normalised
+    template features; ``rank_hits`` holds the counts behind rank-k (for pooled means)."""
+    _check_readout(readout)
     sim = np.asarray(probe_feats, dtype=np.float64) @ np.asarray(gallery_feats, dtype=np.float64).T
     subjects, ss = _subject_scores(sim, np.asarray(gallery_subjects))
     probe_subjects = np.asarray(probe_subjects)
@@ -102,6 +147,7 @@ def identify(
     pos = np.clip(pos, 0, subjects.size - 1)
     mated = subjects[pos] == probe_subjects
     res: Dict[str, object] = {
+        "readout": readout,
         "num_gallery_templates": int(sim.shape[1]),
         "num_gallery_subjects": int(subjects.size),
         "num_mated": int(mated.sum()),
@@ -111,14 +157,15 @@ def identify(
         raise ValueError("1:N: no probe's subject is in the gallery")
     true = ss[mated, pos[mated]]
     rank = (ss[mated] >= true[:, None]).sum(axis=1)
-    res["rank"] = {int(k): float(np.mean(rank <= k)) for k in ranks}
+    res["rank_hits"] = {int(k): int(np.sum(rank <= k)) for k in ranks}
+    res["rank"] = {int(k): res["rank_hits"][int(k)] / true.size for k in ranks}
     res["tpir_at_fpir"], res["fpir_at_fpir"], res["threshold_at_fpir"] = {}, {}, {}
     if (~mated).any():
         nm = np.sort(ss[~mated].max(axis=1))[::-1]
         hit1 = rank == 1
         for f in fpirs:
-            k = int(np.floor(float(f) * nm.size + 1e-9))
-            thr = nm[k] if k < nm.size else -np.inf
+            j = threshold_index(nm.size, f, readout)
+            thr = nm[j] if j < nm.size else -np.inf
             res["tpir_at_fpir"][float(f)] = float(np.mean(hit1 & (true > thr)))
             res["fpir_at_fpir"][float(f)] = float(np.mean(nm > thr))
             res["threshold_at_fpir"][float(f)] = float(thr)
@@ -131,8 +178,11 @@ def evaluate_1n(
     protocol: Dict[str, Tuple[np.ndarray, np.ndarray]],
     fpirs: Sequence[float] = FPIRS,
     ranks: Sequence[int] = RANKS,
+    readout: str = "insightface",
 ) -> Dict[str, object]:
-    """Each gallery of ``protocol`` against its mixed probes, plus the mean over galleries."""
+    """Each gallery of ``protocol`` against its mixed probes, plus the mean over galleries
+    (rank-k pooled under ``insightface``, equal-weight under ``strict``; module docstring)."""
+    _check_readout(readout)
 
     def feats(tids: np.ndarray, what: str) -> np.ndarray:
         idx = np.clip(np.searchsorted(template_ids, tids), 0, template_ids.size - 1)
@@ -143,28 +193,48 @@ def evaluate_1n(
 
     p_t, p_s = protocol["probe"]
     pf = feats(p_t, "probe_mixed")
-    out: Dict[str, object] = {"galleries": {}}
+    out: Dict[str, object] = {"readout": readout, "galleries": {}}
     for name, (g_t, g_s) in protocol.items():
         if name == "probe":
             continue
-        out["galleries"][name] = identify(pf, p_s, feats(g_t, f"gallery {name}"), g_s, fpirs, ranks)
+        out["galleries"][name] = identify(pf, p_s, feats(g_t, f"gallery {name}"), g_s, fpirs, ranks, readout)
     gals: List[Dict] = list(out["galleries"].values())
+    mated = sum(g["num_mated"] for g in gals)
+    if RANK_MEAN[readout] == "pooled":
+        rank = {k: sum(g["rank_hits"][k] for g in gals) / mated for k in gals[0]["rank"]}
+    else:
+        rank = {k: float(np.mean([g["rank"][k] for g in gals])) for k in gals[0]["rank"]}
+    common = [f for f in gals[0]["tpir_at_fpir"] if all(f in g["tpir_at_fpir"] for g in gals)]
     out["mean"] = {
-        "rank": {k: float(np.mean([g["rank"][k] for g in gals])) for k in gals[0]["rank"]},
-        "tpir_at_fpir": {f: float(np.mean([g["tpir_at_fpir"][f] for g in gals]))
-                         for f in gals[0]["tpir_at_fpir"] if all(f in g["tpir_at_fpir"] for g in gals)},
+        "rank_mean": RANK_MEAN[readout],
+        "tpir_mean": TPIR_MEAN,
+        "num_mated": int(mated),
+        "num_probes": int(p_t.size),
+        "rank": rank,
+        "tpir_at_fpir": {f: float(np.mean([g["tpir_at_fpir"][f] for g in gals])) for f in common},
+        "fpir_at_fpir": {f: float(np.mean([g["fpir_at_fpir"][f] for g in gals])) for f in common},
     }
     return out
 
 
+def _fmt(f: float) -> str:
+    return f"{f:.0e}".replace("e-0", "e-")
+
+
 def markdown(res: Dict[str, object], target: str) -> str:
+    """The 1:N table: per gallery and the mean, TPIR % (FPIR reached) and rank-k %, titled
+    with the read-out and followed by a line saying which mean is shown."""
+    readout = res.get("readout", "strict")
+    mean = res["mean"]
+    rank_mean = mean.get("rank_mean", "equal-weight")
     gals = dict(res["galleries"])
-    gals["mean"] = res["mean"]
+    gals[f"mean ({rank_mean} rank)" if rank_mean != TPIR_MEAN else "mean (equal-weight)"] = mean
     first = next(iter(res["galleries"].values()))
     fpirs = list(first["tpir_at_fpir"])
     ranks = list(first["rank"])
-    head = ["gallery"] + [f"TPIR@FPIR={f:.0e} (FPIR reached)".replace("e-0", "e-") for f in fpirs] + [f"rank-{k}" for k in ranks]
-    lines = [f"{target} 1:N (mixed probes; TPIR/rank %)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = ["gallery"] + [f"TPIR@FPIR={_fmt(f)} (FPIR reached)" for f in fpirs] + [f"rank-{k}" for k in ranks]
+    lines = [f"{target} 1:N (mixed probes), read-out `{readout}` (TPIR % (FPIR reached); rank %)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, g in gals.items():
         cells = []
         for f in fpirs:
@@ -176,4 +246,9 @@ def markdown(res: Dict[str, object], target: str) -> str:
                 cells.append(f"{100 * g['tpir_at_fpir'][f]:.2f}")
         cells += [f"{100 * g['rank'][k]:.2f}" for k in ranks]
         lines.append("| " + " | ".join([name] + cells) + " |")
-    return "\n".join(lines) + "\n"
+    if rank_mean == "pooled":
+        note = (f"mean: rank-k pooled over the galleries' {mean['num_mated']} mated probes (sum of hits / sum of mated); "
+                "TPIR and FPIR reached: equal-weight mean of the galleries")
+    else:
+        note = "mean: equal-weight mean of the galleries (rank-k, TPIR and FPIR reached)"
+    return "\n".join(lines) + "\n\n" + note + "\n"
