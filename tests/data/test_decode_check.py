@@ -177,3 +177,28 @@ def test_dali_reader_reads_within_the_bound(tmp_path, batch, fill, shuffle):
         assert top < records_before_batch(b, batch, fill, shuffle), f"batch {b}"
         tight = max(tight, top + 1 - ((b + 1) * batch + (fill if shuffle else 0)))
     assert tight <= 0  # the bound keeps a margin of 3 batches on top of what DALI does
+
+
+def test_validate_decodes_every_chunk_in_parallel_and_lists_every_bad_record(synth_copy, monkeypatch):
+    """validate's chunk pass on 2 processes: every bad record listed (not only the first), a
+    verdict for exactly the chunks without one, which the loader's check then trusts."""
+    from data_tools.validate import validate
+    from tests.data.test_loaders import _flip_entropy_bytes
+    from trainer.data import decode_check
+
+    monkeypatch.setattr(decode_check, "CHUNK_BYTES", 4096)
+    _flip_entropy_bytes(synth_copy, 7)
+    _flip_entropy_bytes(synth_copy, 50)
+    ds = FaceRecDataset(synth_copy)
+    v = decode_check.ChunkVerdicts(ds)
+    bad_chunks = {int(ds.reader.offsets[k]) // 4096 for k in (7, 50)}
+    rep = validate(synth_copy, progress=False, workers=2)
+    text = rep.text()
+    assert not rep.ok and "(key 7)" in text and "(key 50)" in text and "PROBLEM image: 2" in text
+    n = v.all_chunks().size
+    assert f"decode verdict recorded: {n - len(bad_chunks)} of {n} chunks" in text
+    seen = _count_decodes(monkeypatch)
+    with pytest.raises(decode_check.BadRecordError):
+        decode_check.ensure_decodable(FaceRecDataset(synth_copy))
+    assert len(seen) and all(int(ds.reader.offsets[int(w.split("key ")[1].rstrip(")"))]) // 4096 in bad_chunks
+                             for w in seen)  # only the chunks without a verdict are decoded
