@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from tests.data.test_loaders import dali_ok, identify, reference
 from trainer.data import build_train_loader
