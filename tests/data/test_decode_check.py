@@ -201,3 +201,23 @@ def test_validate_decodes_every_chunk_in_parallel_and_lists_every_bad_record(syn
         decode_check.ensure_decodable(FaceRecDataset(synth_copy))
     assert len(seen) and all(int(ds.reader.offsets[int(w.split("key ")[1].rstrip(")"))]) // 4096 in bad_chunks
                              for w in seen)  # only the chunks without a verdict are decoded
+
+
+def test_run_ahead_wait_has_a_bound(synth_copy, monkeypatch):
+    """A checker that makes no progress (a hung read) ends the wait with an error naming the file."""
+    import threading
+
+    from trainer.data import decode_check
+
+    ds = FaceRecDataset(synth_copy)
+    v = decode_check.ChunkVerdicts(ds)
+    hang = threading.Event()
+    monkeypatch.setattr(v, "ensure", lambda c: hang.wait(30) and 0)
+    monkeypatch.setattr(decode_check.RunAhead, "STALL_S", 0.5)
+    ra = decode_check.RunAhead(v, np.sort(np.asarray(ds.image_offsets)))
+    try:
+        with pytest.raises(TimeoutError, match=r"train\.rec: the decode check verified no chunk"):
+            ra.wait(1)
+    finally:
+        hang.set()
+        ra.close()

@@ -263,6 +263,9 @@ class RunAhead:
     """Checks the chunks of an epoch index in reading order in a background thread pool;
     :meth:`wait` blocks until the first ``m`` records of the index are covered."""
 
+    #: seconds without one chunk verified before :meth:`wait` gives up (a hung read).
+    STALL_S = 600.0
+
     def __init__(self, verdicts: ChunkVerdicts, offsets: np.ndarray, num_threads: int = 1):
         self.v = verdicts
         offs = np.asarray(offsets, dtype=np.int64)
@@ -309,11 +312,21 @@ class RunAhead:
         if m <= 0 or self._need.size == 0:
             return
         need = int(self._need[min(m, self._need.size) - 1]) + 1
+        import time
+
         with self._cv:
+            last, since = self.done, time.monotonic()
             while self.done < need and self.error is None:
                 if self._stop and self.done < need:
                     break
-                self._cv.wait(1.0)
+                self._cv.wait(min(1.0, self.STALL_S))
+                if self.done != last:
+                    last, since = self.done, time.monotonic()
+                elif time.monotonic() - since > self.STALL_S:
+                    raise TimeoutError(
+                        f"{self.v.ds.rec_path}: the decode check verified no chunk for {self.STALL_S:.0f} s "
+                        f"(chunk {int(self.chunks[self.done])} of the file, {self.done} of {self.chunks.size} "
+                        "done): a hung read?")
             if self.error is not None:
                 raise self.error
             if self.done < need:
