@@ -3,10 +3,11 @@
     python -m bench.data_scale [--n 2000000] [--ranks 8] [--batch 128]
     python -m bench.data_scale --n 42000000          # WebFace42M size (~1.5 GB .rec)
 
-Writes a synthetic RecordIO of N tiny image records (IRHeader + a 4-byte
-payload, 36 bytes a record, framed exactly as ``trainer.data.recordio``'s
-writer frames them: checked against ``encode_record(pack(...))``), stored in
-identity order (``--images-per-id`` consecutive records per identity, as
+Writes a synthetic RecordIO of N tiny image records (IRHeader + a decodable
+1x1 JPEG of 159 bytes, 192 bytes a record; ``--payload tiny``: a 4-byte
+non-image, 36 bytes a record, label scan and plan rows only; framed exactly as
+``trainer.data.recordio``'s writer frames them: checked against
+``encode_record(pack(...))``), stored in identity order (``--images-per-id`` consecutive records per identity, as
 insightface's files are), and its ``.idx``. Then, in one run:
 
 * label scan: ``FaceRecDataset(...).scan()`` (vectorised) over all N records
@@ -21,6 +22,14 @@ insightface's files are), and its ``.idx``. Then, in one run:
   tuple list, what every rank ran before) while ``N <= --old-max-n``;
   index bytes written per rank; and (DALI installed) the whole
   ``build_train_loader(backend="dali")`` + first epoch index with cached labels;
+* the decode check (trainer/data/decode_check.py) in the loader's path: the
+  DALI loader rows run with it (1x1 images, ``image_size=(1, 1)``), cold (no
+  verdicts: the first batch waits for the chunks it needs) and warm; the
+  decode pass of one rank's epoch-0 share at N and R (``--decode-ranks``, fresh
+  process), cold (decode + content key) and warm (content key only: a read and
+  a hash of the chunks), and the content key of the whole file; the same pass
+  on ``--decode-sample`` real-size 112x112 JPEGs at 1 and 2 threads, whose
+  rate gives the per-rank time at N and R for real images (extrapolated, said so);
 * read pattern of rank 0 in epoch 0 (order of reads each loader issues):
   fraction of reads at increasing offsets (overall and within a block),
   records per seek;
@@ -64,15 +73,33 @@ REC_BYTES = 36  # 8 framing + 24 IRHeader + 4 payload (--payload tiny)
 PAYLOAD = b"\xff\xd8\xff\xd9"
 
 
-def png_1x1() -> bytes:
-    """A decodable 1x1 PNG (~70 bytes): lets DALI run the real pipeline to a first batch."""
+def jpeg_1x1() -> bytes:
+    """A decodable 1x1 grayscale JPEG (159 bytes, optimised Huffman tables): passes the
+    decode check at ``image_size=(1, 1)`` and runs DALI's real pipeline."""
     import io
 
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (1, 1), (120, 80, 40)).save(buf, format="PNG")
+    Image.new("L", (1, 1), 120).save(buf, format="JPEG", optimize=True)
     return buf.getvalue()
+
+
+def real_jpegs(count: int, distinct: int = 256, seed: int = 0) -> list:
+    """``count`` 112x112 RGB JPEGs (quality 90, smooth noise: ~3-5 kB, about a WebFace42M
+    record), ``distinct`` different images repeated."""
+    import io
+
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    imgs = []
+    for _ in range(distinct):
+        a = Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(2))
+        buf = io.BytesIO()
+        a.save(buf, format="JPEG", quality=90)
+        imgs.append(buf.getvalue())
+    return [imgs[i % distinct] for i in range(count)]
 
 
 # --------------------------------------------------------------------------- synthetic data
@@ -131,11 +158,11 @@ def child(args) -> None:
     """Epoch start of one rank in a fresh process: time and peak RSS above the loaded dataset."""
     d = Path(args.dir)
     n = args.n
-    if args.what == "loader":  # build_train_loader (DALI, labels cached) + the epoch's index
+    if args.what == "loader":  # the DALI loader (labels cached) + the epoch's index + first batch
         import torch  # noqa: F401  (libraries loaded before the baseline: not data-dependent)
         import nvidia.dali.plugin.pytorch  # noqa: F401
 
-        from trainer.data import build_train_loader
+        from trainer.data.dali_loader import DaliFaceLoader
 
         os.environ["UNPG_DATA_CACHE"] = str(d / "cache")
         with open("/proc/self/clear_refs", "w") as f:
@@ -146,18 +173,46 @@ def child(args) -> None:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the identity-sorted warning (the file is, on purpose)
-            L = build_train_loader(d / "data", args.batch, rank=args.rank, world_size=args.ranks,
-                                   backend="dali", num_threads=1)
+            # what build_train_loader(backend="dali") builds, at the images' size (1x1)
+            L = DaliFaceLoader(FaceRecDataset(d / "data"), args.batch, args.rank, args.ranks,
+                               torch.device("cpu"), num_threads=args.threads, image_size=(1, 1))
         idx = L._epoch_index(0)
         nbytes = os.path.getsize(idx)
-        first = None
-        if args.payload == "png":  # the real pipeline to the first batch
-            x, y = next(iter(L))
-            first = [list(x.shape), int(y.numel())]
+        t_build = time.perf_counter() - t
+        x, y = next(iter(L))  # DALI pipeline + the decode check's gate for the first batch
         dt = time.perf_counter() - t
-        print(json.dumps({"s": dt, "extra_mb": (_rss_kb("VmHWM:") - rss0) / 1024,
-                          "index_bytes": nbytes, "first_batch": first,
+        print(json.dumps({"s": dt, "build_s": t_build, "extra_mb": (_rss_kb("VmHWM:") - rss0) / 1024,
+                          "index_bytes": nbytes, "first_batch": [list(x.shape), int(y.numel())],
                           "file_mb": (_rss_kb("RssFile:") - file0) / 1024}))
+        return
+    if args.what in ("decode", "keyall"):  # the decode check of the rank's epoch-0 share / whole file
+        from trainer.data import decode_check
+
+        os.environ["UNPG_DATA_CACHE"] = str(d / "cache")
+        ds = FaceRecDataset(d / args.data)
+        size = (1, 1) if args.data == "data" else (112, 112)
+        v = decode_check.ChunkVerdicts(ds, size)
+        if args.what == "decode":
+            per_rank = plan.batches_per_rank(ds.num_images, args.ranks, args.batch) * args.batch
+            p = plan.RankPlan(ds.image_offsets, args.rank, args.ranks, per_rank, args.seed, True, "block",
+                              plan.block_images_for(ds.image_offsets, ds.reader.file_size, plan.DEFAULT_BLOCK_BYTES))
+            offs = np.sort(ds.image_offsets[p.rank_positions(0)])
+            chunks = v.chunks_of(offs)
+            t = time.perf_counter()
+            decoded = decode_check.ensure_decodable(ds, offs, num_threads=args.threads, verdicts=v)
+        else:
+            chunks = v.all_chunks()
+            from concurrent.futures import ThreadPoolExecutor
+
+            t = time.perf_counter()
+            with ThreadPoolExecutor(args.threads) as pool:
+                list(pool.map(lambda c: v.check(c, decode=False), chunks.tolist()))
+            decoded, per_rank = 0, ds.num_images
+        dt = time.perf_counter() - t
+        nbytes = sum(int(v.chunk_records(c)[1][-1] - v.chunk_records(c)[1][0]) for c in chunks.tolist())
+        checked = sum(int(v.chunk_records(c)[0].size) for c in chunks.tolist())
+        print(json.dumps({"s": dt, "records": int(per_rank), "checked": checked, "decoded": int(decoded),
+                          "chunks": int(chunks.size), "bytes": nbytes}))
         return
     keys = np.arange(n, dtype=np.int64)  # the dataset state (opened, labels scanned)
     offsets = keys * args.rec_bytes
@@ -193,15 +248,79 @@ def child(args) -> None:
     print(json.dumps({"s": dt, "extra_mb": (peak - rss0) / 1024, "index_bytes": nbytes}))
 
 
-def run_rank(a, rank: int, what: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--dir", str(a.dir), "--n", str(a.n), "--ranks", str(a.ranks),
+def run_rank(a, rank: int, what: str, threads: int = 1, data: str = "data", ranks: int = 0) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--dir", str(a.dir), "--n", str(a.n), "--ranks", str(ranks or a.ranks),
            "--batch", str(a.batch), "--rank", str(rank), "--what", what, "--block-images", str(a.block_images),
            "--buffer", str(a.buffer), "--seed", str(a.seed), "--rec-bytes", str(a.rec_bytes),
-           "--payload", a.payload]
+           "--payload", a.payload, "--threads", str(threads), "--data", data]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if p.returncode:
         raise SystemExit(f"rank {rank} ({what}) failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- the decode check
+def write_real(d: Path, count: int) -> float:
+    """``count`` records of real-size 112x112 JPEGs (labels i // 20); mean bytes per record."""
+    from trainer.data.recordio import IndexedRecordWriter
+
+    d.mkdir(parents=True, exist_ok=True)
+    with IndexedRecordWriter(d / "train.rec") as w:
+        for i, img in enumerate(real_jpegs(count)):
+            w.write(i, pack(IRHeader(0, float(i // 20)), img))
+    write_property(d, (count - 1) // 20 + 1)
+    return (d / "train.rec").stat().st_size / count
+
+
+def decode_report(a, dec: dict, n: int, R: int) -> None:
+    """Rows of the decode pass per rank at N and R (cold, warm), the content key of the whole
+    file, and the real-image rate with the per-rank time it gives at N and R."""
+    import shutil
+
+    store = a.dir / "cache" / "decode-verdicts"
+    T = a.decode_threads
+    print(f"\n== decode check (trainer/data/decode_check.py; chunks of {(1 << 20) >> 10} KiB of .rec, fresh process "
+          "per row)")
+    print("(records: the rank's share; checked: the records of the chunks holding it; decoded: of those, "
+          "decoded now; images/s = checked / time)")
+    print(f"{'pass':44s} {'records':>11s} {'checked':>11s} {'decoded':>11s} {'threads':>7s} {'time s':>8s} "
+          f"{'images/s':>10s} {'MB/s':>7s}")
+
+    def row(name, r, threads):
+        print(f"{name:44s} {r['records']:11,d} {r['checked']:11,d} {r['decoded']:11,d} {threads:7d} {r['s']:8.2f} "
+              f"{r['checked'] / max(r['s'], 1e-9):10,.0f} {r['bytes'] / max(r['s'], 1e-9) / 1e6:7.0f}")
+
+    for r, (cold, warm) in dec.items():
+        row(f"rank {r} of {R}, epoch-0 share, cold (1x1)", cold, T)
+        row(f"rank {r} of {R}, epoch-0 share, warm (key only)", warm, T)
+    key_all = run_rank(a, 0, "keyall", threads=T)  # the store holds every verdict of the ranks above
+    row(f"whole file, content key only ({n:,} records)", key_all, T)
+    gb_s = key_all["bytes"] / max(key_all["s"], 1e-9) / 1e9
+    web = 42e6 * 2900 / 1e9
+    print(f"content key at 42M: {'measured' if n == 42_000_000 else 'extrapolated'} here "
+          f"{key_all['s'] * 42e6 / n:.1f} s for this file ({key_all['bytes'] * 42e6 / n / 1e9:.1f} GB); "
+          f"for WebFace42M's ~{web:.0f} GB at the measured {gb_s:.2f} GB/s on {T} threads: {web / gb_s:.0f} s per "
+          f"node, {web / gb_s / R:.0f} s per rank of {R} (read from the page cache here; storage may be slower)")
+    if a.decode_sample <= 0:
+        return
+    real = a.dir / "real"
+    mean = write_real(real, a.decode_sample)
+    print(f"real-size images: {a.decode_sample:,} records of 112x112 JPEG, mean {mean:,.0f} B a record")
+    rates = {}
+    for threads in sorted({1, T}):
+        shutil.rmtree(store, ignore_errors=True)
+        cold = run_rank(a, 0, "decode", threads=threads, data="real", ranks=1)
+        warm = run_rank(a, 0, "decode", threads=threads, data="real", ranks=1)
+        row("112x112 JPEG, rank 0 of 1, cold", cold, threads)
+        row("112x112 JPEG, rank 0 of 1, warm (key only)", warm, threads)
+        rates[threads] = (cold["checked"] / cold["s"], warm["checked"] / warm["s"])
+    per_rank = n // R
+    for threads, (c, w) in rates.items():
+        print(f"{'N/R real images per rank (est.)':44s} {per_rank:11,d} {'':11s} {threads:7d} "
+              f"cold {per_rank / c:8.0f} s, warm {per_rank / w:6.1f} s  (rate above x N/R; extrapolated)")
+    print("The DALI loader runs this pass ahead of its reader in the first epoch (a batch waits only for the "
+          "records DALI can draw for it); training is delayed only while it consumes images faster than "
+          "the pass checks them. `data_tools validate` does the whole pass once on all cores.")
 
 
 # --------------------------------------------------------------------------- read pattern, mixing
@@ -245,9 +364,16 @@ def main() -> None:
     ap.add_argument("--rank-sample", type=int, default=0, help="simulate only this many ranks (0: all)")
     ap.add_argument("--mix-batches", type=int, default=200)
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir, removed)")
-    ap.add_argument("--payload", choices=("tiny", "png"), default="tiny",
-                    help="tiny: 4 bytes (36-byte records); png: a decodable 1x1 PNG (~100-byte records), "
-                         "so the DALI loader row also times its first batch")
+    ap.add_argument("--payload", choices=("jpeg", "tiny"), default="jpeg",
+                    help="jpeg: a decodable 1x1 JPEG (192-byte records): the DALI loader and decode check "
+                         "rows run; tiny: 4 bytes (36-byte records), label scan and plan rows only")
+    ap.add_argument("--decode-ranks", type=int, default=1,
+                    help="ranks whose decode pass is run at N (cold and warm; each a fresh process)")
+    ap.add_argument("--decode-threads", type=int, default=2, help="threads of the decode pass at N")
+    ap.add_argument("--decode-sample", type=int, default=20_000,
+                    help="real-size 112x112 JPEG records for the decode rate (0: skip)")
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--data", default="data", help=argparse.SUPPRESS)
     ap.add_argument("--rec-bytes", type=int, default=REC_BYTES, help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -274,7 +400,7 @@ def report(a) -> None:
           f"buffer {a.buffer}, {a.images_per_id} images/identity in identity order; "
           f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     data = a.dir / "data"
-    payload = png_1x1() if a.payload == "png" else PAYLOAD
+    payload = jpeg_1x1() if a.payload == "jpeg" else PAYLOAD
     t_write = write_synthetic(data, n, a.images_per_id, payload)
     a.rec_bytes = len(encode_record(pack(IRHeader(0, 0.0), payload)))
     rec = data / "train.rec"
@@ -314,25 +440,44 @@ def report(a) -> None:
     try:
         import nvidia.dali  # noqa: F401
 
-        whats.append("loader")
+        dali = a.payload == "jpeg"
     except ImportError:
-        pass
+        dali = False
     for what in whats:
         rows[what] = [run_rank(a, r, what) for r in (ranks if what.startswith("new") else ranks[:a.old_ranks])]
-    if "loader" in rows:  # the issue's 4M goal is stated for the first batch; decode is not run here
-        pass
+    store = a.dir / "cache" / "decode-verdicts"
+    dec_ranks = ranks[:max(0, a.decode_ranks)] if dali else []
+    dec = {}
+    if dali:
+        import shutil
+
+        rows["loader, verdicts cold"], rows["loader, verdicts warm"] = [], []
+        for r in ranks:
+            shutil.rmtree(store, ignore_errors=True)  # no verdicts: the gate waits for the first chunks
+            rows["loader, verdicts cold"].append(run_rank(a, r, "loader", threads=a.decode_threads))
+            if r in dec_ranks:  # the rank's whole epoch-0 decode pass, cold then warm
+                shutil.rmtree(store, ignore_errors=True)
+                dec[r] = (run_rank(a, r, "decode", threads=a.decode_threads),
+                          run_rank(a, r, "decode", threads=a.decode_threads))
+                rows["loader, verdicts warm"].append(run_rank(a, r, "loader", threads=a.decode_threads))
+        if not rows["loader, verdicts warm"]:
+            del rows["loader, verdicts warm"]
     print(f"{'path':28s} {'time s (max)':>12s} {'extra RSS MiB (max)':>20s} {'index MiB/rank':>15s}")
     for what, rs in rows.items():
         print(f"{what:28s} {max(r['s'] for r in rs):12.2f} {max(r['extra_mb'] for r in rs):20.0f} "
               f"{np.mean([r['index_bytes'] for r in rs]) / 2**20:15.2f}")
-    if "loader" in rows:
-        fb = rows["loader"][0].get("first_batch")
-        print("('loader': build_train_loader(backend='dali') with labels cached: .idx parse, cached labels, "
-              "plan, the epoch's rank index" + (f", DALI pipeline and first batch {fb}" if fb else
-                                                 "; no pipeline (--payload png runs it)")
-              + "; DALI/torch libraries loaded before the baseline; of the RSS, "
-              f"{rows['loader'][0]['file_mb']:.0f} MiB at the end are file-backed pages (the memory-mapped "
+    if dali:
+        lc = rows["loader, verdicts cold"]
+        print(f"('loader': DaliFaceLoader at image_size 1x1 (what build_train_loader(backend='dali') builds) with "
+              f"labels cached: .idx parse, cached labels, plan, the epoch's rank index (build: max "
+              f"{max(r['build_s'] for r in lc):.2f} s), DALI pipeline and first batch {lc[0]['first_batch']}, "
+              f"the decode check running ahead on {a.decode_threads} threads (cold: no verdicts, the first "
+              "batch waits for the chunks DALI can draw it from; warm: after the rank's decode pass); "
+              "DALI/torch libraries loaded before the baseline; of the RSS, "
+              f"{lc[0]['file_mb']:.0f} MiB at the end are file-backed pages (the memory-mapped "
               "index and label caches, shared by the ranks of a node))")
+    elif a.payload == "tiny":
+        print("(no DALI loader rows: --payload tiny records are not images, the decode check refuses them)")
     new = rows["new-dali"]
     whole_bytes = sum(r["index_bytes"] for r in new) * (R / len(ranks))  # the old index = all ranks' lines
     print(f"index bytes per rank: new {np.mean([r['index_bytes'] for r in new]) / 2**20:.2f} MiB vs former "
@@ -349,6 +494,9 @@ def report(a) -> None:
         print(f"former whole index not run (N > --old-max-n={a.old_max_n:,})")
     print(f"{'42M measured' if n == 42_000_000 else '42M extrapolated (linear)'}: new DALI {max(r['s'] for r in new) * scale:.1f} s / "
           f"{max(r['extra_mb'] for r in new) * scale / 1024:.2f} GB per rank (goals <= 5 s, <= 1 GB)")
+
+    if dali:
+        decode_report(a, dec, n, R)
 
     # ---- read pattern, rank 0, epoch 0
     per_rank = plan.batches_per_rank(n, R, B) * B

@@ -376,7 +376,7 @@ def _flip_entropy_bytes(d, key):
 
 
 def test_dali_refuses_what_validate_rejects(synth_copy, monkeypatch):
-    """The decode check the DALI loader runs first: same verdict as validate, once, cached."""
+    """The decode check the DALI loader runs: same verdict as validate, once, stored."""
     from data_tools.validate import validate
     from trainer.data import decode_check
     from trainer.data.torch_loader import decode_image
@@ -385,26 +385,21 @@ def test_dali_refuses_what_validate_rejects(synth_copy, monkeypatch):
     ds = FaceRecDataset(synth_copy)
     with pytest.raises(Exception):
         decode_image(ds.read_image(7)[1], "key 7")  # the torch loader's decoder rejects it
-    for rank in (0, 1):  # rank 1 of 2 checks keys 2, 4, ...; 7 is rank 0's
-        if rank == 0:
-            with pytest.raises(decode_check.BadRecordError, match=r"train\.rec \(key 7\).*validate .*--write-index"):
-                decode_check.ensure_decodable(FaceRecDataset(synth_copy), rank, 2, num_threads=2)
-        else:
-            assert decode_check.ensure_decodable(FaceRecDataset(synth_copy), rank, 2) == 48
-            assert decode_check.ensure_decodable(FaceRecDataset(synth_copy), rank, 2) == 0  # cached
+    with pytest.raises(decode_check.BadRecordError, match=r"train\.rec \(key 7\).*validate .*--write-index"):
+        decode_check.ensure_decodable(FaceRecDataset(synth_copy), num_threads=2)
     rep = validate(synth_copy, write_clean_index=True, progress=False, workers=1)
-    assert not rep.ok and "key 7" in rep.text() and "decode verdict recorded" in rep.text()
+    assert not rep.ok and "key 7" in rep.text() and "decode verdict recorded: 1 of 1 chunks" in rep.text()
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         clean = FaceRecDataset(synth_copy)
     monkeypatch.setattr(decode_check, "decode_rgb", lambda *a, **k: pytest.fail("decoded again"))
-    assert decode_check.ensure_decodable(clean, 0, 2) == 0  # validate's verdict is trusted
+    assert decode_check.ensure_decodable(clean) == 0  # validate's verdict is trusted
 
 
 def test_dali_loader_runs_the_decode_check(synth_copy, monkeypatch):
-    """DaliFaceLoader's constructor (no DALI needed up to its first epoch) applies the check."""
+    """DaliFaceLoader (no DALI needed up to its first epoch) checks its epoch index ahead of DALI."""
     import types
 
     from trainer.data import dali_loader
@@ -416,7 +411,10 @@ def test_dali_loader_runs_the_decode_check(synth_copy, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia", parent)
     monkeypatch.setitem(sys.modules, "nvidia.dali", fake)
     _flip_entropy_bytes(synth_copy, 7)
-    from trainer.data.decode_check import BadRecordError
+    from trainer.data.decode_check import BadRecordError, RunAhead
 
+    L = dali_loader.DaliFaceLoader(FaceRecDataset(synth_copy), 4, 0, 1, torch.device("cpu"), num_threads=1)
+    assert L.verdicts.size == (112, 112)
+    _, offs = L.rank_index_arrays(0)
     with pytest.raises(BadRecordError, match=r"key 7"):
-        dali_loader.DaliFaceLoader(FaceRecDataset(synth_copy), 4, 0, 1, torch.device("cpu"), num_threads=1)
+        RunAhead(L.verdicts, offs).wait(offs.size)

@@ -14,8 +14,12 @@ How the DALI pitfalls found with 2.x are handled (docs/data.md):
   a batch >= 32, so ``nvidia-dali-cuda120`` is pinned to 2.1.1, which raises;
   we re-raise naming the file and the ``validate`` command that finds it.
   Corrupt JPEGs that DALI decodes without an error (garbled pixels) are caught
-  before the first epoch by :mod:`trainer.data.decode_check` (the decoder
-  ``validate`` and the torch loader use, once per dataset version, cached).
+  by :mod:`trainer.data.decode_check` (the decoder ``validate`` and the torch
+  loader use): a background check runs ahead of DALI's reader over the rank's
+  epoch index and a batch is handed to training only once every record DALI can
+  have drawn for it is verified; verdicts per chunk of the file, keyed by
+  content, shared by every rank and world size (a validated dataset is only
+  re-hashed, not decoded).
 * Shards: each epoch every rank writes an index of **its own** share of the
   epoch (:class:`trainer.data.plan.RankPlan`: whole blocks of records from the
   block shuffle, or its chunk of a global permutation; ``len * batch`` images,
@@ -39,7 +43,7 @@ import numpy as np
 import torch
 
 from trainer.data.augment import AugmentConfig, apply_dali
-from trainer.data.decode_check import ensure_decodable
+from trainer.data.decode_check import BadRecordError, ChunkVerdicts, RunAhead, records_before_batch
 from trainer.data.face_rec import FaceRecDataset, warn_if_identity_sorted
 from trainer.data.loader_base import DEFAULT_SHUFFLE_BUFFER, FaceLoaderBase  # noqa: F401 (re-export)
 from trainer.data.recordio import write_index_arrays
@@ -120,7 +124,7 @@ class DaliFaceLoader(FaceLoaderBase):
             )
         super().__init__(ds, batch_size, rank, world_size, device, num_threads, seed, augment,
                          shuffle, flip, image_size, shuffle_mode, block_bytes, shuffle_buffer)
-        ensure_decodable(ds, rank, world_size, num_threads, self.image_size)  # validate's verdict
+        self.verdicts = ChunkVerdicts(ds, self.image_size)  # validate's verdict, checked ahead of DALI
         if shuffle:
             warn_if_identity_sorted(ds, batch_size, self.shuffle_buffer)
         self._offsets = ds.image_offsets
@@ -144,7 +148,10 @@ class DaliFaceLoader(FaceLoaderBase):
 
         epoch, start = self.epoch, self.start_batch
         self.start_batch = 0
-        idx = self._epoch_index(epoch)
+        keys, offs = self.rank_index_arrays(epoch)
+        idx = os.path.join(self._tmp, f"epoch{epoch}-rank{self.rank}.idx")
+        write_index_arrays(idx, keys, offs)
+        check = RunAhead(self.verdicts, offs, self.num_threads)
         device_id = self.device.index if self.device.type == "cuda" else None
         if self.device.type == "cuda" and device_id is None:
             device_id = torch.cuda.current_device()
@@ -168,6 +175,8 @@ class DaliFaceLoader(FaceLoaderBase):
                     ) from None
                 if b < start:
                     continue  # resume: the local shuffle is only reproducible by replaying
+                # every record DALI can have drawn up to this batch is verified (or the run stops)
+                check.wait(records_before_batch(b, self.batch_size, self.shuffle_buffer, self.shuffle))
                 images = out["images"]
                 labels = out["labels"].reshape(-1).to(torch.int64)
                 if images.device != self.device:
@@ -176,11 +185,14 @@ class DaliFaceLoader(FaceLoaderBase):
                 elif labels.device != self.device:
                     labels = labels.to(self.device)
                 yield images, labels
+        except BadRecordError:
+            raise  # the decode check's verdict names file and key already
         except RuntimeError as e:
-            if "DALI ended the epoch" in str(e):
+            if "DALI ended the epoch" in str(e) or "decode check stopped" in str(e):
                 raise
             raise DaliDataError(self._explain(e, epoch)) from None
         finally:
+            check.close()
             del it, pipe
             try:
                 os.unlink(idx)
