@@ -19,6 +19,13 @@ With ``--family-size K`` (> 1) identities come in families of K look-alikes that
 share most of their parameters and differ by a fraction X (``--family-spread``);
 held-out identities are whole families, a share Q of the val.bin impostor pairs is
 drawn within a family, and ``val_pairs.json`` marks them.
+
+``--domain B`` renders the same identities through another "camera" (a shifted
+appearance distribution for fine-tuning experiments, docs/finetune.md): colours mostly
+desaturated with a green-grey cast and a lifted gamma (an indoor surveillance / NIR-like
+look), a stronger one-sided light with a vignette, horizontal line texture, and tighter,
+off-centre crops (zoom 1.08-1.22). Its random draws come from their own stream, so
+domain A (the default) writes the same bytes as before the option existed.
 """
 from __future__ import annotations
 
@@ -242,6 +249,32 @@ def render(p: Dict[str, np.ndarray], r: np.random.Generator) -> np.ndarray:
     return np.clip(big + 0.5, 0, 255).astype(np.uint8)
 
 
+DOMAINS = ("A", "B")
+
+
+def domain_b(img: np.ndarray, r: np.random.Generator) -> np.ndarray:
+    """Domain B's appearance (module docstring) applied to a domain-A image (uint8 HxWx3)."""
+    h, w = img.shape[:2]
+    zoom = r.uniform(1.08, 1.22)
+    ch, cw = int(round(h / zoom)), int(round(w / zoom))
+    y0 = int(r.integers(0, h - ch + 1))
+    x0 = int(r.integers(0, w - cw + 1))
+    crop = Image.fromarray(np.ascontiguousarray(img[y0:y0 + ch, x0:x0 + cw]))
+    g = np.asarray(crop.resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
+    grey = g.mean(axis=2, keepdims=True)
+    g = 0.25 * g + 0.75 * grey
+    g = g * np.array([0.88, 1.04, 0.86], np.float32)
+    g = np.clip(g, 0, 1) ** np.float32(0.8)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    u, v = (xx - w / 2) / (w / 2), (yy - h / 2) / (h / 2)
+    ang = r.uniform(0, 2 * np.pi)
+    light = 1 + r.uniform(0.3, 0.7) * (np.cos(ang) * u + np.sin(ang) * v)
+    vignette = 1 - 0.35 * (u ** 2 + v ** 2) / 2
+    g = g * (light * vignette)[..., None]
+    g = g * (1 - 0.08 * (yy.astype(np.int64) % 3 == 0))[..., None]
+    return np.clip(g * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
 def encode(img: np.ndarray, quality: int = 90) -> bytes:
     return simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=quality, colorspace="RGB")
 
@@ -249,20 +282,27 @@ def encode(img: np.ndarray, quality: int = 90) -> bytes:
 _PCACHE: Dict[tuple, Dict[str, np.ndarray]] = {}
 
 
-def make_image(seed: int, identity: int, index: int, family_size: int = 1, family_spread: float = 1.0) -> bytes:
+def make_image(seed: int, identity: int, index: int, family_size: int = 1, family_spread: float = 1.0,
+               domain: str = "A") -> bytes:
     """Encoded JPEG of image ``index`` of ``identity`` (deterministic)."""
-    return encode(make_pixels(seed, identity, index, family_size, family_spread))
+    return encode(make_pixels(seed, identity, index, family_size, family_spread, domain))
 
 
-def make_pixels(seed: int, identity: int, index: int, family_size: int = 1, family_spread: float = 1.0) -> np.ndarray:
+def make_pixels(seed: int, identity: int, index: int, family_size: int = 1, family_spread: float = 1.0,
+                domain: str = "A") -> np.ndarray:
     """Image ``index`` of ``identity`` as uint8 HxWx3, before JPEG encoding."""
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     key = (seed, identity, family_size, float(family_spread) if family_size > 1 else 1.0)
     p = _PCACHE.get(key)
     if p is None:
         if len(_PCACHE) > 4096:
             _PCACHE.clear()
         p = _PCACHE[key] = identity_params(seed, identity, family_size, family_spread)
-    return render(p, np.random.default_rng([seed, 2, identity, index]))
+    img = render(p, np.random.default_rng([seed, 2, identity, index]))
+    if domain == "B":
+        img = domain_b(img, np.random.default_rng([seed, 7, identity, index]))
+    return img
 
 
 def _work(job: tuple) -> bytes:
@@ -293,6 +333,7 @@ def generate_dataset(
     family_size: int = 1,
     family_spread: float = 0.25,
     val_family_share: float = 0.5,
+    domain: str = "A",
 ) -> dict:
     """Write ``train.rec``, ``train.idx``, ``property`` (and ``val.bin``) under ``out_dir``.
 
@@ -348,7 +389,11 @@ def generate_dataset(
     if n_noisy:
         off = r.integers(1, identities, n_noisy)
         labels[noisy] = (true[noisy] + off) % identities
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     fam = (family_size, float(family_spread)) if family_size > 1 else ()
+    if domain != "A":
+        fam = (family_size, float(family_spread), domain)
     jobs_all = [(seed, int(t), int(i), *fam) for t, i in zip(true, index)]
 
     def payloads(src):
@@ -427,6 +472,8 @@ def add_parser(sub) -> None:
     p.add_argument("--val-family-share", type=float, default=0.5,
                    help="with --family-size > 1: share of val.bin impostor pairs drawn within a family")
     p.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cores))")
+    p.add_argument("--domain", choices=DOMAINS, default="A",
+                   help="appearance domain: A (default) or B (shifted colours, light, texture, crops)")
     p.add_argument("--sorted", action="store_true", help="store image records in identity order (like insightface) instead of shuffled")
     p.set_defaults(func=_main)
 
@@ -435,7 +482,7 @@ def _main(a) -> int:
     s = generate_dataset(a.out, a.identities, a.images_per_identity, a.seed, a.label_noise,
                          a.val_identities, a.val_pairs, workers=a.workers, shuffle=not a.sorted, progress=True,
                          family_size=a.family_size, family_spread=a.family_spread,
-                         val_family_share=a.val_family_share)
+                         val_family_share=a.val_family_share, domain=a.domain)
     print(
         f"synth: {s['images']} images of {s['identities']} identities ({s['noisy_images']} with noisy labels) "
         f"-> {a.out}/train.rec, train.idx, property"

@@ -59,6 +59,11 @@ class ModelConfig:
     norm: Optional[str] = None         # tiny: "batch" | "none"; None: the backbone's default
     grad_checkpointing: bool = False   # recompute iresnet stages in backward (memory for time)
     compile: bool = False              # torch.compile the backbone
+    # fine-tuning (docs/finetune.md): backbone weights at step 0 (never on resume: a checkpoint wins)
+    init_from: str = ""                # state dict (insightface keys) / export file / run folder; "": random
+    init_strict: bool = True           # False: differing layers (e.g. embedding_size) start fresh, listed
+    bn_mode: str = "train"             # train | frozen (running stats fixed) | recalibrate (re-estimated first)
+    bn_recalibrate_batches: int = 50   # bn_mode=recalibrate: batches of the new data before step 1
 
 
 @dataclass
@@ -79,6 +84,8 @@ class LossConfig:
     l_m: float = 0.45                  # magface: ... mapped linearly to margins [l_m, u_m]
     u_m: float = 0.8
     lambda_g: float = 35.0             # magface: weight of the norm regulariser g(a)
+    head_init: str = "random"          # random | imprint (class centres = normalised mean embeddings)
+    imprint_max_per_class: Optional[int] = None  # imprint: the first N images of each class (None: all)
 
 
 @dataclass
@@ -108,6 +115,8 @@ class OptimConfig:
     min_lr: float = 0.0
     grad_accum: int = 1                # micro-batches per optimizer step
     clip_grad_norm: float = 5.0        # backbone only; 0 disables
+    backbone_lr_scale: float = 1.0     # backbone lr = lr x scale (the head keeps head_lr); fine-tuning
+    freeze_backbone_steps: int = 0     # the first N optimizer steps train the head only (BN untouched)
 
 
 @dataclass
@@ -181,6 +190,7 @@ MOVED_KEYS = {
 
 def _choices() -> Dict[str, tuple]:
     """Valid values of the keys with a fixed set, each from the module that owns it."""
+    from trainer.batchnorm import BN_MODES
     from trainer.data import BACKENDS
     from trainer.data.plan import MODES as SHUFFLE_MODES
     from trainer.engine import ENGINES, PRECISIONS
@@ -199,6 +209,8 @@ def _choices() -> Dict[str, tuple]:
         "data.shuffle_mode": SHUFFLE_MODES,
         "optim.optimizer": OPTIMIZERS,
         "optim.scheduler": SCHEDULERS,
+        "model.bn_mode": BN_MODES,
+        "loss.head_init": ("random", "imprint"),
     }
 
 
@@ -330,21 +342,26 @@ def _check_ranges(cfg: Config) -> None:
                      "model.width": m.width, "checkpoint.keep_last": c.keep_last, "logging.log_every": lg.log_every,
                      "engine.deepspeed.reduce_bucket_size": cfg.engine.deepspeed.reduce_bucket_size,
                      "engine.deepspeed.allgather_bucket_size": cfg.engine.deepspeed.allgather_bucket_size,
-                     "data.block_bytes": d.block_bytes, "data.shuffle_buffer": d.shuffle_buffer}.items():
+                     "data.block_bytes": d.block_bytes, "data.shuffle_buffer": d.shuffle_buffer,
+                     "model.bn_recalibrate_batches": m.bn_recalibrate_batches,
+                     "loss.imprint_max_per_class": lo.imprint_max_per_class}.items():
         need(key, val, val is None or val >= 1, ">= 1")
     need("data.num_classes", d.num_classes, d.num_classes is None or d.num_classes >= 2,
          ">= 2 (a classifier needs at least two identities)")
     for key, val in {"run.max_skips": r.max_skips, "checkpoint.save_every": c.save_every,
                      "logging.hist_every": lg.hist_every, "validation.every": v.every,
-                     "optim.warmup_steps": o.warmup_steps}.items():
+                     "optim.warmup_steps": o.warmup_steps,
+                     "optim.freeze_backbone_steps": o.freeze_backbone_steps}.items():
         need(key, val, val >= 0, ">= 0 (0: never/off)")
     floats = {"loss.s": lo.s, "loss.m": lo.m, "loss.wisk": lo.wisk, "model.dropout": m.dropout, "optim.lr": o.lr,
               "optim.head_lr": o.head_lr, "optim.momentum": o.momentum, "optim.weight_decay": o.weight_decay,
-              "optim.power": o.power, "optim.min_lr": o.min_lr, "optim.clip_grad_norm": o.clip_grad_norm}
+              "optim.power": o.power, "optim.min_lr": o.min_lr, "optim.clip_grad_norm": o.clip_grad_norm,
+              "optim.backbone_lr_scale": o.backbone_lr_scale}
     for key, val in floats.items():
         need(key, val, val is None or math.isfinite(val), "a finite number")
     need("loss.s", lo.s, lo.s > 0, "> 0 (the logit scale)")
-    for key in ("loss.m", "loss.wisk", "optim.weight_decay", "optim.min_lr", "optim.clip_grad_norm", "optim.power"):
+    for key in ("loss.m", "loss.wisk", "optim.weight_decay", "optim.min_lr", "optim.clip_grad_norm", "optim.power",
+                "optim.backbone_lr_scale"):
         need(key, floats[key], floats[key] >= 0, ">= 0")
     need("model.dropout", m.dropout, 0 <= m.dropout < 1, "in [0, 1)")
     for key, val in {"loss.h": lo.h, "loss.lambda_g": lo.lambda_g, "loss.l_m": lo.l_m}.items():
@@ -364,6 +381,9 @@ def _check_ranges(cfg: Config) -> None:
         m1, m2, m3 = lo.margin_list
         need("loss.margin_list", lo.margin_list, all(math.isfinite(x) for x in lo.margin_list) and m1 > 0
              and m2 >= 0 and m3 >= 0, "(m1, m2, m3) with m1 > 0, m2 >= 0, m3 >= 0")
+    if o.freeze_backbone_steps and cfg.engine.name == "deepspeed":
+        raise ConfigError("config key 'optim.freeze_backbone_steps' is supported with engine.name=ddp only "
+                          f"(got {o.freeze_backbone_steps} with deepspeed)")
     need("run.seed", r.seed, 0 <= r.seed < 2**31, "an integer in [0, 2**31)")
     for name in r.preempt_signals:
         sig = getattr(signal, name, None) if name.startswith("SIG") and not name.startswith("SIG_") else None
@@ -375,6 +395,8 @@ def _check_ranges(cfg: Config) -> None:
 #: configuration keys a resumed run must share with its checkpoint (a section name covers
 #: all its keys); anything else (batch size, loader, logging, engine, lengths) may change
 RESUME_KEYS = ("model.backbone", "model.embedding_size", "model.dropout", "model.width", "model.norm",
+               "model.init_from", "model.init_strict", "model.bn_mode", "optim.backbone_lr_scale",
+               "optim.freeze_backbone_steps",
                "loss", "data.train_dir", "data.num_classes", "optim.optimizer", "optim.lr", "optim.head_lr",
                "optim.momentum", "optim.weight_decay", "optim.betas", "optim.scheduler", "optim.power",
                "optim.warmup_steps", "optim.min_lr", "optim.clip_grad_norm")

@@ -27,17 +27,20 @@ import numpy as np
 import torch
 
 from trainer.backbones import get_backbone
+from trainer.batchnorm import recalibrate
 from trainer.checkpointer import CheckpointManager, Progress, is_restart
 from trainer.config import Config, ConfigError, to_yaml
 from trainer.data import to_model_input
 from trainer.distributed import DistInfo, all_ok, barrier, init_distributed
 from trainer.engine import NonFiniteLossError, build_engine
 from trainer.heads import UNPG, PartialFC, PartialFCSGD, build_margin
+from trainer.imprint import FaceRecImages, imprint_head
 from trainer.io.atomic import atomic_open, atomic_torch_save
 from trainer.monitor import Monitor, setup_logging
 from trainer.optim import LRScheduler
 from trainer.ownership import RunLock, RunLockedError, die_with_parent, under_torchrun
 from trainer.preemption import Preempted, PreemptionHandler
+from trainer.pretrained import init_backbone
 from trainer.validator import Validator
 
 log = logging.getLogger("trainer")
@@ -131,6 +134,12 @@ class Trainer:
 
         self.loader = self._build_loader()
         self.backbone = build_backbone(cfg, d.device)
+        # model.init_from: before the engine (DeepSpeed copies the weights into its optimizer),
+        # and only for a run that starts at step 0 (a checkpoint wins; a changed init_from on
+        # resume is a config-diff error, RESUME_KEYS)
+        self.init_info = None
+        if cfg.model.init_from and not self._will_resume():
+            self.init_info = init_backbone(self.backbone, cfg.model.init_from, cfg.model.init_strict)
         torch.manual_seed(cfg.run.seed + 1 + d.rank)
         self.head, self.head_opt, head_lr = build_head(cfg, self.num_classes, d.device)
         self.accum = cfg.optim.grad_accum
@@ -139,7 +148,9 @@ class Trainer:
         self.engine = build_engine(cfg.engine, cfg.optim, self.backbone, self.head, self.head_opt, d,
                                    self.accum, cfg.data.batch_size, compile=cfg.model.compile)
         self.precision = self.engine.precision
-        self.scheduler = LRScheduler([self.engine.backbone_opt, self.head_opt], [cfg.optim.lr, head_lr],
+        self.engine.bn_frozen = cfg.model.bn_mode == "frozen"
+        self.scheduler = LRScheduler([self.engine.backbone_opt, self.head_opt],
+                                     [cfg.optim.lr * cfg.optim.backbone_lr_scale, head_lr],
                                      self.total_steps, cfg.optim)
         self.checkpointer = CheckpointManager(cfg.checkpoint, self.out, d, self.total_steps)
         from trainer.checkpointer import ResumeError
@@ -156,11 +167,50 @@ class Trainer:
             self.history = list(resumed.history)
             # every rank: done_at() decides a collective validation
             self.validator.history = list(resumed.val_history)
+        else:
+            self._start_fine_tune()
         if d.is_main:  # only now: every check of this run has passed
             with atomic_open(self.out / "config.yaml", "w") as f:
                 f.write(to_yaml(cfg))
             log.info("resolved config (saved to %s):\n%s", self.out / "config.yaml", to_yaml(cfg))
         barrier()
+
+    def _will_resume(self) -> bool:
+        """Whether setup will load a checkpoint (then it, not model.init_from, sets the weights)."""
+        from trainer.checkpoint import CHECKPOINTS_DIR, find_resume_candidates
+
+        try:
+            return bool(find_resume_candidates(self.cfg.checkpoint.resume, self.out / CHECKPOINTS_DIR))
+        except (FileNotFoundError, OSError):
+            return True  # a named checkpoint that is not there: resume reports it
+
+    def _start_fine_tune(self) -> None:
+        """Step 0 of a fresh run: model.bn_mode=recalibrate, then loss.head_init=imprint
+        (in that order: the centres come from the recalibrated backbone)."""
+        cfg, d = self.cfg, self.d
+        if cfg.model.bn_mode == "recalibrate":
+            k = min(cfg.model.bn_recalibrate_batches, len(self.loader))
+            self.loader.set_epoch(0, start_batch=0)
+            it = iter(self.loader)
+            dtype = next(self.backbone.parameters()).dtype
+
+            def next_images() -> torch.Tensor:
+                images, _ = next(it)
+                return to_model_input(images).to(dtype)
+
+            n = recalibrate(self.backbone, next_images, k)
+            del it
+            log.info("model.bn_mode=recalibrate: running statistics of %d BatchNorm layers re-estimated on %d "
+                     "batches x %d ranks", n, k, d.world_size)
+        if cfg.loss.head_init == "imprint":
+            source = getattr(self.loader, "imprint_source", None)
+            if source is None:
+                source = FaceRecImages(self.loader.ds, getattr(self.loader, "image_size", (112, 112)))
+            t0 = time.time()
+            empty = imprint_head(self.head, self.engine.float_backbone(), source, d.device,
+                                 batch_size=cfg.data.batch_size, max_per_class=cfg.loss.imprint_max_per_class)
+            log.info("loss.head_init=imprint: class centres from the backbone's embeddings in %.1f s "
+                     "(%d classes of this rank without an image keep their random centre)", time.time() - t0, empty)
 
     def close(self) -> None:
         """Release the run folder and the signal handlers (also after a failed setup)."""
@@ -299,6 +349,7 @@ class Trainer:
                 self._validate(monitor)
             self.engine.model.train()
             while p.step < self.total_steps:
+                self.engine.backbone_frozen = p.step < cfg.optim.freeze_backbone_steps
                 out = self._one_step()  # no host sync in steady state (DDP engine)
                 p.step += 1
                 lr = self.scheduler.get_lr()

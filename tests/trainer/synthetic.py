@@ -79,6 +79,11 @@ class MemoryLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start = epoch, start_batch
 
+    @property
+    def imprint_source(self):
+        """trainer.imprint.ImageSource over the images in their stored order (unflipped)."""
+        return _MemorySource(self.images, self.labels, self.device)
+
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
         perm = torch.randperm(self.num_images, generator=g)
@@ -90,3 +95,12 @@ class MemoryLoader:
             if self.nan_at_batch is not None and self.served == self.nan_at_batch:
                 x[:] = float("nan")
             yield x.to(self.device), self.labels[idx].to(self.device)
+
+
+class _MemorySource:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device) -> None:
+        self.images, self.device = images, device
+        self.labels = labels.numpy()
+
+    def read(self, indices) -> torch.Tensor:
+        return self.images[torch.as_tensor(indices, dtype=torch.int64)].clone()

@@ -9,6 +9,7 @@ from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from trainer.batchnorm import bn_modules, set_bn_training
 from trainer.config import OptimConfig
 from trainer.distributed import DistInfo
 
@@ -48,6 +49,14 @@ class Engine:
         self.precision = precision
         self.model: nn.Module = backbone  # what the forward pass calls (DDP / compiled / engine)
         self.backbone_opt: Any = None
+        # fine-tuning switches, host-side flags set by the trainer (no device work):
+        # backbone_frozen: the forward pass runs without gradient and with BatchNorm in eval
+        # mode, so the backbone's weights, optimizer state and running statistics stay
+        # bit-identical (optim.freeze_backbone_steps); bn_frozen: BatchNorm always in eval
+        # mode, affine parameters still train (model.bn_mode=frozen)
+        self.backbone_frozen = False
+        self.bn_frozen = False
+        self._bns = bn_modules(backbone)
 
     # ------------------------------------------------------------------ hooks
     def autocast(self) -> ContextManager:
@@ -85,7 +94,9 @@ class Engine:
         dt = self.input_dtype()
         if dt is not None:
             images = images.to(dt)
-        with self.autocast():
+        frozen = self.backbone_frozen
+        set_bn_training(self._bns, self.model.training and not (frozen or self.bn_frozen))
+        with self.autocast(), (torch.no_grad() if frozen else contextlib.nullcontext()):
             emb = self.model(images)
         if self.d.world_size > 1 and emb.requires_grad:
             # The head gives d(global mean loss)/d(local rows); DDP and DeepSpeed AVERAGE
@@ -134,6 +145,8 @@ class Engine:
     def grad_norm_and_clip(self) -> torch.Tensor:
         """Backbone gradient norm before clipping (a device tensor; clipping needs no sync)."""
         params = [p for p in self.backbone.parameters() if p.grad is not None]
+        if not params:  # backbone frozen this step: nothing to clip
+            return torch.zeros((), device=self.d.device)
         if self.optim_cfg.clip_grad_norm > 0:
             return nn.utils.clip_grad_norm_(params, self.optim_cfg.clip_grad_norm)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
