@@ -92,6 +92,9 @@ class DataConfig:
     block_bytes: Optional[int] = None  # block size in bytes of .rec (None: the loader's default, 4 MiB)
     shuffle_buffer: Optional[int] = None  # images in the mixing buffer (None: the loader's default)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # all off by default: flip only
+    # seconds a rank waits on the node's label-scan / index lock while its holder shows no
+    # progress (the holder marks progress at every piece it scans); then a clear error
+    lock_timeout: float = 300.0
 
 
 @dataclass
@@ -355,6 +358,8 @@ def _check_ranges(cfg: Config) -> None:
     need("loss.u_m", lo.u_m, math.isfinite(lo.u_m) and lo.u_m >= lo.l_m, f">= loss.l_m ({lo.l_m})")
     need("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)")
     need("optim.lr", o.lr, o.lr > 0, "> 0")
+    need("data.lock_timeout", d.lock_timeout, math.isfinite(d.lock_timeout) and d.lock_timeout > 0,
+         "a finite number of seconds > 0")
     need("optim.head_lr", o.head_lr, o.head_lr is None or o.head_lr > 0, "> 0")
     need("optim.min_lr", o.min_lr, o.min_lr <= o.lr, f"<= optim.lr ({o.lr})")
     if len(o.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in o.betas):

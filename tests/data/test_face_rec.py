@@ -240,7 +240,7 @@ def test_scan_lock_timeout_names_the_holder(synth_dir, tmp_path):
     from trainer.data.face_rec import ScanLock
 
     with ScanLock(tmp_path / "l.lock", "x.rec"):
-        with pytest.raises(TimeoutError, match=r"l\.lock: pid \d+ on .* still holds the label scan lock of x\.rec"):
+        with pytest.raises(TimeoutError, match=r"l\.lock: the label scan lock of x\.rec is held by pid \d+ on .*gave up after 0.1 s"):
             with ScanLock(tmp_path / "l.lock", "x.rec", timeout=0.1):
                 pass
     with ScanLock(tmp_path / "l.lock", "x.rec", timeout=0.1):  # released on exit
@@ -290,3 +290,68 @@ def test_index_parse_waits_for_the_process_holding_the_lock(synth_copy, capfd):
     ds = got["ds"]
     assert isinstance(ds.reader.offsets.key_array, np.memmap)  # loaded the holder's cache, no parse
     assert ds.reader.keys == first.reader.keys
+
+
+def test_a_stopped_scan_lock_holder_fails_the_wait_naming_it(synth_dir, tmp_path):
+    """A live but stopped scanner (SIGSTOP: a debugger, hung storage) holds labels.lock: the
+    next process waits ``lock_timeout`` seconds without progress, then fails naming the lock
+    file, the holder's pid, its state and how to clear it (before: it waited forever)."""
+    import os
+    import signal
+    import time
+
+    from trainer.data.face_rec import ScanLockTimeout
+
+    marker, go = tmp_path / "scanning", tmp_path / "go"
+    a = _spawn([synth_dir, marker, go], tmp_path, "a")
+    try:
+        _wait_for(marker.exists, "the first scanner to start")
+        os.kill(a.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(ScanLockTimeout) as e:
+            FaceRecDataset(synth_dir, lock_timeout=1.5).scan(progress=False)
+        waited = time.monotonic() - t0
+        msg = str(e.value)
+        assert "labels.lock" in msg and f"pid {a.pid} on " in msg, msg
+        assert "stopped (SIGSTOP" in msg and f"kill {a.pid}" in msg and "data.lock_timeout" in msg, msg
+        assert waited >= 1.5  # it did wait the configured time first
+    finally:
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait()
+
+
+def test_a_holder_making_progress_is_waited_for_past_the_timeout(tmp_path):
+    """The timeout counts time without progress: a holder that keeps touching the lock file
+    (a long scan on slow storage) is waited for however long it takes."""
+    import threading
+    import time
+
+    from trainer.data.face_rec import ScanLock
+
+    holder = ScanLock(tmp_path / "l.lock", "x.rec")
+    holder.TOUCH_S = 0.05
+    got = {}
+    with holder:
+        t = threading.Thread(target=lambda: got.setdefault("lock", ScanLock(tmp_path / "l.lock", "x.rec",
+                                                                            timeout=0.6).__enter__()))
+        t.start()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:  # 2 s of scanning with progress: > 3 x the timeout
+            holder.progress()
+            time.sleep(0.05)
+        assert t.is_alive(), "the waiter gave up although the holder made progress"
+    t.join(30)
+    assert "lock" in got  # took the lock once the holder was done
+    got["lock"].__exit__(None, None, None)
+
+
+def test_the_index_lock_is_bounded_too(synth_copy):
+    from trainer.data.face_rec import ScanLock, ScanLockTimeout
+
+    first = FaceRecDataset(synth_copy)
+    d = first._cache_dir()
+    for n in ("idx_keys.npy", "idx_offsets.npy"):
+        (d / n).unlink()
+    with ScanLock(d / "index.lock", "holder", task="index parse"):
+        with pytest.raises(ScanLockTimeout, match=r"index\.lock: the index parse lock of .* held by pid"):
+            FaceRecDataset(synth_copy, lock_timeout=0.5)

@@ -103,6 +103,7 @@ def test_sections_are_typed_including_augment():
     ("data.block_bytes=0", "data.block_bytes"), ("optim.betas=[0.9,1.5]", "optim.betas"),
     ("optim.lr=.nan", "optim.lr"), ("run.preempt_signals=[SIGKILL]", "run.preempt_signals"),
     ("run.preempt_signals=[SIGNOPE]", "run.preempt_signals"),
+    ("data.lock_timeout=0", "data.lock_timeout"), ("data.lock_timeout=.inf", "data.lock_timeout"),
 ])
 def test_numeric_ranges_are_checked(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
