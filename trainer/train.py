@@ -14,6 +14,7 @@ checkpoints present but none loadable), 128+N stopped by signal N of
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -29,7 +30,29 @@ from trainer.preemption import Preempted
 log = logging.getLogger("trainer")
 
 
+def report_exit_code(code: int) -> None:
+    """Under ``unpg-launch`` (``$UNPG_EXIT_CODE_DIR`` set): write this worker's exit code
+    where the launcher reads it (torchrun would turn any failure into 1)."""
+    folder = os.environ.get("UNPG_EXIT_CODE_DIR")
+    if not folder:
+        return
+    name = f"rank-{int(os.environ.get('RANK', '0'))}.r{int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))}"
+    try:
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(f"{int(code)}\n")
+        os.replace(tmp, os.path.join(folder, name))
+    except OSError:
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    code = _main(argv)
+    report_exit_code(code)
+    return code
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__ + "\nusage: unpg-train CONFIG.yaml [section.key=value ...]")
