@@ -46,8 +46,8 @@ def test_face2rec_flag2_labels(tmp_path):
         w.write(0, pack(IRHeader(2, np.array([3, 5], np.float32))))
         w.write(1, pack(IRHeader(0, [0.0, 1.0]), b"a"))
         w.write(2, pack(IRHeader(0, [1.0, 1.0]), b"b"))
-        w.write(3, pack(IRHeader(0, [1, 3])))
-        w.write(4, pack(IRHeader(0, [3, 3])))
+        w.write(3, pack(IRHeader(0, [1, 2])))  # identity 0: image key 1
+        w.write(4, pack(IRHeader(0, [2, 3])))  # identity 1: image key 2
     ds = FaceRecDataset(tmp_path)
     assert ds.image_keys.tolist() == [1, 2] and ds.scan().tolist() == [0, 1] and ds.num_classes == 2
 
@@ -355,3 +355,31 @@ def test_the_index_lock_is_bounded_too(synth_copy):
     with ScanLock(d / "index.lock", "holder", task="index parse"):
         with pytest.raises(ScanLockTimeout, match=r"index\.lock: the index parse lock of .* held by pid"):
             FaceRecDataset(synth_copy, lock_timeout=0.5)
+
+
+def test_an_image_label_disagreeing_with_its_identity_record_is_counted_and_refused(synth_copy):
+    """Image key k's label says identity 5, but identity record 3 lists key k: a dataset that
+    would train silently on a wrong label (the torch and DALI loaders read the image's own
+    label). The scan counts such images and refuses the dataset, naming key and record."""
+    import struct
+
+    ds = FaceRecDataset(synth_copy)
+    labels = ds.scan(progress=False).copy()
+    key = int(ds.image_keys[7])
+    off = int(ds.image_offsets[7])
+    with open(synth_copy / "train.rec", "r+b") as f:
+        f.seek(off + 8)
+        flag = struct.unpack("<I", f.read(4))[0]
+        pos = off + 12 if flag == 0 else off + 8 + 24
+        f.seek(pos)
+        f.write(struct.pack("<f", float((labels[7] + 1) % 16)))
+    import os
+
+    st = os.stat(synth_copy / "train.rec")
+    os.utime(synth_copy / "train.rec", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a new scan
+    with pytest.raises(RecordIOError, match=rf"1 of 96 images have a label that disagrees with their identity "
+                                            rf"record \(first: image key {key} has label {(labels[7] + 1) % 16}, "
+                                            rf"identity record key \d+ lists it under identity {labels[7]}\)"):
+        FaceRecDataset(synth_copy).scan(progress=False)
+    d = FaceRecDataset(synth_copy)
+    assert not (d._cache_dir() / "labels.npy").exists()  # never cached as good

@@ -229,14 +229,49 @@ class FaceRecDataset:
                 lock = None  # read-only cache location: scan without sharing
             if lock is None:
                 lab = self._scan_records(progress)
+                self.check_identity_records(lab)
             else:
                 with lock:
                     lab = self._load_labels(cache)  # written by the process we waited for
                     if lab is None:
                         lab = self._scan_records(progress, tick=lock.progress)
+                        self.check_identity_records(lab)  # a failing dataset is never cached
                         self._save_labels(cache, lab)
         self.labels = lab
         return lab
+
+    def check_identity_records(self, labels: np.ndarray) -> None:
+        """Every image's label equals the identity whose record lists its key (insightface
+        layout: identity record ``first_id + c`` holds image keys [a, b) of class c). Counted;
+        a mismatch raises :class:`RecordIOError` with the count and the first case (a label
+        that disagrees would train silently). Malformed identity records are left to
+        ``data_tools validate``."""
+        if self.header is None or labels.size == 0:
+            return
+        first_id, end = self.header
+        keys = self.image_keys
+        expected = np.full(keys.shape, -1, dtype=np.int64)
+        where = {}
+        for c, k in enumerate(range(first_id, end)):
+            if k not in self.reader:
+                continue
+            try:
+                lab = unpack(self.reader.read(k), "")[0].labels
+            except RecordIOError:
+                continue
+            if lab.size < 2:
+                continue
+            lo, hi = np.searchsorted(keys, [int(lab[0]), int(lab[1])])
+            expected[lo:hi] = c
+            where[c] = k
+        bad = np.flatnonzero((expected >= 0) & (expected != labels))
+        if bad.size:
+            i = int(bad[0])
+            raise RecordIOError(
+                f"{self.rec_path}: {bad.size} of {labels.size} images have a label that disagrees with their "
+                f"identity record (first: image key {int(keys[i])} has label {int(labels[i])}, identity record "
+                f"key {where[int(expected[i])]} lists it under identity {int(expected[i])}); "
+                f"check the dataset with `python -m data_tools validate {self.data_dir}`")
 
     def _load_labels(self, cache: Path) -> Optional[np.ndarray]:
         if not cache.is_file():
