@@ -10,9 +10,13 @@ in random physical order unless --sorted (UNPG wants many identities per
 batch and DALI's shuffle buffer follows byte order).
 
 Refused: symbolic links (identity folders or images) that point outside SRC
-(--follow-external-links includes them), and identity names with control
-characters (newline, tab, ...: identities.txt is one ``id<TAB>name`` per line).
-Identity folders without images get no class id; they are listed in the report.
+(--follow-external-links includes them); two identity folders that are the same
+folder (a link to another identity inside SRC: its images would train as two
+classes); identity names with a character that ends a line for some reader
+(control characters, U+2028/U+2029: identities.txt is one ``id<TAB>name`` per
+line). Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``, ``._x.jpg``) are no
+identity and no image: skipped and listed in the report, as are identity
+folders without images (no class id).
 """
 from __future__ import annotations
 
@@ -45,10 +49,15 @@ def _inside(p: Path, root: Path) -> bool:
         return False
 
 
-def list_folder(src, follow_external_links: bool = False, empty: Optional[List[str]] = None
-                ) -> Tuple[List[str], List[Path], np.ndarray]:
+def _line_breaking(name: str) -> List[str]:
+    """Characters of ``name`` that some reader takes as a line end or control (Cc, Zl, Zp)."""
+    return [c for c in name if unicodedata.category(c) in ("Cc", "Zl", "Zp")]
+
+
+def list_folder(src, follow_external_links: bool = False, empty: Optional[List[str]] = None,
+                hidden: Optional[List[str]] = None) -> Tuple[List[str], List[Path], np.ndarray]:
     """(identity names, image files, labels); identities without images are skipped and
-    appended to ``empty`` when given."""
+    appended to ``empty``, hidden entries (name starting with '.') to ``hidden``, when given."""
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"source folder not found: {src}")
@@ -59,17 +68,30 @@ def list_folder(src, follow_external_links: bool = False, empty: Optional[List[s
             raise SourceError(f"{p}: a symbolic link to {p.resolve()}, outside the source folder {src}; "
                               "pass --follow-external-links to include it")
 
-    dirs = sorted(d for d in src.iterdir() if d.is_dir())
+    dirs = []
+    for d in sorted(src.iterdir()):
+        if d.name.startswith("."):
+            if hidden is not None:
+                hidden.append(d.name)
+        elif d.is_dir():
+            dirs.append(d)
     names: List[str] = []
     files: List[Path] = []
     labels: List[int] = []
+    seen = {}
     for d in dirs:
-        bad = [c for c in d.name if unicodedata.category(c) == "Cc"]
+        bad = _line_breaking(d.name)
         if bad:
-            raise SourceError(f"{d!r}: identity folder name contains control character(s) {bad!r} "
-                              "(identities.txt holds one name per line); rename the folder")
+            raise SourceError(f"{d!r}: identity folder name contains control character(s) or line separator(s) "
+                              f"{bad!r} (identities.txt holds one name per line); rename the folder")
         check_link(d)
-        imgs = sorted(p for p in d.iterdir() if p.suffix.lower() in EXTS and p.is_file())
+        real = d.resolve()
+        if real in seen:
+            raise SourceError(f"{d}: the same folder as identity {seen[real]!r} ({real}), through a symbolic "
+                              "link: its images would train as two classes; remove the link")
+        seen[real] = d.name
+        imgs = sorted(p for p in d.iterdir()
+                      if p.suffix.lower() in EXTS and not p.name.startswith(".") and p.is_file())
         for p in imgs:
             check_link(p)
         if not imgs:
@@ -107,7 +129,8 @@ def folder2rec(src, out, reencode: bool = False, quality: int = 95, size: int = 
                shuffle: bool = True, seed: int = 0, workers: int = 2, progress: bool = True,
                follow_external_links: bool = False) -> dict:
     empty: List[str] = []
-    names, files, labels = list_folder(src, follow_external_links, empty)
+    hidden: List[str] = []
+    names, files, labels = list_folder(src, follow_external_links, empty, hidden)
     opts = {"size": (size, size), "quality": quality, "reencode": reencode}
 
     def payloads(src_idx):
@@ -124,7 +147,7 @@ def folder2rec(src, out, reencode: bool = False, quality: int = 95, size: int = 
                        progress=("folder2rec" if progress else None), image_size=(size, size))
     with atomic_open(Path(out) / "identities.txt", "wb") as f:
         f.write("".join(f"{i}\t{n}\n" for i, n in enumerate(names)).encode())
-    return {**s, "empty_identities": empty}
+    return {**s, "empty_identities": empty, "hidden": hidden}
 
 
 def add_parser(sub) -> None:
@@ -150,12 +173,15 @@ def _main(a) -> int:
         s = folder2rec(a.src, a.out, a.reencode, a.quality, a.size, not a.sorted, a.seed, a.workers,
                        follow_external_links=a.follow_external_links)
     except SourceError as e:
-        print(f"folder2rec: {e}", file=sys.stderr)
+        print(f"error: folder2rec: {e}", file=sys.stderr)
         return 2
     if s["empty_identities"]:
         shown = ", ".join(repr(n) for n in s["empty_identities"][:10])
         print(f"folder2rec: {len(s['empty_identities'])} identity folder(s) without images were skipped "
               f"(no class id): {shown}{' ...' if len(s['empty_identities']) > 10 else ''}", file=sys.stderr)
+    if s["hidden"]:
+        print(f"folder2rec: hidden entries skipped (no identity): {', '.join(map(repr, s['hidden'][:10]))}"
+              f"{' ...' if len(s['hidden']) > 10 else ''}", file=sys.stderr)
     print(f"folder2rec: {s['images']} images of {s['identities']} identities "
           f"({s['image_bytes'] / 1e6:.1f} MB) -> {a.out}/train.rec, train.idx, property, identities.txt")
     return 0

@@ -248,16 +248,19 @@ def load_model(
     if network is None:
         raise ValueError(f"{path}: a state_dict needs --network (e.g. r50, or package.module:factory)")
     kwargs = dict(network_kwargs or {})
+    source = "--network-kwargs"
     if network_kwargs is None and cfg is not None and cfg["backbone"] == network:
         kwargs = dict(cfg.get("backbone_kwargs") or {})  # e.g. tiny's width, as trained
+        source = "the run's configuration (config.yaml / the checkpoint's config)"
     sd = clean_state_dict(_extract_state_dict(obj, str(path)))
     nf = num_features or _infer_num_features(sd) or 512
     factory = resolve_factory(network)
     try:
         model = factory(num_features=nf, **kwargs)
-    except TypeError:
+    except (TypeError, ValueError) as e:
         if kwargs:
-            raise
+            raise ValueError(f"{path}: network '{network}' does not take the options {kwargs} from {source}: "
+                             f"{e}") from e
         model = factory()
     try:
         model.load_state_dict(sd, strict=True)

@@ -51,7 +51,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = args.device or default_device()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = model_from_args(args, device)
+    try:
+        model = model_from_args(args, device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     results, curves = {}, {}
     for path in args.bin:
         name = Path(path).stem

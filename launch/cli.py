@@ -16,8 +16,21 @@ Preemption: torchrun forwards the signals it handles to the workers and kills th
 after its shutdown timeout. The launcher adds SIGUSR1 (SLURM's ``--signal``) to
 torchrun's signals (``--signals-to-handle``) and sets ``--shutdown-timeout``
 (``--shutdown-timeout`` here, default 300 s, or $UNPG_SHUTDOWN_TIMEOUT) so the
-workers have time to save a checkpoint (trainer.preemption). ``python -m launch``
-execs torchrun, so signals sent to it reach torchrun itself.
+workers have time to save a checkpoint (trainer.preemption).
+
+Exit codes: ``python -m launch`` (``unpg-launch``) runs torchrun as its child and
+exits with the **workers'** code (torchrun itself exits 1 whatever they
+returned): each worker writes its code into ``$UNPG_EXIT_CODE_DIR`` (a private
+folder the launcher makes), and the launcher returns the first non-zero code in
+rank order of the last restart (143/138 preempted, 2 config, 3 non-finite loss,
+4 run folder refused, 5 data; docs/training.md); with none written, 128 + the
+signal it forwarded, else torchrun's code. Signals: the first of each of
+SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 is forwarded to torchrun
+(which forwards it to the workers); a repeat is not forwarded (a second SIGTERM
+to torchrun during the save would make it kill the workers before their
+checkpoint) but noted on stderr. Torchrun runs in a session of its own, dies
+with the launcher (``PR_SET_PDEATHSIG``) and is killed if it outlives the
+shutdown timeout + 60 s after a forwarded signal. Plain ``torchrun``: see docs/launch.md.
 
 The backend follows the hardware: the trainer picks NCCL when CUDA is
 available and gloo otherwise, so the same commands work on CPU machines.
@@ -31,8 +44,14 @@ import argparse
 import os
 import re
 import shlex
+import shutil
+import signal
+import subprocess
 import sys
-from typing import List, Optional, Sequence
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 from launch import env_defaults, slurm_env
 
@@ -40,6 +59,12 @@ DEFAULT_MODULE = "trainer.train"
 #: torchrun's default signals + SIGUSR1 (SLURM --signal); every one is forwarded to the workers
 SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 DEFAULT_SHUTDOWN_TIMEOUT = 300
+#: the signals the launcher catches; the first of each goes to torchrun
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+#: seconds the launcher waits for torchrun beyond its shutdown timeout after a forwarded signal
+KILL_GRACE_S = 60
+#: environment variable naming the folder where each worker writes its exit code
+EXIT_CODE_DIR_ENV = "UNPG_EXIT_CODE_DIR"
 
 
 class LaunchError(ValueError):
@@ -206,8 +231,95 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     env_defaults.apply_defaults()
     print(f"[launch] {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    os.execv(cmd[0], cmd)  # torchrun takes over this process: signals from srun/k8s reach it
-    return 0  # pragma: no cover
+    return supervise(cmd, _shutdown_timeout(args, dict(os.environ)))
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def workers_exit_codes(folder: Path) -> Dict[int, int]:
+    """rank -> exit code the workers wrote (``rank-R.rN`` files; the highest restart N only)."""
+    found: Dict[int, Dict[int, int]] = {}
+    for f in folder.glob("rank-*.r*"):
+        m = re.fullmatch(r"rank-(\d+)\.r(\d+)", f.name)
+        try:
+            code = int(f.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if m:
+            found.setdefault(int(m.group(2)), {})[int(m.group(1))] = code
+    return found[max(found)] if found else {}
+
+
+def job_exit_code(codes: Dict[int, int], torchrun_rc: int, signum: int) -> int:
+    """The code the scheduler gets: the first non-zero worker code in rank order; else 0 when
+    torchrun succeeded; else 128 + the forwarded signal; else torchrun's own code."""
+    for _, c in sorted(codes.items()):
+        if c != 0:
+            return c
+    if torchrun_rc == 0:
+        return 0
+    if signum:
+        return 128 + signum
+    return 128 - torchrun_rc if torchrun_rc < 0 else torchrun_rc
+
+
+def supervise(cmd: Sequence[str], shutdown_timeout: int) -> int:
+    """Run torchrun ``cmd`` as a child, forward signals once each, return the job's code."""
+    folder = Path(tempfile.mkdtemp(prefix="unpg-launch-"))
+    env = {**os.environ, EXIT_CODE_DIR_ENV: str(folder)}
+    state = {"signum": 0, "seen": set(), "deadline": None}
+    child: Optional[subprocess.Popen] = None
+
+    def on_signal(signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if signum in state["seen"]:
+            print(f"[launch] {name} again: not forwarded (the workers are saving a checkpoint; "
+                  "SIGKILL stops at once)", file=sys.stderr, flush=True)
+            return
+        state["seen"].add(signum)
+        state["signum"] = state["signum"] or signum
+        if state["deadline"] is None:
+            state["deadline"] = time.monotonic() + shutdown_timeout + KILL_GRACE_S
+        print(f"[launch] {name}: forwarded to torchrun and its workers", file=sys.stderr, flush=True)
+        if child is not None and child.poll() is None:
+            try:
+                os.kill(child.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, on_signal) for s in FORWARDED}
+    try:
+        child = subprocess.Popen(list(cmd), env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        if state["signum"]:  # a signal that came while starting
+            os.kill(child.pid, state["signum"])
+        while True:
+            try:
+                rc = child.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if state["deadline"] is not None and time.monotonic() > state["deadline"]:
+                    print(f"[launch] torchrun still running {shutdown_timeout + KILL_GRACE_S} s after "
+                          f"{signal.Signals(state['signum']).name}: killing it", file=sys.stderr, flush=True)
+                    child.kill()
+        codes = workers_exit_codes(folder)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+    code = job_exit_code(codes, rc, state["signum"])
+    print(f"[launch] torchrun exited {rc}; workers' codes {dict(sorted(codes.items())) or 'not written'}: "
+          f"exit {code}", file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -120,6 +120,11 @@ def load_file(path: Path) -> Any:
     try:
         with torch.serialization.safe_globals(_legacy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
+    except RuntimeError as e:
+        if "TorchScript" in str(e):
+            raise UnsafeCheckpointError(f"{path}: a TorchScript archive (a model with its code), not a checkpoint "
+                                        "of this trainer; it is not loaded") from None
+        raise ValueError(f"{path}: not a readable checkpoint file: {' '.join(str(e).split())}") from None
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise

@@ -186,6 +186,9 @@ class CheckpointManager:
             meta, state, shard = ckpt.load_for_rank(p, d.rank, d.world_size, tuple(head.class_range))
             if state["num_classes"] != num_classes:
                 raise ValueError(f"{p}: {state['num_classes']} classes, dataset has {num_classes}")
+            check = getattr(engine, "check_checkpoint", None)  # the engine's own files (DeepSpeed's)
+            if check is not None:
+                check(p, meta["world_size"] == d.world_size)
             return meta, state, shard
 
         path, res, failures = ckpt.try_load(cands, load, all_ok)

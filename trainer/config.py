@@ -99,6 +99,9 @@ class DataConfig:
     block_bytes: Optional[int] = None  # block size in bytes of .rec (None: the loader's default, 4 MiB)
     shuffle_buffer: Optional[int] = None  # images in the mixing buffer (None: the loader's default)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # all off by default: flip only
+    # seconds a rank waits on the node's label-scan / index lock while its holder shows no
+    # progress (the holder marks progress at every piece it scans); then a clear error
+    lock_timeout: float = 300.0
 
 
 @dataclass
@@ -215,6 +218,26 @@ def _choices() -> Dict[str, tuple]:
 
 
 # ---------------------------------------------------------------- YAML + _base_
+class _DecimalLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``0x10`` as 16, ``010`` as 8, ``1:30`` as 90 and ``1_000`` as 1000: in a
+    config those are typos far more often than intent, so only decimal integers are numbers."""
+
+
+def _decimal_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = str(node.value)
+    if not re.fullmatch(r"[-+]?(0|[1-9][0-9]*)", text):
+        raise ConfigError(f"{text!r} is not a decimal number (YAML would read it as "
+                          f"{yaml.SafeLoader.construct_yaml_int(loader, node)}); write it in decimal")
+    return int(text)
+
+
+_DecimalLoader.add_constructor("tag:yaml.org,2002:int", _decimal_int)
+
+
+def _yaml_load(text: Any) -> Any:
+    return yaml.load(text, Loader=_DecimalLoader)
+
+
 def _deep_merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
@@ -234,7 +257,9 @@ def load_yaml_with_bases(path: Union[str, Path], _stack: Sequence[Path] = ()) ->
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = _yaml_load(f) or {}
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -328,6 +353,21 @@ def _validate(cfg: Config) -> None:
                           f"valid: {', '.join(available_backbones())}")
 
 
+#: the largest learning rate accepted (optim.lr, optim.head_lr)
+MAX_LR = 10.0
+
+#: configuration keys holding paths: compared as resolved paths on resume
+PATH_KEYS = ("data.train_dir",)
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    import os
+
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return a == b
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
 def _check_ranges(cfg: Config) -> None:
     """Every numeric field's range; the message names the key and the value."""
     r, m, lo, d, o, c, lg, v = cfg.run, cfg.model, cfg.loss, cfg.data, cfg.optim, cfg.checkpoint, cfg.logging, cfg.validation
@@ -372,6 +412,13 @@ def _check_ranges(cfg: Config) -> None:
     need("loss.u_m", lo.u_m, math.isfinite(lo.u_m) and lo.u_m >= lo.l_m, f">= loss.l_m ({lo.l_m})")
     need("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)")
     need("optim.lr", o.lr, o.lr > 0, "> 0")
+    for key, val in {"optim.lr": o.lr, "optim.head_lr": o.head_lr}.items():
+        need(key, val, val is None or val <= MAX_LR, f"<= {MAX_LR:g} (a learning rate above that diverges at once; "
+             "face recognition recipes use 0.02-0.4)")
+    need("run.output", r.output, r.output.strip() != "",
+         "a folder (empty: an unset shell variable would put the run into the current directory)")
+    need("data.lock_timeout", d.lock_timeout, math.isfinite(d.lock_timeout) and d.lock_timeout > 0,
+         "a finite number of seconds > 0")
     need("optim.head_lr", o.head_lr, o.head_lr is None or o.head_lr > 0, "> 0")
     need("optim.min_lr", o.min_lr, o.min_lr <= o.lr, f"<= optim.lr ({o.lr})")
     if len(o.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in o.betas):
@@ -422,6 +469,8 @@ def config_diff(saved: dict, current: dict, keys: Sequence[str] = RESUME_KEYS) -
         x, y = a[k], b[k]
         if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
             x, y = list(x), list(y)
+        if k in PATH_KEYS and _same_path(x, y):
+            continue  # the same folder spelled differently (relative / absolute / a link)
         if x != y:
             out.append((k, a[k], b[k]))
     return out
@@ -436,7 +485,9 @@ def parse_override(text: str) -> tuple:
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        value = _yaml_load(raw) if raw.strip() != "" else ""
+    except ConfigError as e:
+        raise ConfigError(f"override {text!r}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: cannot parse value: {e}") from e
     return key.split("."), value

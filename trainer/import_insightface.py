@@ -19,11 +19,23 @@ order and re-sliced into our class ranges (one shard per source rank, so the
 training run re-slices again to its own world size on ``resume: auto``),
 backbone and head momentum carried, step and epoch carried. Every file is read
 with ``torch.load(weights_only=True)``: a crafted file cannot run code.
+
+Validated like a checkpoint before anything is written: every field's type and
+range (``global_step`` an integer in [0, :data:`MAX_STEP`], ``epoch`` an integer
+in [0, max(step, 1)], the softmax weight a finite 2-D float tensor, the optimizer's
+groups), one ``global_step`` across files; the class count comes from
+``--num-classes`` or, without it, from arcface_torch's ``training.log`` config dump
+(``num_classes``), never from the files' rows, so a missing rank file (the last
+one too) is an error: the world size is the number of files, and their rows must
+be arcface_torch's split of the class count over it. Errors name the file and the
+field. The import holds ``RUN_DIR``'s lock (``trainer.ownership``) while it
+writes and refuses a folder in use by a training job.
 """
 from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -35,6 +47,10 @@ from trainer.collectives import class_range
 
 _CKPT_RE = re.compile(r"^checkpoint_gpu_(\d+)\.pt$")
 _KEYS = ("epoch", "global_step", "state_dict_backbone", "state_dict_softmax_fc", "state_optimizer")
+#: the largest ``global_step`` taken as real (arcface_torch runs are 10^5-10^7 steps): a
+#: larger one is a corrupt field, and would "resume" a run past its end and train nothing
+MAX_STEP = 10 ** 9
+_LOG_CLASSES = re.compile(r"^Training: .*?-: num_classes\s+(\d+)\s*$", re.M)
 
 
 class InsightfaceImportError(ValueError):
@@ -46,6 +62,64 @@ def _load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, or one holding more than tensors and plain values
         raise InsightfaceImportError(f"{path}: cannot be read with torch.load(weights_only=True): {e}") from e
+
+
+def _int_field(d: Dict[str, Any], key: str, where: Path, lo: int, hi: int) -> int:
+    v = d[key]
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() and v.dtype != torch.bool:
+        v = int(v.item())
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InsightfaceImportError(f"{where}: field '{key}' must be an integer, got {v!r} ({type(v).__name__})")
+    if not lo <= v <= hi:
+        raise InsightfaceImportError(f"{where}: field '{key}' = {v} is out of range [{lo}, {hi}]")
+    return v
+
+
+def _check_fields(d: Any, f: Path) -> Dict[str, Any]:
+    """One rank file's fields, type and range, naming the file and the field."""
+    if not isinstance(d, dict) or any(k not in d for k in _KEYS):
+        have = sorted(map(str, d)) if isinstance(d, dict) else type(d).__name__
+        raise InsightfaceImportError(f"{f}: not an arcface_torch checkpoint (needs keys {list(_KEYS)}, has {have})")
+    step = _int_field(d, "global_step", f, 0, MAX_STEP)
+    _int_field(d, "epoch", f, 0, max(step, 1))
+    fc = d["state_dict_softmax_fc"]
+    if not isinstance(fc, dict):
+        raise InsightfaceImportError(f"{f}: field 'state_dict_softmax_fc' must be a state_dict (a mapping), "
+                                     f"got {type(fc).__name__}")
+    w = fc.get("weight")
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point() or w.shape[1] < 1:
+        raise InsightfaceImportError(f"{f}: field 'state_dict_softmax_fc.weight' must be a 2-D float tensor, got "
+                                     f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+    if not bool(torch.isfinite(w).all()):
+        raise InsightfaceImportError(f"{f}: field 'state_dict_softmax_fc.weight' holds non-finite values")
+    bb = d["state_dict_backbone"]
+    if not isinstance(bb, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in bb.items()):
+        raise InsightfaceImportError(f"{f}: field 'state_dict_backbone' must map parameter names to tensors")
+    opt = d["state_optimizer"]
+    groups = opt.get("param_groups") if isinstance(opt, dict) else None
+    if (not isinstance(groups, list) or len(groups) < 2 or not isinstance(opt.get("state", {}), dict)
+            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        raise InsightfaceImportError(f"{f}: field 'state_optimizer' is not arcface_torch's SGD state (param_groups: "
+                                     "[backbone, head], each with a 'params' list)")
+    return d
+
+
+def _class_count(src: Path, num_classes: Optional[int]) -> int:
+    """--num-classes, else the last ``num_classes`` of arcface_torch's training.log."""
+    if num_classes is not None:
+        if num_classes < 2:
+            raise InsightfaceImportError(f"--num-classes must be >= 2, got {num_classes}")
+        return num_classes
+    log_file = src / "training.log"
+    try:
+        found = _LOG_CLASSES.findall(log_file.read_text(errors="replace"))
+    except OSError:
+        found = []
+    if not found:
+        raise InsightfaceImportError(f"{src}: the class count is unknown (no 'num_classes' in {log_file.name}): pass "
+                                     "--num-classes (the dataset's, first number of its property file), so that a "
+                                     "missing rank file cannot go unnoticed")
+    return int(found[-1])
 
 
 def _rank_files(src: Path) -> List[Path]:
@@ -63,8 +137,10 @@ def _check_rows(files: Sequence[Path], rows: Sequence[int], num_classes: Optiona
     total = sum(rows)
     counts = ", ".join(f"{f.name}: {n}" for f, n in zip(files, rows))
     if num_classes is not None and total != num_classes:
+        hint = (f": a rank file is missing ({len(files)} found, checkpoint_gpu_0..{len(files) - 1}.pt)"
+                if total < num_classes else "")
         raise InsightfaceImportError(f"head rows of the rank files add up to {total}, not the class count "
-                           f"{num_classes} ({counts})")
+                                     f"{num_classes}{hint} ({counts})")
     world = len(files)
     expect = [class_range(total, r, world) for r in range(world)]
     if [e - s for s, e in expect] != list(rows):
@@ -139,27 +215,41 @@ def _head_opt_state(momentum: Optional[torch.Tensor], group: Dict[str, Any]) -> 
 
 def import_run(src: Path, out: Path, network: Optional[str] = None,
                num_classes: Optional[int] = None) -> Path:
-    """Write our checkpoint for the arcface_torch output ``src`` under ``out``; returns its folder."""
+    """Write our checkpoint for the arcface_torch output ``src`` under ``out``; returns its folder.
+    Holds ``out``'s run-folder lock meanwhile (:class:`trainer.ownership.RunLockedError` if in use)."""
+    from trainer.ownership import RunLock
+
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise InsightfaceImportError(f"--src {src}: not a folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = RunLock(out).acquire(wait_s=0.0)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    try:
+        return _import_run(src, out, network, num_classes)
+    except BaseException:
+        if created:  # nothing of ours is left behind in a folder we made
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        lock.release()
+
+
+def _import_run(src: Path, out: Path, network: Optional[str], num_classes: Optional[int]) -> Path:
     files = _rank_files(src)
     if files:
-        parts = []
-        for f in files:
-            d = _load(f)
-            if not isinstance(d, dict) or any(k not in d for k in _KEYS):
-                have = sorted(d) if isinstance(d, dict) else type(d).__name__
-                raise InsightfaceImportError(f"{f}: not an arcface_torch checkpoint (needs keys {list(_KEYS)}, has {have})")
-            w = d["state_dict_softmax_fc"].get("weight")
-            if not isinstance(w, torch.Tensor) or w.dim() != 2:
-                raise InsightfaceImportError(f"{f}: state_dict_softmax_fc has no 2-D 'weight'")
-            parts.append(d)
+        num_classes = _class_count(src, num_classes)
+        parts = [_check_fields(_load(f), f) for f in files]
         rows = [p["state_dict_softmax_fc"]["weight"].shape[0] for p in parts]
         dims = {p["state_dict_softmax_fc"]["weight"].shape[1] for p in parts}
         if len(dims) != 1:
             raise InsightfaceImportError(f"{src}: rank files disagree on the embedding size {sorted(dims)}")
-        steps = {int(p["global_step"]) for p in parts}
+        steps = {int(p["global_step"]) for p in parts}  # checked integers
         if len(steps) != 1:
             raise InsightfaceImportError(f"{src}: rank files are from different steps {sorted(steps)}")
         total = _check_rows(files, rows, num_classes)
@@ -181,6 +271,8 @@ def import_run(src: Path, out: Path, network: Optional[str] = None,
         world = len(files)
     else:
         model = src / "model.pt"
+        if num_classes is not None and num_classes < 2:
+            raise InsightfaceImportError(f"--num-classes must be >= 2, got {num_classes}")
         if not model.is_file():
             raise InsightfaceImportError(f"{src}: neither checkpoint_gpu_*.pt nor model.pt found")
         if num_classes is None:
@@ -231,13 +323,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", required=True, help="our run folder (config output:); resume: auto continues it")
     p.add_argument("--network", default=None, help="our backbone name (e.g. r100): checks the weights fit it")
     p.add_argument("--num-classes", type=int, default=None,
-                   help="class count to check the shards against (required with model.pt only)")
+                   help="class count to check the shards against (default: num_classes in the source's "
+                        "training.log; required with model.pt only)")
     a = p.parse_args(argv)
+    from trainer.ownership import RunLockedError
+
     try:
         ckpt = import_run(Path(a.src), Path(a.out), a.network, a.num_classes)
     except InsightfaceImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunLockedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     meta = ck.read_marker(ckpt)
     print(f"wrote {ckpt}: step {meta['step']}, {meta['class_ranges'][-1][1]} classes in "
           f"{meta['world_size']} source shards; train with output: {a.out} and resume: auto")

@@ -57,7 +57,8 @@ def default_loader_factory(cfg: Config, d: DistInfo):
                               world_size=d.world_size, device=d.device, backend=cfg.data.backend,
                               num_threads=cfg.data.num_threads, seed=cfg.run.seed,
                               augment=cfg.data.augment, shuffle=True, shuffle_mode=cfg.data.shuffle_mode,
-                              block_bytes=cfg.data.block_bytes, shuffle_buffer=cfg.data.shuffle_buffer)
+                              block_bytes=cfg.data.block_bytes, shuffle_buffer=cfg.data.shuffle_buffer,
+                              lock_timeout=cfg.data.lock_timeout)
 
 
 def build_backbone(cfg: Config, device: torch.device) -> torch.nn.Module:

@@ -46,8 +46,8 @@ def test_face2rec_flag2_labels(tmp_path):
         w.write(0, pack(IRHeader(2, np.array([3, 5], np.float32))))
         w.write(1, pack(IRHeader(0, [0.0, 1.0]), b"a"))
         w.write(2, pack(IRHeader(0, [1.0, 1.0]), b"b"))
-        w.write(3, pack(IRHeader(0, [1, 3])))
-        w.write(4, pack(IRHeader(0, [3, 3])))
+        w.write(3, pack(IRHeader(0, [1, 2])))  # identity 0: image key 1
+        w.write(4, pack(IRHeader(0, [2, 3])))  # identity 1: image key 2
     ds = FaceRecDataset(tmp_path)
     assert ds.image_keys.tolist() == [1, 2] and ds.scan().tolist() == [0, 1] and ds.num_classes == 2
 
@@ -240,7 +240,7 @@ def test_scan_lock_timeout_names_the_holder(synth_dir, tmp_path):
     from trainer.data.face_rec import ScanLock
 
     with ScanLock(tmp_path / "l.lock", "x.rec"):
-        with pytest.raises(TimeoutError, match=r"l\.lock: pid \d+ on .* still holds the label scan lock of x\.rec"):
+        with pytest.raises(TimeoutError, match=r"l\.lock: the label scan lock of x\.rec is held by pid \d+ on .*gave up after 0.1 s"):
             with ScanLock(tmp_path / "l.lock", "x.rec", timeout=0.1):
                 pass
     with ScanLock(tmp_path / "l.lock", "x.rec", timeout=0.1):  # released on exit
@@ -290,3 +290,96 @@ def test_index_parse_waits_for_the_process_holding_the_lock(synth_copy, capfd):
     ds = got["ds"]
     assert isinstance(ds.reader.offsets.key_array, np.memmap)  # loaded the holder's cache, no parse
     assert ds.reader.keys == first.reader.keys
+
+
+def test_a_stopped_scan_lock_holder_fails_the_wait_naming_it(synth_dir, tmp_path):
+    """A live but stopped scanner (SIGSTOP: a debugger, hung storage) holds labels.lock: the
+    next process waits ``lock_timeout`` seconds without progress, then fails naming the lock
+    file, the holder's pid, its state and how to clear it (before: it waited forever)."""
+    import os
+    import signal
+    import time
+
+    from trainer.data.face_rec import ScanLockTimeout
+
+    marker, go = tmp_path / "scanning", tmp_path / "go"
+    a = _spawn([synth_dir, marker, go], tmp_path, "a")
+    try:
+        _wait_for(marker.exists, "the first scanner to start")
+        os.kill(a.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(ScanLockTimeout) as e:
+            FaceRecDataset(synth_dir, lock_timeout=1.5).scan(progress=False)
+        waited = time.monotonic() - t0
+        msg = str(e.value)
+        assert "labels.lock" in msg and f"pid {a.pid} on " in msg, msg
+        assert "stopped (SIGSTOP" in msg and f"kill {a.pid}" in msg and "data.lock_timeout" in msg, msg
+        assert waited >= 1.5  # it did wait the configured time first
+    finally:
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait()
+
+
+def test_a_holder_making_progress_is_waited_for_past_the_timeout(tmp_path):
+    """The timeout counts time without progress: a holder that keeps touching the lock file
+    (a long scan on slow storage) is waited for however long it takes."""
+    import threading
+    import time
+
+    from trainer.data.face_rec import ScanLock
+
+    holder = ScanLock(tmp_path / "l.lock", "x.rec")
+    holder.TOUCH_S = 0.05
+    got = {}
+    with holder:
+        t = threading.Thread(target=lambda: got.setdefault("lock", ScanLock(tmp_path / "l.lock", "x.rec",
+                                                                            timeout=0.6).__enter__()))
+        t.start()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:  # 2 s of scanning with progress: > 3 x the timeout
+            holder.progress()
+            time.sleep(0.05)
+        assert t.is_alive(), "the waiter gave up although the holder made progress"
+    t.join(30)
+    assert "lock" in got  # took the lock once the holder was done
+    got["lock"].__exit__(None, None, None)
+
+
+def test_the_index_lock_is_bounded_too(synth_copy):
+    from trainer.data.face_rec import ScanLock, ScanLockTimeout
+
+    first = FaceRecDataset(synth_copy)
+    d = first._cache_dir()
+    for n in ("idx_keys.npy", "idx_offsets.npy"):
+        (d / n).unlink()
+    with ScanLock(d / "index.lock", "holder", task="index parse"):
+        with pytest.raises(ScanLockTimeout, match=r"index\.lock: the index parse lock of .* held by pid"):
+            FaceRecDataset(synth_copy, lock_timeout=0.5)
+
+
+def test_an_image_label_disagreeing_with_its_identity_record_is_counted_and_refused(synth_copy):
+    """Image key k's label says identity 5, but identity record 3 lists key k: a dataset that
+    would train silently on a wrong label (the torch and DALI loaders read the image's own
+    label). The scan counts such images and refuses the dataset, naming key and record."""
+    import struct
+
+    ds = FaceRecDataset(synth_copy)
+    labels = ds.scan(progress=False).copy()
+    key = int(ds.image_keys[7])
+    off = int(ds.image_offsets[7])
+    with open(synth_copy / "train.rec", "r+b") as f:
+        f.seek(off + 8)
+        flag = struct.unpack("<I", f.read(4))[0]
+        pos = off + 12 if flag == 0 else off + 8 + 24
+        f.seek(pos)
+        f.write(struct.pack("<f", float((labels[7] + 1) % 16)))
+    import os
+
+    st = os.stat(synth_copy / "train.rec")
+    os.utime(synth_copy / "train.rec", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a new scan
+    with pytest.raises(RecordIOError, match=rf"1 of 96 images have a label that disagrees with their identity "
+                                            rf"record \(first: image key {key} has label {(labels[7] + 1) % 16}, "
+                                            rf"identity record key \d+ lists it under identity {labels[7]}\)"):
+        FaceRecDataset(synth_copy).scan(progress=False)
+    d = FaceRecDataset(synth_copy)
+    assert not (d._cache_dir() / "labels.npy").exists()  # never cached as good

@@ -1,6 +1,7 @@
 """data_tools: synth, folder2rec, rec2folder, shuffle, validate, make_bin, CLI."""
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +236,30 @@ def test_synth_cli(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "20 images of 5 identities (2 with noisy labels)" in p.stdout and "4 pairs (2 genuine, 2 impostor)" in p.stdout
     assert {"train.rec", "train.idx", "property", "val.bin"} <= set(os.listdir(tmp_path))
+
+
+def test_folder2rec_refuses_line_separators_duplicate_links_and_skips_hidden(tmp_path, synth_dir, capsys):
+    assert main(["rec2folder", str(synth_dir), str(tmp_path / "f")]) == 0
+    src = tmp_path / "f"
+    # U+2028 splits the line for str.splitlines() but not for bytes readers: refused
+    (src / "bad\u2028name").mkdir()
+    (src / "bad\u2028name" / "a.jpg").write_bytes((src / "3" / sorted(os.listdir(src / "3"))[0]).read_bytes())
+    capsys.readouterr()
+    assert main(["folder2rec", str(src), str(tmp_path / "r1"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "line separator" in err and "\\u2028" in err
+    shutil.rmtree(src / "bad\u2028name")
+    # a link to another identity folder inside the source: the same images as two classes
+    os.symlink(src / "4", src / "4_again")
+    assert main(["folder2rec", str(src), str(tmp_path / "r2"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "4_again" in err and "identity '4'" in err and "two classes" in err
+    (src / "4_again").unlink()
+    # hidden folders and files are no identity and no image
+    shutil.copytree(src / "5", src / ".ipynb_checkpoints")
+    (src / "5" / ".hidden.jpg").write_bytes((src / "5" / sorted(os.listdir(src / "5"))[0]).read_bytes())
+    assert main(["folder2rec", str(src), str(tmp_path / "r3"), "--workers", "1"]) == 0
+    assert "'.ipynb_checkpoints'" in capsys.readouterr().err
+    out = FaceRecDataset(tmp_path / "r3")
+    assert out.num_classes == 16 and out.num_images == 96
+    assert ".ipynb" not in (tmp_path / "r3" / "identities.txt").read_text()

@@ -73,8 +73,9 @@ def test_second_job_refused_then_sigterm_saves_at_the_current_step_and_resumes(t
         _wait_for_steps(output, n_before + 2, proc, tmp_path / "a.log")  # ... and still trains
         # preemption: SIGTERM to torchrun (what SLURM / Kubernetes send)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=240)
+        rc = proc.wait(timeout=240)
     agent = (tmp_path / "a.log").read_text()
+    assert rc == 128 + signal.SIGTERM, agent[-3000:]  # the workers' code, not torchrun's 1
     text = (output / "train.log").read_text()
     steps = [s for s, _, _ in step_lines(text)]
     assert "received SIGTERM" in text, agent[-3000:]
@@ -102,9 +103,10 @@ def test_workers_die_with_their_agent(tmp_path, tiny_dataset):
     try:
         with reaped([(proc, log)]):
             _wait_for_steps(output, 2, proc, tmp_path / "a.log")
-            workers = _children(proc.pid)
-            assert len(workers) == 2, (workers, [Path(f"/proc/{w}/cmdline").read_text() for w in workers])
-            proc.kill()  # kill -9 of the torchrun agent only
+            (torchrun,) = _children(proc.pid)  # python -m launch -> torchrun -> 2 workers
+            workers = _children(torchrun) + [torchrun]
+            assert len(workers) == 3, (workers, [Path(f"/proc/{w}/cmdline").read_text() for w in workers])
+            proc.kill()  # kill -9 of the launcher only
             proc.wait(timeout=60)
         deadline = time.time() + 60
         while any(_alive(w) for w in workers) and time.time() < deadline:
@@ -129,9 +131,41 @@ def test_sigusr1_through_python_m_launch(tmp_path, tiny_dataset):
     with reaped([(proc, log)]):
         _wait_for_steps(output, 2, proc, tmp_path / "a.log")
         proc.send_signal(signal.SIGUSR1)
-        proc.wait(timeout=240)
+        rc = proc.wait(timeout=240)
+    assert rc == 128 + signal.SIGUSR1, (tmp_path / "a.log").read_text()[-3000:]
     text = (output / "train.log").read_text()
     steps = [s for s, _, _ in step_lines(text)]
     metas = checkpoint_meta(output)
     assert "received SIGUSR1" in text and metas and max(metas) == steps[-1], (tmp_path / "a.log").read_text()[-3000:]
     assert f"exit code {128 + signal.SIGUSR1}" in text
+
+
+def test_a_second_sigterm_to_the_launcher_does_not_cut_the_save(tmp_path, tiny_dataset):
+    """SIGTERM, then SIGTERM again while the workers finish the step and save: the launcher
+    does not forward the repeat (torchrun would kill the workers mid-save); the job saves at
+    the step reached and exits 143."""
+    output = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "cfg.yaml", tiny_dataset, output, max_steps=LONG, save_every=1000)
+    proc, log = _launch(cfg, tmp_path / "a.log")
+    with reaped([(proc, log)]):
+        _wait_for_steps(output, 2, proc, tmp_path / "a.log")
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=240)
+    agent = (tmp_path / "a.log").read_text()
+    assert rc == 128 + signal.SIGTERM, agent[-3000:]
+    assert "SIGTERM again: not forwarded" in agent
+    steps = [s for s, _, _ in step_lines((output / "train.log").read_text())]
+    metas = checkpoint_meta(output)
+    assert metas and max(metas) == steps[-1], agent[-3000:]
+
+
+def test_config_error_reaches_the_scheduler_as_2(tmp_path, tiny_dataset):
+    cfg = tiny_config(tmp_path / "cfg.yaml", tiny_dataset, tmp_path / "run")
+    proc, log = _launch(cfg, tmp_path / "a.log", "optim.lr=-1")
+    with reaped([(proc, log)]):
+        rc = proc.wait(timeout=240)
+    agent = (tmp_path / "a.log").read_text()
+    assert rc == 2, agent[-3000:]
+    assert "optim.lr" in agent

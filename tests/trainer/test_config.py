@@ -103,6 +103,7 @@ def test_sections_are_typed_including_augment():
     ("data.block_bytes=0", "data.block_bytes"), ("optim.betas=[0.9,1.5]", "optim.betas"),
     ("optim.lr=.nan", "optim.lr"), ("run.preempt_signals=[SIGKILL]", "run.preempt_signals"),
     ("run.preempt_signals=[SIGNOPE]", "run.preempt_signals"),
+    ("data.lock_timeout=0", "data.lock_timeout"), ("data.lock_timeout=.inf", "data.lock_timeout"),
 ])
 def test_numeric_ranges_are_checked(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -116,3 +117,24 @@ def test_numbers_written_as_yaml_strings_are_accepted():
         load_config(None, ["optim.lr=fast"])
     c = load_config(None, ["run.preempt_signals=[SIGUSR2]", "run.max_skips=0", "checkpoint.save_every=0"])
     assert c.run.preempt_signals == ["SIGUSR2"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("run.output=", r"run\.output' must be a folder"),
+    ("run.output=' '", r"run\.output' must be a folder"),
+    ("optim.lr=1e6", r"optim\.lr' must be <= 10"),
+    ("optim.head_lr=100", r"optim\.head_lr' must be <= 10"),
+    ("optim.lr=0x10", r"optim\.lr=0x10': '0x10' is not a decimal number \(YAML would read it as 16\)"),
+    ("run.seed=010", r"'010' is not a decimal number"),
+    ("run.max_steps=1_000", r"'1_000' is not a decimal number"),
+])
+def test_silent_odds_are_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_non_decimal_numbers_in_a_file_name_the_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 0x10\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: '0x10' is not a decimal number"):
+        load_config(tmp_path / "c.yaml")
+    assert load_config(None, ["run.max_steps=1000", "run.seed=-0"]).run.max_steps == 1000

@@ -15,6 +15,20 @@ def _losses(res):
     return [h["loss"] for h in res["history"] if h["step"] > res.get("start_step", 0)]  # this segment
 
 
+def test_a_refused_deepspeed_file_falls_back_to_the_previous_checkpoint(tmp_path):
+    """step 8's DeepSpeed file is unreadable (refused by the pre-load check): resume takes step 4
+    with the reason logged, as for a bad trainer.pt (before: the resume stopped with a traceback)."""
+    ds = ["engine.name=deepspeed", "engine.deepspeed.zero_stage=1", "engine.precision=fp32", "loss.unpg=false"]
+    base = ["data.batch_size=16", "checkpoint.save_every=4", "checkpoint.keep_last=5"]
+    bad = "a/checkpoints/step_00000008/deepspeed/ds/mp_rank_00_model_states.pt"
+    phases = [{"out": "a", "overrides": base + ds + ["run.max_steps=8"]},
+              {"out": "a", "overrides": base + ds + ["run.max_steps=10"], "corrupt": [bad]}]
+    res = run_world(phases_worker, 2, str(tmp_path), phases, DATA)[0]
+    assert res[1]["start_step"] == 4, res[1].get("start_step")
+    log = (tmp_path / "a" / "train.log").read_text()
+    assert "step_00000008 is unreadable" in log and "mp_rank_00_model_states.pt" in log, log[-3000:]
+
+
 @pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "bf16")])
 def test_deepspeed_zero_trains_checkpoints_and_resumes(tmp_path, stage, precision):
     ds = ["engine.name=deepspeed", f"engine.deepspeed.zero_stage={stage}", f"engine.precision={precision}"]

@@ -25,10 +25,16 @@ def _arcface_split(num_classes, rank, world):
     return start, start + num_local
 
 
-def make_source(folder, world=4, num_classes=C, extra_row_rank=None, step=1234, epoch=3):
+def make_source(folder, world=4, num_classes=C, extra_row_rank=None, step=1234, epoch=3, log=True):
     """An arcface_torch output folder; returns (backbone state, full head weight, head momentum,
-    backbone momentum by parameter index)."""
+    backbone momentum by parameter index). ``log``: write training.log with arcface_torch's
+    config dump (where the class count is read from)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if log:
+        (folder / "training.log").write_text(
+            "Training: 2024-01-01 10:00:00,000-: network                  r50\n"
+            f"Training: 2024-01-01 10:00:00,001-: num_classes              {num_classes}\n"
+            "Training: 2024-01-01 10:00:00,002-: num_epoch                20\n")
     torch.manual_seed(0)
     base = get_backbone("tiny", num_features=D)
     g = torch.Generator().manual_seed(1)
@@ -229,3 +235,80 @@ def test_two_rank_run_continues_at_three_ranks_from_imported_four_rank_checkpoin
     # continues where the source was (same step, weights, momentum, lr), not from scratch
     assert abs(resumed[0] - losses[10]) < 0.15 * losses[10], (losses, resumed)
     assert resumed[0] < 0.8 * losses[0], (losses, resumed)
+
+
+def _resave(path, **fields):
+    d = torch.load(path, weights_only=True)
+    d.update(fields)
+    torch.save(d, path)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"global_step": -5}, r"checkpoint_gpu_2\.pt: field 'global_step' = -5 is out of range"),
+    ({"global_step": 10 ** 12}, r"checkpoint_gpu_2\.pt: field 'global_step' = 1000000000000 is out of range"),
+    ({"global_step": "12"}, r"checkpoint_gpu_2\.pt: field 'global_step' must be an integer, got '12'"),
+    ({"global_step": 12.5}, r"checkpoint_gpu_2\.pt: field 'global_step' must be an integer"),
+    ({"epoch": -1}, r"checkpoint_gpu_2\.pt: field 'epoch' = -1 is out of range"),
+    ({"epoch": 5000}, r"checkpoint_gpu_2\.pt: field 'epoch' = 5000 is out of range \[0, 1234\]"),
+    ({"state_dict_softmax_fc": torch.zeros(3, D)}, r"checkpoint_gpu_2\.pt: field 'state_dict_softmax_fc' must be a "
+                                                   r"state_dict"),
+    ({"state_dict_softmax_fc": {"weight": torch.zeros(3, D, dtype=torch.int64)}},
+     r"checkpoint_gpu_2\.pt: field 'state_dict_softmax_fc\.weight' must be a 2-D float tensor"),
+    ({"state_dict_softmax_fc": {"weight": torch.full((3, D), float("nan"))}}, r"non-finite"),
+    ({"state_optimizer": {"state": {}, "param_groups": []}}, r"checkpoint_gpu_2\.pt: field 'state_optimizer'"),
+    ({"state_dict_backbone": [1, 2]}, r"checkpoint_gpu_2\.pt: field 'state_dict_backbone'"),
+])
+def test_every_field_is_checked_naming_file_and_field(tmp_path, fields, message, capsys):
+    make_source(tmp_path / "src")
+    _resave(tmp_path / "src" / "checkpoint_gpu_2.pt", **fields)
+    with pytest.raises(InsightfaceImportError, match=message):
+        import_run(tmp_path / "src", tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing written, not even the folder
+    assert main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "checkpoint_gpu_2.pt" in err and "Traceback" not in err
+
+
+def test_a_missing_last_rank_file_is_an_error(tmp_path):
+    """12 classes over 4 ranks: 3 rows each; without checkpoint_gpu_3.pt the other three are a
+    consistent 9-class split, so only the class count (training.log / --num-classes) tells."""
+    make_source(tmp_path / "src", num_classes=12)
+    (tmp_path / "src" / "checkpoint_gpu_3.pt").unlink()
+    with pytest.raises(InsightfaceImportError, match=r"add up to 9, not the class count 12: a rank file is missing"):
+        import_run(tmp_path / "src", tmp_path / "run")
+    with pytest.raises(InsightfaceImportError, match=r"add up to 9, not the class count 12"):
+        import_run(tmp_path / "src", tmp_path / "run", num_classes=12)
+    # without training.log and without --num-classes the count is unknown: refused, not guessed
+    (tmp_path / "src" / "training.log").unlink()
+    with pytest.raises(InsightfaceImportError, match=r"class count is unknown.*--num-classes"):
+        import_run(tmp_path / "src", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_import_refuses_a_run_folder_in_use(tmp_path, capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from trainer.ownership import RunLockedError
+
+    make_source(tmp_path / "src")
+    run = tmp_path / "run"
+    run.mkdir()
+    root = Path(__file__).resolve().parents[2]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from trainer.ownership import RunLock\nRunLock(Path(sys.argv[1])).acquire()\n"
+                               "print('held', flush=True)\ntime.sleep(120)", str(run)],
+                              cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=str(run)):
+            import_run(tmp_path / "src", run)
+        assert main(["--src", str(tmp_path / "src"), "--out", str(run)]) == 4
+        assert "error: " in capsys.readouterr().err
+        assert not (run / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    import_run(tmp_path / "src", run)  # free again: imports
+    assert ck.list_checkpoints(run / "checkpoints")

@@ -260,3 +260,18 @@ def test_deepspeed_files_naming_foreign_code_are_refused(tmp_path):
     with pytest.raises(ck.UnsafeCheckpointError, match=r"zero_pp_rank_0.*io.open"):
         check_deepspeed_files(tmp_path / "deepspeed")
     assert not (tmp_path / "PAYLOAD_RAN").exists()
+
+
+def test_the_same_dataset_folder_spelled_relative_resumes(tmp_path, monkeypatch):
+    """data.train_dir given absolute, then relative to the current directory (the same folder):
+    not a configuration change (before: refused as one); another folder still is."""
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "other").mkdir()
+    out = tmp_path / "run"
+    _train(out, [f"data.train_dir={tmp_path / 'ds'}"])
+    monkeypatch.chdir(tmp_path)
+    t = _trainer(out, ["data.train_dir=ds", "run.max_steps=6"]).setup()
+    assert t.step == 4
+    t.close()
+    with pytest.raises(ConfigError, match="data.train_dir"):
+        _trainer(out, ["data.train_dir=other", "run.max_steps=6"]).setup()

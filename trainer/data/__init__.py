@@ -61,7 +61,8 @@ def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int
                        device=None, backend: str = "auto", num_threads: int = 2, seed: int = 0,
                        augment: Union[None, Mapping[str, Any], "AugmentConfig"] = None,  # noqa: F821
                        shuffle: bool = True, flip: bool = True, shuffle_buffer: Optional[int] = None,
-                       shuffle_mode: str = "block", block_bytes: Optional[int] = None):
+                       shuffle_mode: str = "block", block_bytes: Optional[int] = None,
+                       lock_timeout: Optional[float] = None):
     """Build the training loader for ``data_dir`` (train.rec, train.idx, property).
 
     Returns an object with ``num_classes``, ``num_images``, ``len()`` (batches per
@@ -71,7 +72,9 @@ def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int
     images into the model's float input on the device. ``flip``, ``shuffle_buffer``
     (local shuffle size, images), ``shuffle_mode`` ("block": permuted blocks of
     ``block_bytes`` of file read in order, then the shuffle buffer; "global": a
-    permutation of all images, random reads) are extensions of the contract.
+    permutation of all images, random reads) are extensions of the contract. ``lock_timeout``:
+    seconds to wait on the node's scan/index lock without progress by its holder
+    (None: ``trainer.data.face_rec.DEFAULT_LOCK_TIMEOUT``).
     """
     import torch
 
@@ -90,7 +93,7 @@ def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int
     if block_bytes is not None and block_bytes <= 0:
         raise ValueError(f"block_bytes must be > 0, got {block_bytes}")
     aug = AugmentConfig.coerce(augment)
-    ds = FaceRecDataset(data_dir)
+    ds = FaceRecDataset(data_dir, lock_timeout=lock_timeout)
     chosen = resolve_backend(backend, device)
     common = dict(batch_size=batch_size, rank=rank, world_size=world_size, device=device,
                   num_threads=num_threads, seed=seed, augment=aug, shuffle=shuffle, flip=flip,

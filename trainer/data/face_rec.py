@@ -18,7 +18,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -68,8 +68,10 @@ class FaceRecDataset:
     max label + 1 after :meth:`scan`).
     """
 
-    def __init__(self, data_dir: PathLike, rec_name: str = "train"):
+    def __init__(self, data_dir: PathLike, rec_name: str = "train", lock_timeout: Optional[float] = None):
         self.data_dir = Path(data_dir)
+        #: seconds to wait on the node's index/label locks without progress by their holder
+        self.lock_timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else float(lock_timeout)
         rec = self.data_dir / f"{rec_name}.rec"
         idx = self.data_dir / f"{rec_name}.idx"
         if not rec.is_file():
@@ -162,14 +164,15 @@ class FaceRecDataset:
             return got
         try:
             d.mkdir(parents=True, exist_ok=True)
-            lock: Optional[ScanLock] = ScanLock(d / "index.lock", str(self._paths[1]), task="index parse")
+            lock: Optional[ScanLock] = ScanLock(d / "index.lock", str(self._paths[1]), self.lock_timeout,
+                                                task="index parse")
         except OSError:
             return read_index_arrays(self._paths[1])
         with lock:
             got = self._index_from_cache(d)
             if got is not None:
                 return got
-            keys, offs = read_index_arrays(self._paths[1])
+            keys, offs = read_index_arrays(self._paths[1], tick=lock.progress)
             try:
                 from trainer.io.atomic import atomic_open
 
@@ -208,7 +211,9 @@ class FaceRecDataset:
         Cached on disk keyed by the files' size and mtime. One process per
         cache directory scans (a lock file, :class:`ScanLock`); the others wait
         for its cache file, and scan themselves if the scanner died.
-        ``progress``: a tqdm bar (None: when stderr is a terminal).
+        ``progress``: a tqdm bar (None: when stderr is a terminal). ``lock_timeout``:
+        seconds to wait without progress by the lock's holder (None: the dataset's
+        ``lock_timeout``), then :class:`ScanLockTimeout`.
         """
         if self.labels is not None:
             return self.labels
@@ -217,20 +222,56 @@ class FaceRecDataset:
         if lab is None:
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                lock: Optional[ScanLock] = ScanLock(cache.parent / "labels.lock", str(self.rec_path),
-                                                    timeout=lock_timeout)
+                lock: Optional[ScanLock] = ScanLock(
+                    cache.parent / "labels.lock", str(self.rec_path),
+                    timeout=self.lock_timeout if lock_timeout is None else lock_timeout)
             except OSError:
                 lock = None  # read-only cache location: scan without sharing
             if lock is None:
                 lab = self._scan_records(progress)
+                self.check_identity_records(lab)
             else:
                 with lock:
                     lab = self._load_labels(cache)  # written by the process we waited for
                     if lab is None:
-                        lab = self._scan_records(progress)
+                        lab = self._scan_records(progress, tick=lock.progress)
+                        self.check_identity_records(lab)  # a failing dataset is never cached
                         self._save_labels(cache, lab)
         self.labels = lab
         return lab
+
+    def check_identity_records(self, labels: np.ndarray) -> None:
+        """Every image's label equals the identity whose record lists its key (insightface
+        layout: identity record ``first_id + c`` holds image keys [a, b) of class c). Counted;
+        a mismatch raises :class:`RecordIOError` with the count and the first case (a label
+        that disagrees would train silently). Malformed identity records are left to
+        ``data_tools validate``."""
+        if self.header is None or labels.size == 0:
+            return
+        first_id, end = self.header
+        keys = self.image_keys
+        expected = np.full(keys.shape, -1, dtype=np.int64)
+        where = {}
+        for c, k in enumerate(range(first_id, end)):
+            if k not in self.reader:
+                continue
+            try:
+                lab = unpack(self.reader.read(k), "")[0].labels
+            except RecordIOError:
+                continue
+            if lab.size < 2:
+                continue
+            lo, hi = np.searchsorted(keys, [int(lab[0]), int(lab[1])])
+            expected[lo:hi] = c
+            where[c] = k
+        bad = np.flatnonzero((expected >= 0) & (expected != labels))
+        if bad.size:
+            i = int(bad[0])
+            raise RecordIOError(
+                f"{self.rec_path}: {bad.size} of {labels.size} images have a label that disagrees with their "
+                f"identity record (first: image key {int(keys[i])} has label {int(labels[i])}, identity record "
+                f"key {where[int(expected[i])]} lists it under identity {int(expected[i])}); "
+                f"check the dataset with `python -m data_tools validate {self.data_dir}`")
 
     def _load_labels(self, cache: Path) -> Optional[np.ndarray]:
         if not cache.is_file():
@@ -251,14 +292,14 @@ class FaceRecDataset:
         except OSError:
             pass
 
-    def _scan_records(self, progress: Optional[bool]) -> np.ndarray:
+    def _scan_records(self, progress: Optional[bool], tick: Optional[Callable[[], None]] = None) -> np.ndarray:
         """Vectorised header scan: large sequential reads, numpy checks; any record the
         fast path does not accept (split records, errors) goes through :meth:`_scan_one`
         in key order, which gives the exact label or the error naming file and key."""
         if self.image_keys.size == 0:
             return np.zeros(0, dtype=np.int64)
         labels, ok = scan_labels(self.rec_path, self.image_offsets, self.reader.file_size,
-                                 self._property_classes, progress)
+                                 self._property_classes, progress, tick)
         bad = ~ok
         for i in np.flatnonzero(bad).tolist():  # key order: the first bad key raises
             labels[i] = self._scan_one(int(self.image_keys[i]))
@@ -351,9 +392,11 @@ def _scan_group(fd: int, offs: np.ndarray, file_size: int, num_classes: Optional
 
 
 def scan_labels(rec_path: PathLike, offsets: np.ndarray, file_size: int, num_classes: Optional[int],
-                progress: Optional[bool] = None) -> Tuple[np.ndarray, np.ndarray]:
+                progress: Optional[bool] = None, tick: Optional[Callable[[], None]] = None
+                ) -> Tuple[np.ndarray, np.ndarray]:
     """(labels, ok) of the records at ``offsets`` (any order), read in byte order in
-    pieces of <= ``SCAN_CHUNK_BYTES``; ``ok`` False marks records to re-check one by one."""
+    pieces of <= ``SCAN_CHUNK_BYTES``; ``ok`` False marks records to re-check one by one.
+    ``tick`` is called after every piece (the scan lock's progress mark)."""
     n = offsets.size
     labels = np.zeros(n, dtype=np.int64)
     ok = np.zeros(n, dtype=bool)
@@ -381,6 +424,8 @@ def scan_labels(rec_path: PathLike, offsets: np.ndarray, file_size: int, num_cla
             ok[where] = good
             if bar is not None:
                 bar.update(j - i)
+            if tick is not None:
+                tick()
             i = j
     finally:
         os.close(fd)
@@ -389,29 +434,61 @@ def scan_labels(rec_path: PathLike, offsets: np.ndarray, file_size: int, num_cla
     return labels, ok
 
 
+#: seconds a waiter for a node's scan/index lock accepts without progress by its holder
+#: (``data.lock_timeout``); the holder touches the lock file at every piece it scans, so a
+#: 42M-record scan on slow storage never comes near it, while a stopped holder fails the wait.
+DEFAULT_LOCK_TIMEOUT = 300.0
+
+
+class ScanLockTimeout(TimeoutError):
+    """A node's scan/index lock stayed held without progress for ``lock_timeout`` seconds."""
+
+
+def _process_state(pid: int) -> str:
+    """What this host knows of process ``pid``: running, stopped, in I/O wait, not running."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "not running"
+        except OSError:
+            return "alive"
+        return "alive"
+    return {"T": "alive but stopped (SIGSTOP or a debugger)", "t": "alive but stopped by a debugger",
+            "D": "alive, blocked in uninterruptible I/O (hung storage?)", "Z": "not running (a zombie)",
+            "X": "not running"}.get(state, "alive and running")
+
+
 class ScanLock:
     """An exclusive ``flock`` on ``path`` (context manager) so one process per node scans.
 
     The kernel drops the lock when its holder exits or is killed, so a crashed
     scanner never blocks the others: they then find no cache and scan
-    themselves. The holder writes ``pid host time`` into the file; a waiter
-    names it on stderr. ``timeout`` (seconds, None = no limit) raises
-    ``TimeoutError`` naming the holder, for a live but hung scanner.
-    Where ``flock`` is unsupported (some network filesystems) it does nothing.
+    themselves. The holder writes ``pid host time`` into the file and touches it
+    (:meth:`progress`) as it works; a waiter names it on stderr. ``timeout``
+    (seconds, None = no limit): a waiter gives up with :class:`ScanLockTimeout`
+    when the holder has shown no progress (file mtime) for that long, naming the
+    lock file, the holder (pid, host, since when, alive or stopped, last progress)
+    and how to clear it. Where ``flock`` is unsupported (some network
+    filesystems) it does nothing.
     """
 
     POLL_S = 0.2
+    TOUCH_S = 1.0
 
     def __init__(self, path: PathLike, what: str, timeout: Optional[float] = None, task: str = "label scan"):
         self.path, self.what, self.timeout, self.task = Path(path), what, timeout, task
         self.fd: Optional[int] = None
         self.waited = False
+        self._touched = 0.0
 
     def __enter__(self) -> "ScanLock":
         import fcntl
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        t0 = time.monotonic()
+        t0 = time.time()
         try:
             while True:
                 try:
@@ -425,9 +502,13 @@ class ScanLock:
                     self.waited = True
                     print(f"{self.what}: waiting for the {self.task} by {self.holder()} ({self.path})",
                           file=sys.stderr, flush=True)
-                if self.timeout is not None and time.monotonic() - t0 > self.timeout:
-                    raise TimeoutError(f"{self.path}: {self.holder()} still holds the {self.task} lock of "
-                                       f"{self.what} after {self.timeout:.0f} s")
+                if self.timeout is not None:
+                    try:
+                        last = os.fstat(fd).st_mtime
+                    except OSError:
+                        last = t0
+                    if time.time() - max(t0, last) > self.timeout:
+                        raise ScanLockTimeout(self._timeout_message())
                 time.sleep(self.POLL_S)
         except BaseException:
             if fd is not None:
@@ -439,14 +520,52 @@ class ScanLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n".encode(), 0)
         self.fd = fd
+        self._touched = time.monotonic()
         return self
 
-    def holder(self) -> str:
+    def progress(self) -> None:
+        """The holder is working: touch the lock file (at most once per ``TOUCH_S``)."""
+        if self.fd is None or time.monotonic() - self._touched < self.TOUCH_S:
+            return
+        self._touched = time.monotonic()
+        try:
+            os.utime(self.fd)
+        except OSError:
+            pass
+
+    def _read_holder(self) -> Optional[Tuple[int, str, float]]:
         try:
             pid, host, ts = self.path.read_text().split()
-            return f"pid {pid} on {host} (since {max(0.0, time.time() - float(ts)):.0f} s)"
+            return int(pid), host, float(ts)
         except (OSError, ValueError):
+            return None
+
+    def holder(self) -> str:
+        got = self._read_holder()
+        if got is None:
             return "another process"
+        pid, host, ts = got
+        return f"pid {pid} on {host} (since {max(0.0, time.time() - ts):.0f} s)"
+
+    def _timeout_message(self) -> str:
+        got = self._read_holder()
+        try:
+            idle = f"{max(0.0, time.time() - self.path.stat().st_mtime):.0f} s ago"
+        except OSError:
+            idle = "unknown"
+        if got is None:
+            who, state, clear = "another process", "unknown", f"delete {self.path}"
+        else:
+            pid, host, ts = got
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+            who = f"pid {pid} on {host} since {since} ({max(0.0, time.time() - ts):.0f} s)"
+            state = _process_state(pid) if host == socket.gethostname() else "on another host: not checked"
+            clear = (f"stop that process (kill {pid}{' on ' + host if host != socket.gethostname() else ''}; "
+                     f"the lock goes with it) or delete {self.path}")
+        return (f"{self.path}: the {self.task} lock of {self.what} is held by {who}, {state}; its last "
+                f"progress was {idle}: gave up after {self.timeout:g} s without progress "
+                f"(data.lock_timeout). To clear it, {clear}; raise data.lock_timeout if the storage is "
+                "that slow")
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:

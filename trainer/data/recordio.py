@@ -432,13 +432,15 @@ def _parse_index_chunk(buf: bytes) -> Optional[np.ndarray]:
     return vals.reshape(-1, 2)
 
 
-def read_index_arrays(idx_path: PathLike, chunk_bytes: int = 16 << 20) -> Tuple[np.ndarray, np.ndarray]:
+def read_index_arrays(idx_path: PathLike, chunk_bytes: int = 16 << 20,
+                      tick: Optional[Callable[[], None]] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(keys, offsets) int64 arrays in file order: :func:`read_index` for large files.
 
     Canonical files (only ``key<TAB>offset`` lines of digits, as every writer
     here and MXNet's produce) are parsed with numpy in chunks; anything else
     (blank lines, spaces, a malformed or duplicate line) goes through the
     strict :func:`read_index`, which names the file and line of an error.
+    ``tick`` is called after every chunk (the index lock's progress mark).
     """
     idx_path = Path(idx_path)
     if not idx_path.is_file():
@@ -470,6 +472,8 @@ def read_index_arrays(idx_path: PathLike, chunk_bytes: int = 16 << 20) -> Tuple[
             if ok:
                 add(got)
             del got
+            if tick is not None:
+                tick()
     if ok:
         keys = np.concatenate(kparts) if kparts else np.zeros(0, np.int64)
         del kparts

@@ -146,6 +146,14 @@ class DeepSpeedEngine(Engine):
     def save_extra(self, ckpt_dir) -> None:
         self.ds.save_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag="ds")
 
+    def check_checkpoint(self, ckpt_dir, same_world: bool) -> None:
+        """Before a checkpoint is chosen: the DeepSpeed files :meth:`load_state_dict` would read
+        pass :func:`check_deepspeed_files`; a refused one makes the checkpoint unloadable, so
+        resume falls back to the previous one (trainer.checkpoint.try_load)."""
+        ds_dir = Path(ckpt_dir) / "deepspeed"
+        if same_world and ds_dir.is_dir():
+            check_deepspeed_files(ds_dir)
+
     def load_state_dict(self, state: Dict[str, Any], ckpt_dir, same_world: bool) -> None:
         ds_dir = Path(ckpt_dir) / "deepspeed"
         if same_world and ds_dir.is_dir():
