@@ -357,7 +357,7 @@ def _validate(cfg: Config) -> None:
 MAX_LR = 10.0
 
 #: configuration keys holding paths: compared as resolved paths on resume
-PATH_KEYS = ("data.train_dir",)
+PATH_KEYS = ("data.train_dir", "model.init_from")
 
 
 def _same_path(a: Any, b: Any) -> bool:
