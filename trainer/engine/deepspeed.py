@@ -92,13 +92,15 @@ class DeepSpeedEngine(Engine):
             "gradient_clipping": optim.clip_grad_norm,
             "steps_per_print": 1 << 30,
             "bf16": {"enabled": precision == "bf16"},
-            # fp16: DeepSpeed's dynamic loss scaler, set like the DDP engine's GradScaler (halve on
-            # every overflow, double after growth_interval clean steps); its floor is put below
-            # engine.min_scale so that the trainer's check (scale < min_scale) can see it reached
-            "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "hysteresis": 1,
-                     "initial_scale_power": max(0, round(math.log2(cfg.init_scale))),
-                     "loss_scale_window": cfg.growth_interval, "min_loss_scale": cfg.min_scale / 2},
+            "fp16": {"enabled": precision == "fp16"},
         }
+        if precision == "fp16":
+            # DeepSpeed's dynamic loss scaler set like the DDP engine's GradScaler (halve on every
+            # overflow, double after growth_interval clean steps). Its floor (an integer) stops the
+            # scale at engine.min_scale, so there engine.max_overflows in a row is what gives up.
+            ds_cfg["fp16"].update({"loss_scale": 0, "hysteresis": 1, "loss_scale_window": cfg.growth_interval,
+                                   "initial_scale_power": max(0, round(math.log2(cfg.init_scale))),
+                                   "min_loss_scale": max(1, int(cfg.min_scale))})
         fwd: nn.Module = torch.compile(backbone) if compile else backbone
         engine, ds_opt, _, _ = deepspeed.initialize(model=fwd, optimizer=build_backbone_optimizer(backbone, optim, fused=False),
                                                     config=ds_cfg)
