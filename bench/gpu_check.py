@@ -447,7 +447,7 @@ def _e2e_synthetic_row(precision: str, dev, sz) -> Dict[str, Any]:
     out = last["out"]
     r = {"samples_per_s": round(sz["e2e_batch"] / sec, 1), "peak_gib": _mem_peak_gib(dev, base),
          "last_loss": round(float(out.loss), 4), "last_skipped": bool(out.skipped)}
-    if out.loss_scale is not None:
+    if getattr(out, "loss_scale", None) is not None:
         r["loss_scale"] = float(out.loss_scale)
     return r
 
@@ -567,7 +567,7 @@ def _trainer_phase(a, steps: int, sz) -> Dict[str, Any]:
            f"data.train_dir={a.work / 'synth'}", f"model.backbone={sz['trainer_backbone']}",
            f"data.batch_size={sz['trainer_batch']}", "engine.precision=fp16", f"run.max_steps={steps}",
            f"checkpoint.save_every={sz['trainer_steps'][0]}", f"validation.every={sz['trainer_steps'][0]}",
-           "logging.log_every=10", "data.num_threads=4", "logging.progress_bar=false"]
+           "logging.log_every=10", f"data.num_threads={min(4, os.cpu_count() or 1)}", "logging.progress_bar=false"]
     cmd += ["model.width=8"] if sz["trainer_backbone"] == "tiny" else ["model.embedding_size=512"]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=a.budget)
@@ -636,6 +636,8 @@ def errors(r: Dict[str, Any]) -> List[str]:
             out += [f"{key}: {x['error']}" for x in part.get("rows", []) if "error" in x]
             if "error" in part:
                 out.append(f"{key}: {part['error']}")
+            if part.get("exit"):  # the stage's process failed or timed out (scripts/device_check.sh)
+                out.append(f"{key}: stage exited {part['exit']}" + (" (timed out)" if part["exit"] in (124, 137) else ""))
     return out
 
 
@@ -660,6 +662,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             res.put(stage, "error", _error(e))
         res.put(stage, "stage_seconds", round(time.time() - t0, 1))
     if a.stage == "report":
+        res.write()
         bad = errors(res.data)
         print("\n".join(["[device-check] errors:"] + bad) if bad else "[device-check] no errors", flush=True)
         return 1 if bad and a.dry_run else 0
