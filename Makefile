@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: demo test setup bench-head gpu-check clean
+.PHONY: demo test setup bench-head gpu-check device-dryrun clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -19,9 +19,13 @@ test: $(STAMP)
 bench-head: $(STAMP)
 	$(PY) -m bench.head
 
-# On a CUDA machine (no venv needed; uses the installed torch): make gpu-check OUT=gpu_out [WHEELS=dir]
+# On a CUDA machine (no venv, no make needed: bash scripts/device_check.sh OUT; docs/performance.md)
 gpu-check:
-	bash scripts/gpu_check.sh $(or $(OUT),gpu_out) $(WHEELS)
+	bash scripts/device_check.sh $(or $(OUT),gpu_out)
+
+# The device check on CPU at tiny sizes, in a venv shaped like the device's software (CI runs it)
+device-dryrun:
+	bash scripts/device_dryrun.sh $(or $(OUT),device_dryrun_out)
 
 clean:
-	rm -rf .venv demo_out .pytest_cache
+	rm -rf .venv .venv-device demo_out device_dryrun_out .pytest_cache

@@ -93,7 +93,8 @@ class _DenseGradPartialFC(torch.nn.Module):
         self.num_local = self.stop - self.start
         self.num_sample = int(rate * self.num_local)
         self.rate, self.s, self.m = rate, s, m
-        self.weight = torch.nn.Parameter(torch.normal(0, 0.01, (self.num_local, DIM)))
+        # empty() follows ``with torch.device(...)``; torch.normal(mean, std, size) ignores it (CPU)
+        self.weight = torch.nn.Parameter(torch.empty(self.num_local, DIM).normal_(0, 0.01))
 
     def forward(self, local_emb: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         import torch.distributed.nn.functional as dnn

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
-import simplejpeg
 from PIL import Image
 
 SIZE = 112
@@ -276,7 +275,9 @@ def domain_b(img: np.ndarray, r: np.random.Generator) -> np.ndarray:
 
 
 def encode(img: np.ndarray, quality: int = 90) -> bytes:
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=quality, colorspace="RGB")
+    from trainer.io.images import encode_jpeg  # simplejpeg, or Pillow where it is missing
+
+    return encode_jpeg(img, quality=quality)
 
 
 _PCACHE: Dict[tuple, Dict[str, np.ndarray]] = {}

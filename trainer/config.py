@@ -135,6 +135,13 @@ class DeepSpeedConfig:
 class EngineConfig:
     name: str = "ddp"                  # ddp | deepspeed (trainer.engine)
     precision: str = "auto"            # auto | fp32 | bf16 | fp16 (auto: fp16 on CUDA, fp32 on CPU)
+    # fp16 loss scaling (GradScaler / DeepSpeed's dynamic scaler; docs/training.md, fp16): the first
+    # scale and the overflow-free steps before it doubles; an overflow halves it and skips the step.
+    # The run stops when the scale falls below min_scale or after max_overflows overflows in a row.
+    init_scale: float = 65536.0
+    growth_interval: int = 2000
+    min_scale: float = 1.0
+    max_overflows: int = 20
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
@@ -432,6 +439,12 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError("config key 'optim.freeze_backbone_steps' is supported with engine.name=ddp only "
                           f"(got {o.freeze_backbone_steps} with deepspeed)")
     need("run.seed", r.seed, 0 <= r.seed < 2**31, "an integer in [0, 2**31)")
+    e = cfg.engine  # fp16 loss scaling
+    need("engine.growth_interval", e.growth_interval, e.growth_interval >= 1, ">= 1")
+    need("engine.max_overflows", e.max_overflows, e.max_overflows >= 1, ">= 1")
+    for key, val in {"engine.init_scale": e.init_scale, "engine.min_scale": e.min_scale}.items():
+        need(key, val, math.isfinite(val) and val > 0, "a finite number > 0")
+    need("engine.init_scale", e.init_scale, e.init_scale >= e.min_scale, f">= engine.min_scale ({e.min_scale})")
     for name in r.preempt_signals:
         sig = getattr(signal, name, None) if name.startswith("SIG") and not name.startswith("SIG_") else None
         if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):

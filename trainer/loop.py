@@ -32,7 +32,7 @@ from trainer.checkpointer import CheckpointManager, Progress, is_restart
 from trainer.config import Config, ConfigError, to_yaml
 from trainer.data import to_model_input
 from trainer.distributed import DistInfo, all_ok, barrier, init_distributed
-from trainer.engine import NonFiniteLossError, build_engine
+from trainer.engine import LossScaleError, NonFiniteLossError, build_engine
 from trainer.heads import UNPG, PartialFC, PartialFCSGD, build_margin
 from trainer.imprint import FaceRecImages, imprint_head
 from trainer.io.atomic import atomic_open, atomic_torch_save
@@ -308,23 +308,48 @@ class Trainer:
         raise Preempted(signum, step)
 
     def _flush(self, pending: List[tuple]) -> None:
-        """Read the steps' device values (one host sync) into the history; apply the NaN policy.
-        A skipped step changed no weight (the engine decided on the device); ``stop`` raises
-        naming the first such step, ``skip`` allows ``run.max_skips`` in a row."""
+        """Read the steps' device values (one host sync) into the history; apply the policies.
+        A skipped step changed no weight (the engine decided on the device). Two kinds:
+
+        - an fp16 loss-scale overflow (finite loss, scaled gradients not finite): GradScaler's
+          normal event (at the start, then about every ``engine.growth_interval`` steps), counted
+          (``overflow_steps``) and logged; :class:`LossScaleError` only when the scale falls below
+          ``engine.min_scale`` or after ``engine.max_overflows`` overflows in a row;
+        - a non-finite loss (or gradient, where no loss scaler explains it): ``run.nan_policy``;
+          ``stop`` raises naming the step, ``skip`` allows ``run.max_skips`` in a row."""
         if not pending:
             return
         rows = []
-        for _, loss, skipped, kf in pending:
+        nan = float("nan")
+        for _, loss, skipped, overflow, scale, kf in pending:
             kept, pairs = kf if len(kf) == 2 else (0.0, 0.0)
             rows.append(torch.stack([torch.as_tensor(v, device=loss.device).float().reshape(())
-                                     for v in (loss, skipped, kept, pairs)]))
+                                     for v in (loss, skipped, kept, pairs, 0.0 if overflow is None else overflow,
+                                               nan if scale is None else scale)]))
         vals = torch.stack(rows).cpu().tolist()
-        run = self.cfg.run
-        for (step, *_), row in zip(pending, vals):
+        run, eng = self.cfg.run, self.cfg.engine
+        overflowed = []
+        for (step, _, _, _, scale_t, _), row in zip(pending, vals):
             rec: Dict[str, Any] = {"step": step, "loss": row[0]}
             if row[3] == row[3] and row[3] > 0:  # NaN / 0: no negative pair that step
                 rec["kept_fraction"] = row[2] / row[3]
-            if row[1]:
+            scale = row[5]
+            if scale_t is not None:
+                rec["loss_scale"] = scale
+            if row[1] and row[4]:  # fp16 overflow: the scaler skipped the step and lowered the scale
+                rec["skipped"], rec["overflow"] = True, True
+                self.overflow_steps += 1
+                self._overflows += 1
+                overflowed.append(step)
+                if scale < eng.min_scale or self._overflows >= eng.max_overflows:
+                    why = (f"the scale fell to {scale:g} < engine.min_scale={eng.min_scale:g}"
+                           if scale < eng.min_scale else
+                           f"{self._overflows} overflows in a row (engine.max_overflows={eng.max_overflows}), scale {scale:g}")
+                    raise LossScaleError(
+                        f"fp16 loss scaling gave up at step {step}: {why}; the gradients are not finite at any scale "
+                        "(no step was applied since the last good one); check lr and data, or train with "
+                        "engine.precision=bf16 or fp32, or resume from the last checkpoint")
+            elif row[1]:
                 rec["skipped"] = True
                 self._skips += 1
                 if run.nan_policy == "stop":
@@ -336,15 +361,20 @@ class Trainer:
                                              f"(run.max_skips={run.max_skips}); stopping")
                 log.warning("non-finite loss or gradient at step %d: step skipped (run.nan_policy=skip)", step)
             else:
-                self._skips = 0
+                self._skips = self._overflows = 0
             self.history.append(rec)
+        if overflowed:
+            log.info("fp16 loss-scale overflow at step%s %s: skipped (GradScaler's normal event); scale now %g, "
+                     "%d overflow steps in this run", "s" if len(overflowed) > 1 else "",
+                     ", ".join(map(str, overflowed)), vals[-1][5], self.overflow_steps)
         pending.clear()
 
     def train(self) -> Dict[str, Any]:
         cfg, p = self.cfg, self.progress
         per_step = cfg.data.batch_size * self.d.world_size * self.accum
         monitor = Monitor(self.out, self.d.is_main, self.total_steps, p.step, per_step, cfg=cfg.logging)
-        self._it, self._skips, pending = None, 0, []
+        self._it, self._skips, self._overflows, pending = None, 0, 0, []
+        self.overflow_steps = sum(1 for h in self.history if h.get("overflow"))  # resumed runs count on
         try:
             if cfg.validation.at_start and p.step < self.total_steps:
                 self._validate(monitor)
@@ -356,7 +386,7 @@ class Trainer:
                 lr = self.scheduler.get_lr()
                 self.scheduler.step()
                 stats = getattr(self.head, "last_stats", {}) or {}
-                pending.append((p.step, out.loss, out.skipped,
+                pending.append((p.step, out.loss, out.skipped, out.overflow, out.loss_scale,
                                 tuple(stats[k] for k in ("kept", "neg_pairs") if k in stats)))
                 log_now = monitor.should_log(p.step)
                 val_now, save_now = self.validator.should_validate(p.step), self.checkpointer.should_save(p.step)
@@ -365,7 +395,8 @@ class Trainer:
                     if hasattr(self.head, "check_inputs"):
                         self.head.check_inputs()  # labels of the steps since the last check (one sync)
                 monitor.record(p.step, p.epoch, lr, self.history[-1]["loss"] if log_now else None, out.grad_norm,
-                               self.engine.loss_scale, stats, out.images)
+                               lambda: self.history[-1].get("loss_scale"), stats, out.images,
+                               overflow_steps=self.overflow_steps if out.overflow is not None else None)
                 t_side = time.time()
                 if val_now:
                     self._validate(monitor)
@@ -393,6 +424,9 @@ class Trainer:
         v = self.validator
         summary = {"steps": self.step, "world_size": self.d.world_size, "history": self.history,
                    "val": v.history, "best": dict(v.best)}
+        if self.precision == "fp16":  # train/overflow_steps, train/loss_scale (also in TensorBoard)
+            summary["overflow_steps"] = getattr(self, "overflow_steps", 0)
+            summary["loss_scale"] = self.engine.loss_scale()
         with atomic_open(self.out / "summary.json", "w") as f:
             json.dump(summary, f, indent=1)
         if len(v.history) >= 2:

@@ -107,7 +107,7 @@ class Monitor:
 
     def record(self, step: int, epoch: int, lr: float, loss: Optional[float], grad_norm: Optional[torch.Tensor],
                loss_scale: Callable[[], Optional[float]], head_stats: Mapping[str, Any],
-               images: Optional[torch.Tensor]) -> None:
+               images: Optional[torch.Tensor], overflow_steps: Optional[int] = None) -> None:
         """After optimizer step ``step``: progress bar; the first batch's image grid; at logging
         steps (``loss`` given) the console line and scalars; UNPG histograms every
         ``hist_every``. Device tensors are read here, at those steps only."""
@@ -122,6 +122,8 @@ class Monitor:
             scale = loss_scale()
             if scale is not None:
                 vals["train/loss_scale"] = scale
+            if overflow_steps is not None:  # fp16: steps skipped by the loss scaler so far
+                vals["train/overflow_steps"] = overflow_steps
             vals.update({f"unpg/{k}": float(v) for k, v in head_stats.items()
                          if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)})
             self.scalars(step, vals)

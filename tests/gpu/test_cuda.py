@@ -1,10 +1,10 @@
-"""GPU tests (``pytest -m gpu``; skipped without CUDA). Run by ``make gpu-check``.
+"""GPU tests (``pytest -m gpu``; skipped without CUDA). Run by ``scripts/device_check.sh`` (stage gpu_tests).
 
 - the head on CUDA equals the float64 CPU reference (ArcFace/CosFace/Combined x UNPG x r);
 - bf16 / fp16 autocast within stated tolerances;
-- no device-to-host sync in steady-state head steps (``torch.cuda.set_sync_debug_mode``);
+- no host sync in steady-state training steps (``set_sync_debug_mode``): tests/gpu/test_cuda_trainer.py;
 - fp16 GradScaler with the sparse head;
-- one-process NCCL training with checkpoint and resume on a generated RecordIO set;
+- one-process NCCL training with checkpoint and resume: tests/gpu/test_cuda_trainer.py;
 - DALI mixed decode equals the CPU decode (when DALI is installed).
 """
 import pytest

@@ -18,7 +18,7 @@ import torch
 
 from trainer.config import EngineConfig, OptimConfig
 from trainer.distributed import DistInfo
-from trainer.engine.base import Engine, NonFiniteLossError, StepOutput
+from trainer.engine.base import Engine, LossScaleError, NonFiniteLossError, StepOutput
 
 ENGINES = ("ddp", "deepspeed")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -47,5 +47,5 @@ def build_engine(cfg: EngineConfig, optim: OptimConfig, backbone: torch.nn.Modul
     return DDPEngine(cfg, optim, backbone, head, head_opt, d, grad_accum, precision, compile=compile)
 
 
-__all__ = ["ENGINES", "PRECISIONS", "Engine", "NonFiniteLossError", "StepOutput", "build_engine",
+__all__ = ["ENGINES", "PRECISIONS", "Engine", "LossScaleError", "NonFiniteLossError", "StepOutput", "build_engine",
            "resolve_precision"]

@@ -20,13 +20,22 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf; training stopped instead of training on."""
 
 
+class LossScaleError(NonFiniteLossError):
+    """fp16: the loss scale collapsed (below ``engine.min_scale``) or overflowed
+    ``engine.max_overflows`` steps in a row; names the step and the scale."""
+
+
 @dataclass
 class StepOutput:
     """Device tensors (no host sync in the step): read them at logging steps only."""
     loss: torch.Tensor                        # mean micro-batch loss (NaN/inf when skipped)
-    skipped: torch.Tensor                     # bool: non-finite loss or gradient, no weight changed
+    skipped: torch.Tensor                     # bool: the step was not applied, no weight changed
     grad_norm: Optional[torch.Tensor] = None  # backbone gradient norm before clipping
     images: Optional[torch.Tensor] = None     # the last micro-batch (for the image grid)
+    # fp16: bool, the skip is a loss-scale overflow (finite loss, scaled gradients not finite):
+    # GradScaler's normal event, not a NaN for run.nan_policy; None: no loss scaling
+    overflow: Optional[torch.Tensor] = None
+    loss_scale: Optional[torch.Tensor] = None  # fp16: the scale after this step (float32)
 
 
 class Engine:
@@ -71,10 +80,15 @@ class Engine:
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         raise NotImplementedError
 
-    def _apply(self, bad: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    def _apply(self, bad: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
         """At the accumulation boundary: step both optimizers unless ``bad`` (device bool) or a
-        gradient is not finite, decided on the device; returns (grad norm, skipped)."""
+        gradient is not finite, decided on the device; returns (grad norm, skipped, overflow),
+        overflow (fp16 only, else None): skipped with a finite loss, the loss scaler's event."""
         raise NotImplementedError
+
+    def loss_scale_tensor(self) -> Optional[torch.Tensor]:
+        """fp16: the current loss scale as a float32 tensor, read without a host sync."""
+        return None
 
     def state_dict(self) -> Dict[str, Any]:
         """What goes into trainer.pt besides the backbone weights (optimizer, scaler)."""
@@ -109,7 +123,8 @@ class Engine:
     def train_step(self, next_batch: Callable[[], Batch]) -> StepOutput:
         """One optimizer step over ``grad_accum`` micro-batches, without a host sync (DDP engine):
         a non-finite loss or gradient skips the step on the device (weights and optimizer
-        state unchanged, as GradScaler does); the trainer reads ``skipped`` at logging steps."""
+        state unchanged, as GradScaler does); the trainer reads ``skipped`` / ``overflow`` at
+        logging steps (an fp16 overflow is counted, a non-finite loss meets ``run.nan_policy``)."""
         total = None
         images = None
         # running statistics (BatchNorm) move in the forward pass: keep a copy to restore
@@ -124,11 +139,12 @@ class Engine:
                 total = loss.detach() if total is None else total + loss.detach()
                 self._backward(loss, last)
         mean = total / self.accum
-        grad_norm, skipped = self._apply(~torch.isfinite(mean))
+        grad_norm, skipped, overflow = self._apply(~torch.isfinite(mean))
         with torch.no_grad():
             for b, old in zip(stats, saved):
                 b.copy_(torch.where(skipped, old, b))
-        return StepOutput(loss=mean, skipped=skipped, grad_norm=grad_norm, images=images)
+        return StepOutput(loss=mean, skipped=skipped, grad_norm=grad_norm, images=images, overflow=overflow,
+                          loss_scale=self.loss_scale_tensor())
 
     # ---------------------------------------------------------------- export
     def float_backbone(self) -> nn.Module:

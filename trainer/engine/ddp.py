@@ -37,7 +37,8 @@ class DDPEngine(Engine):
             fwd = nn.parallel.DistributedDataParallel(
                 fwd, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         self.model = fwd
-        self.scaler = torch.amp.GradScaler(d.device.type) if precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(d.device.type, init_scale=cfg.init_scale,
+                                           growth_interval=cfg.growth_interval) if precision == "fp16" else None
 
     def autocast(self) -> ContextManager:
         if self.precision == "fp32":
@@ -54,13 +55,17 @@ class DDPEngine(Engine):
         scaled = loss / self.accum
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
 
-    def _apply(self, bad: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    def _apply(self, bad: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
         if self.scaler is not None:
             self.scaler.unscale_(self.backbone_opt)
             self.scaler.unscale_(self.head_opt)
         gn = self.grad_norm_and_clip()
         # a non-finite loss or gradient anywhere skips BOTH optimizers, on the device
-        skipped = bad | ~torch.isfinite(gn) | ~_grads_finite(self.head_opt)
+        grads_bad = ~torch.isfinite(gn) | ~_grads_finite(self.head_opt)
+        skipped = bad | grads_bad
+        # fp16: non-finite scaled gradients with a finite loss are the scaler's overflow (it lowers
+        # the scale below); without a scaler nothing explains them: a NaN for run.nan_policy
+        overflow = grads_bad & ~bad if self.scaler is not None else None
         found = skipped.to(torch.float32)
         for opt in (self.backbone_opt, self.head_opt):
             if getattr(opt, "_step_supports_amp_scaling", False):
@@ -73,7 +78,13 @@ class DDPEngine(Engine):
             self.scaler.update()  # lowers the scale after an overflow, on the device
         self.backbone_opt.zero_grad(set_to_none=True)
         self.head_opt.zero_grad(set_to_none=True)
-        return gn, skipped
+        return gn, skipped, overflow
+
+    def loss_scale_tensor(self) -> Optional[torch.Tensor]:
+        if self.scaler is None:
+            return None
+        # a copy (update() changes the scale in place); _get_scale_async: no host sync (torch >= 2.0)
+        return self.scaler._get_scale_async().detach().float().clone()
 
     def loss_scale(self) -> Optional[float]:
         """The GradScaler's scale (a host sync: call it at logging steps)."""

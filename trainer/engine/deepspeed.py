@@ -12,6 +12,7 @@ the sync-free step is the DDP engine's.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -93,6 +94,13 @@ class DeepSpeedEngine(Engine):
             "bf16": {"enabled": precision == "bf16"},
             "fp16": {"enabled": precision == "fp16"},
         }
+        if precision == "fp16":
+            # DeepSpeed's dynamic loss scaler set like the DDP engine's GradScaler (halve on every
+            # overflow, double after growth_interval clean steps). Its floor (an integer) stops the
+            # scale at engine.min_scale, so there engine.max_overflows in a row is what gives up.
+            ds_cfg["fp16"].update({"loss_scale": 0, "hysteresis": 1, "loss_scale_window": cfg.growth_interval,
+                                   "initial_scale_power": max(0, round(math.log2(cfg.init_scale))),
+                                   "min_loss_scale": max(1, int(cfg.min_scale))})
         fwd: nn.Module = torch.compile(backbone) if compile else backbone
         engine, ds_opt, _, _ = deepspeed.initialize(model=fwd, optimizer=build_backbone_optimizer(backbone, optim, fused=False),
                                                     config=ds_cfg)
@@ -119,7 +127,7 @@ class DeepSpeedEngine(Engine):
         if not last:
             self.ds.step()  # not a boundary: DeepSpeed only advances its micro-step counter
 
-    def _apply(self, bad: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    def _apply(self, bad: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
         # every non-finite micro-batch loss was seen (and replaced) in _backward, so ``bad``
         # (the mean loss not finite) adds nothing: no second host read
         skip, self._bad = self._bad, False
@@ -138,7 +146,15 @@ class DeepSpeedEngine(Engine):
                 g["lr"] = lr
         gn = self.ds.get_global_grad_norm()
         dev = self.d.device
-        return (None if gn is None else torch.as_tensor(float(gn), device=dev)), torch.tensor(skip, device=dev)
+        overflow = None
+        if self.precision == "fp16":  # DeepSpeed skipped its step on a loss-scale overflow
+            ov = bool(getattr(self.ds.optimizer, "overflow", False)) and not skip
+            overflow, skip = torch.tensor(ov, device=dev), skip or ov
+        return (None if gn is None else torch.as_tensor(float(gn), device=dev)), torch.tensor(skip, device=dev), overflow
+
+    def loss_scale_tensor(self) -> Optional[torch.Tensor]:
+        scale = self.loss_scale()
+        return None if scale is None else torch.tensor(scale, dtype=torch.float32, device=self.d.device)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"optimizer": None, "scaler": None}  # DeepSpeed saves its own (save_extra)
@@ -165,4 +181,9 @@ class DeepSpeedEngine(Engine):
                         "deepspeed/ folder); weights, head shards and schedule are")
 
     def loss_scale(self) -> Optional[float]:
-        return None
+        if self.precision != "fp16":
+            return None
+        opt = self.ds.optimizer
+        cfg = getattr(opt, "loss_scale_config", None)
+        scale = getattr(cfg, "cur_scale", None) if cfg is not None else getattr(opt, "cur_scale", None)
+        return None if scale is None else float(scale)

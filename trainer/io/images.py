@@ -2,7 +2,12 @@
 
 JPEG goes through simplejpeg (libjpeg-turbo), anything else (PNG, BMP, ...)
 through Pillow. Used by the training loaders, ``data_tools`` (validate,
-folder2rec, make_bin) and evaluation (``.bin`` sets, IJB crops).
+folder2rec, make_bin, synth) and evaluation (``.bin`` sets, IJB crops).
+
+Without simplejpeg (a GPU machine's software set may lack it) JPEG falls back
+to OpenCV's decoder (libjpeg-turbo too; Pillow when OpenCV is missing) and
+encoding to Pillow, with one warning: the loaders and tools still run, decoding
+a little slower; pixels may differ by a grey level from simplejpeg's.
 
 Two policies for a JPEG that libjpeg-turbo rejects:
 - ``lenient=False`` (training data, ``data_tools validate``): it is an error, so
@@ -13,11 +18,40 @@ Two policies for a JPEG that libjpeg-turbo rejects:
 from __future__ import annotations
 
 import io
-from typing import Optional, Tuple
+import warnings
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
 JPEG_SOI = b"\xff\xd8"
+_SJ: Any = ...  # simplejpeg, or None when it is not installed (decided on first use)
+
+
+def _simplejpeg():
+    """The simplejpeg module, or None (then a warning, once per process)."""
+    global _SJ
+    if _SJ is ...:
+        try:
+            import simplejpeg
+            _SJ = simplejpeg
+        except ImportError:
+            _SJ = None
+            warnings.warn("simplejpeg is not installed: JPEG decoding falls back to OpenCV (or Pillow) and "
+                          "encoding to Pillow (slower; install simplejpeg for the loaders' full speed)",
+                          RuntimeWarning, stacklevel=3)
+    return _SJ
+
+
+def _fallback_jpeg(data: bytes) -> np.ndarray:
+    """JPEG -> RGB uint8 without simplejpeg: OpenCV, else Pillow. Raises on undecodable bytes."""
+    try:
+        import cv2
+    except ImportError:
+        return _pillow(data)
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("OpenCV could not decode the JPEG")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 class ImageDecodeError(ValueError):
@@ -30,10 +64,15 @@ def is_jpeg(data: bytes) -> bool:
 
 def jpeg_size(data: bytes, where: str = "image") -> Tuple[int, int]:
     """(height, width) from a JPEG header, without decoding."""
-    import simplejpeg
-
+    sj = _simplejpeg()
     try:
-        w, h, _, _ = simplejpeg.decode_jpeg_header(data)
+        if sj is None:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                w, h = im.size
+        else:
+            w, h, _, _ = sj.decode_jpeg_header(data)
     except Exception as e:
         raise ImageDecodeError(f"{where}: undecodable JPEG ({type(e).__name__}: {e})") from None
     return h, w
@@ -54,10 +93,9 @@ def decode_rgb(data: bytes, where: str = "image", size: Optional[Tuple[int, int]
     ``out``: a contiguous [H, W, 3] uint8 buffer to decode a JPEG into (needs ``size``).
     ``where`` names the file/record in every error (:class:`ImageDecodeError`).
     """
-    import simplejpeg
-
     if not data:
         raise ImageDecodeError(f"{where}: empty image")
+    sj = _simplejpeg()
     img = None
     try:
         if is_jpeg(data):
@@ -66,8 +104,11 @@ def decode_rgb(data: bytes, where: str = "image", size: Optional[Tuple[int, int]
                     h, w = jpeg_size(data, where)
                     if (h, w) != tuple(size):
                         raise ImageDecodeError(f"{where}: image is {w}x{h}, expected {size[1]}x{size[0]}")
-                    return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
-                img = simplejpeg.decode_jpeg(data, colorspace="RGB")
+                    if sj is None:
+                        out[...] = _fallback_jpeg(data)
+                        return out
+                    return sj.decode_jpeg(data, colorspace="RGB", buffer=out)
+                img = _fallback_jpeg(data) if sj is None else sj.decode_jpeg(data, colorspace="RGB")
             except ImageDecodeError:
                 raise
             except Exception:
@@ -94,7 +135,12 @@ def resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
-    """RGB uint8 [H, W, 3] -> JPEG bytes (simplejpeg)."""
-    import simplejpeg
+    """RGB uint8 [H, W, 3] -> JPEG bytes (simplejpeg; Pillow without it)."""
+    sj = _simplejpeg()
+    if sj is None:
+        from PIL import Image
 
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=quality, colorspace="RGB")
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(img)).save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+    return sj.encode_jpeg(np.ascontiguousarray(img), quality=quality, colorspace="RGB")
