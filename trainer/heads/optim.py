@@ -143,6 +143,8 @@ class PartialFCSGD(torch.optim.Optimizer):
     @staticmethod
     def _sparse_update(p, grad, buf, lr, momentum, wd, keep, chunk_rows) -> None:
         rows, values = grad._indices()[0], grad._values()
+        if not values.is_contiguous():  # e.g. expanded: rewritten below, so a copy of its own
+            values = values.contiguous()
         m = rows.numel()
         if m == 0:
             return
