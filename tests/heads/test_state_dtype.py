@@ -281,3 +281,30 @@ def test_float16_state_is_refused():
         PartialFC(make_margin("arcface", 16.0), D, C, dtype=torch.float16)
     with pytest.raises(TypeError, match="bfloat16"):
         PartialFCSGD([torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float16))])
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_bf16_state_with_fp16_grad_scaler_skips_on_inf_and_steps_otherwise(rate):
+    """The CUDA default (fp16 + GradScaler) unscales the bf16 head gradient (dense or sparse) and
+    sets ``found_inf``: an overflowing step leaves weights and momentum bit for bit, a finite one moves them."""
+    torch.manual_seed(4)
+    head = PartialFC(make_margin("arcface", 16.0), D, 40, sample_rate=rate, dtype=torch.bfloat16)
+    opt = PartialFCSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    buf = opt.state[head.weight]["momentum_buffer"]
+    x, y = torch.randn(12, D), torch.randint(0, 40, (12,))
+    for scale, expect_skip in ((float("inf"), True), (1024.0, False)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        w0, m0 = head.weight.detach().clone(), buf.clone()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(head(x, y)).backward()
+        assert head.weight.grad.dtype == torch.bfloat16 and head.weight.grad.is_sparse == (rate < 1)
+        scaler.unscale_(opt)
+        found = sum(v for v in scaler._found_inf_per_device(opt).values())
+        opt.found_inf = found  # what the engine does (trainer/engine/ddp.py)
+        opt.step()
+        opt.found_inf = None
+        moved = not torch.equal(head.weight.detach(), w0)
+        assert moved != expect_skip
+        if expect_skip:
+            assert torch.equal(buf, m0)
+        assert torch.isfinite(head.weight.detach().float()).all()
