@@ -49,3 +49,15 @@ def test_bf16_state_resumes_at_any_world_size_converts_and_exports(tmp_path):
     assert loaded["head_weight"].dtype == torch.float32 and obj["step"] == 8
     assert torch.equal(loaded["head_weight"], last.float())
     assert torch.equal(torch.cat([r[0]["head"] for r in a]).float(), loaded["head_weight"])
+
+
+def test_state_dtype_key_is_validated_and_does_not_block_resume():
+    import pytest
+
+    from trainer.config import ConfigError, config_diff, load_config, to_dict
+
+    assert load_config(None, ["loss.state_dtype=bf16"]).loss.state_dtype == "bf16"
+    with pytest.raises(ConfigError, match=r"loss\.state_dtype.*fp16.*'fp32', 'bf16'"):
+        load_config(None, ["loss.state_dtype=fp16"])
+    a, b = to_dict(load_config(None, [])), to_dict(load_config(None, ["loss.state_dtype=bf16", "loss.s=32"]))
+    assert [k for k, _, _ in config_diff(a, b)] == ["loss.s"]  # converted on resume, not a change
