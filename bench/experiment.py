@@ -50,6 +50,9 @@ ARMS: Dict[str, tuple] = {
     "arcface+unpg wisk1.0": ("ablation", dict(margin="arcface", m=0.3, unpg=True, wisk=1.0), (0.2,)),
     "arcface+unpg pfc0.3": ("ablation", dict(margin="arcface", m=0.3, unpg=True, wisk=1.5,
                                              sample_rate=0.3), (0.2,)),
+    # issue 26: the core "arcface+unpg" arm with its centres and momentum stored in bf16
+    "arcface+unpg bf16-state": ("state", dict(margin="arcface", m=0.3, unpg=True, wisk=1.5,
+                                              state_dtype="bf16"), (0.0,)),
 }
 
 
@@ -546,7 +549,7 @@ def ratio_main(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "bench_out" / "experiment")
-    ap.add_argument("--group", choices=["core", "ablation", "all", "ratio"], default="all",
+    ap.add_argument("--group", choices=["core", "ablation", "state", "all", "ratio"], default="all",
                     help="ratio: the pairs:classes sweep (its own grid and output folder; not in 'all')")
     ap.add_argument("--arms", nargs="*", help=f"subset of: {list(ARMS)} (ratio: {list(RATIO_ARMS)})")
     ap.add_argument("--noise", type=float, nargs="*", default=[0.0, 0.2])

@@ -46,19 +46,19 @@ def _warm_up(UNPG, ArcFace, PartialFC, PartialFCSGD, rate, unpg_on, local) -> No
     opt.step()
 
 
-def _partial_fc_rank(rank, world, store, classes, rate, unpg_on, steps, threads, out):
+def _partial_fc_rank(rank, world, store, classes, rate, unpg_on, steps, threads, state_dtype, out):
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    from trainer.heads import UNPG, ArcFace, PartialFC, PartialFCSGD
+    from trainer.heads import STATE_DTYPES, UNPG, ArcFace, PartialFC, PartialFCSGD
 
     torch.manual_seed(rank)
     local = BATCH // world
     _warm_up(UNPG, ArcFace, PartialFC, PartialFCSGD, rate, unpg_on, local)
     base = rss_mb()
     head = PartialFC(ArcFace(s=64.0, m=0.5), DIM, classes, sample_rate=rate,
-                     unpg=UNPG(wisk=1.5) if unpg_on else None)
+                     unpg=UNPG(wisk=1.5) if unpg_on else None, dtype=STATE_DTYPES[state_dtype])
     opt = PartialFCSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
-    state_mb = (head.weight.numel() * 2 * 4) / 2**20  # shard + momentum buffer
+    state_mb = (head.num_local * head.state_bytes_per_class) / 2**20  # shard + momentum buffer
     emb = torch.randn(local, DIM, requires_grad=True)
     times = []
     reset_peak()
@@ -75,7 +75,7 @@ def _partial_fc_rank(rank, world, store, classes, rate, unpg_on, steps, threads,
         if step:  # the first step is warm-up
             times.append(dt)
     torch.save(dict(time=statistics.median(times), mem=peak_mb() - base, state=state_mb,
-                    kept=head.last_stats.get("kept")), f"{out}/r{rank}.pt")
+                    kept=head.last_stats.get("kept"), bpc=head.state_bytes_per_class), f"{out}/r{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -163,11 +163,11 @@ def _spawn(target, args):
         mp.spawn(target, args=(2, f"{tmp}/store", *args, tmp), nprocs=2)
         ranks = [torch.load(f"{tmp}/r{r}.pt") for r in range(2)]
     return dict(time=max(r["time"] for r in ranks), mem=max(r["mem"] for r in ranks),
-                state=max(r["state"] for r in ranks))
+                state=max(r["state"] for r in ranks), bpc=ranks[0].get("bpc", 2 * DIM * 4))
 
 
-def _run_partial_fc(classes, rate, unpg_on, steps):
-    return _spawn(_partial_fc_rank, (classes, rate, unpg_on, steps, 1))
+def _run_partial_fc(classes, rate, unpg_on, steps, state_dtype="fp32"):
+    return _spawn(_partial_fc_rank, (classes, rate, unpg_on, steps, 1, state_dtype))
 
 
 def _run_dense(classes, rate, steps):
@@ -180,25 +180,39 @@ def main() -> None:
     ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.1])
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after 1 warm-up)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense-gradient Partial FC baseline")
+    ap.add_argument("--state-dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                    help="loss.state_dtype of ours (columns side by side)")
+    ap.add_argument("--unpg", nargs="+", default=["off", "on"], choices=["off", "on"], help="UNPG settings of ours")
+    ap.add_argument("--reserve-gb", type=float, default=40.0,
+                    help="GPU memory kept for the backbone, activations and buffers in the fit line")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Freed blocks above 128 KiB go back to the OS, so the RSS follows what is live
+    # (glibc's dynamic threshold would otherwise keep freed temporaries in the heap).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
 
     rows = {}
     print(f"global batch {BATCH}, D {DIM}, ArcFace, SGD(momentum 0.9, wd 5e-4); 2 gloo ranks x 1 thread; "
           f"{args.steps} timed steps")
-    print(f"{'config':<40}{'s/step':>9}{'peak MB/rank':>14}{'state MB/rank':>15}{'mem/state':>11}")
+    print(f"{'config':<50}{'s/step':>9}{'peak MB/rank':>14}{'state MB/rank':>15}{'mem/state':>11}"
+          f"{'state B/class':>15}")
 
     def show(name, r):
-        print(f"{name:<40}{r['time']:>9.3f}{r['mem']:>14.0f}{r['state']:>15.0f}{r['mem'] / r['state']:>11.2f}", flush=True)
+        print(f"{name:<50}{r['time']:>9.3f}{r['mem']:>14.0f}{r['state']:>15.0f}{r['mem'] / r['state']:>11.2f}"
+              f"{r.get('bpc', 2 * DIM * 4):>15}", flush=True)
 
     for classes in args.classes:
         for rate in args.rates:
             if not args.no_dense:
                 rows[(classes, rate, "dense")] = d = _run_dense(classes, rate, args.steps)
                 show(f"C={classes:,} r={rate} dense-grad PFC (baseline)", d)
-            for unpg_on in (False, True):
-                rows[(classes, rate, unpg_on)] = r = _run_partial_fc(classes, rate, unpg_on, args.steps)
-                show(f"C={classes:,} r={rate} ours UNPG {'on' if unpg_on else 'off'}", r)
+            for unpg_on in [u == "on" for u in args.unpg]:
+                for sd in args.state_dtypes:
+                    r = _run_partial_fc(classes, rate, unpg_on, args.steps, sd)
+                    rows[(classes, rate, unpg_on, sd)] = r
+                    if sd == args.state_dtypes[0]:
+                        rows[(classes, rate, unpg_on)] = r
+                    show(f"C={classes:,} r={rate} ours UNPG {'on' if unpg_on else 'off'} state {sd}", r)
 
     print("\nratios (same run, same shapes and processes)")
     for classes in args.classes:
@@ -224,6 +238,45 @@ def main() -> None:
                   + (f" (goal <= 0.11: {'ok' if ratio <= 0.11 else 'MISSED'})" if classes >= 1_000_000 else ""))
         if lo:
             print(f"  C={classes:,}: ours r=0.1 peak memory / (shard + optimizer state) {lo['mem'] / lo['state']:.3f}")
+        _state_table(rows, classes, args)
+    _fit_line(rows, args)
+
+
+def _state_table(rows, classes, args) -> None:
+    """fp32 and bf16 state side by side: bytes per class, peak / state (goal <= 1.15 at r=0.1)."""
+    if len(args.state_dtypes) < 2 and not any((classes, r, "dense") in rows for r in args.rates):
+        return
+    print(f"  C={classes:,} state dtypes side by side (ours; dense baseline: fp32 weight + fp32 momentum):")
+    for rate in args.rates:
+        for unpg_on in [u == "on" for u in args.unpg]:
+            cells = []
+            for sd in args.state_dtypes:
+                r = rows.get((classes, rate, unpg_on, sd))
+                if r:
+                    goal = f" (goal <= 1.15: {'ok' if r['mem'] / r['state'] <= 1.15 else 'MISSED'})" if rate <= 0.1 else ""
+                    cells.append(f"{sd}: {r['bpc']} B/class, peak/state {r['mem'] / r['state']:.3f}{goal}, "
+                                 f"{r['time']:.3f} s/step")
+            d = rows.get((classes, rate, "dense"))
+            if d:
+                cells.append(f"dense: {2 * DIM * 4} B/class, peak/state {d['mem'] / d['state']:.3f}, {d['time']:.3f} s/step")
+            print(f"    r={rate} UNPG {'on' if unpg_on else 'off'}: " + " | ".join(cells))
+
+
+def _fit_line(rows, args) -> None:
+    """Classes that fit one 141 GB H200 at r=0.1: (141 GB - reserve) / (bytes per class x peak/state),
+    the peak/state measured here at the largest C run (per rank), per state dtype."""
+    gpu = 141e9
+    for sd in args.state_dtypes:
+        pts = [(c, r) for (c, rate, u, s), r in ((k, v) for k, v in rows.items() if len(k) == 4)
+               if s == sd and rate <= 0.1 + 1e-9 and u is False] if any(len(k) == 4 for k in rows) else []
+        if not pts:
+            continue
+        c, r = max(pts, key=lambda t: t[0])
+        ratio = r["mem"] / r["state"]
+        per_gpu = (gpu - args.reserve_gb * 1e9) / (r["bpc"] * ratio)
+        print(f"fit, state {sd}: {r['bpc']} B/class x peak/state {ratio:.3f} (C={c:,}, r=0.1, UNPG off) -> "
+              f"{per_gpu / 1e6:.1f}M classes per 141 GB H200 after a {args.reserve_gb:.0f} GB reserve "
+              f"(backbone, activations, buffers); x 8 = {8 * per_gpu / 1e6:.0f}M classes on 8 H200s")
 
 
 if __name__ == "__main__":

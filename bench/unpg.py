@@ -43,7 +43,7 @@ DIM, S, WISK = 64, 64.0, 1.5
 
 def _batch(n_rows: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n_rows, DIM, generator=g)
+    x = torch.randn(n_rows, int(os.environ.get("BENCH_UNPG_DIM", DIM)), generator=g)
     labels = torch.randint(0, max(1, n_rows // 4), (n_rows,), generator=g)
     return x, labels
 
@@ -129,7 +129,9 @@ def main() -> None:
                         help="rank counts of the series (N = R x B_local)")
     parser.add_argument("--no-series", action="store_true")
     parser.add_argument("--no-compare", action="store_true", help="skip the sharded vs replicated grid")
+    parser.add_argument("--dim", type=int, default=DIM, help="embedding size D")
     args = parser.parse_args()
+    os.environ["BENCH_UNPG_DIM"] = str(args.dim)  # read by the spawned ranks
     # Freed blocks above 128 KiB go back to the OS, so the RSS follows what is live.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -142,7 +144,7 @@ def main() -> None:
         sizes = compare if world in args.worlds else []
         points[world] = run_world(world, sizes, b * world if world in series else 0, args.repeat)
     if compare:
-        print(f"UNPG term, D={DIM}, float32, forward+backward; per rank (sharded: max over ranks)")
+        print(f"UNPG term, D={args.dim}, float32, forward+backward; per rank (sharded: max over ranks)")
         print(f"{'R':>3} {'N':>6} {'pairs':>11} | {'sharded MB':>10} {'cpu s':>7} | "
               f"{'replicated MB':>13} {'cpu s':>7} | {'mem ratio':>9} {'time ratio':>10}")
         for world in args.worlds:
@@ -151,6 +153,9 @@ def main() -> None:
                 (sm, sc, _), (rm, rc, _) = p["sharded"], p["replicated"]
                 print(f"{world:>3} {n_rows:>6} {n_rows * (n_rows - 1) // 2:>11} | {sm:>10.1f} {sc:>7.3f} | "
                       f"{rm:>13.1f} {rc:>7.3f} | {sm / rm:>9.3f} {sc / rc:>10.3f}")
+                nn_mb = n_rows * n_rows * 4 / 2**20
+                print(f"    sharded peak per rank / one N x N float32 matrix ({nn_mb:.0f} MB): {sm / nn_mb:.3f}"
+                      + (" (goal <= 1.0: " + ("ok" if sm <= nn_mb else "MISSED") + ")" if n_rows == 4096 else ""))
     if series:
         print(f"\nsharded series at B_local={b}: per-rank cost grows linearly in N = R x B_local")
         print("(memory: the [B, B + N/2] band grows with N; the chunk temporaries of 2^20 elements do not)")

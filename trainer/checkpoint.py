@@ -304,7 +304,8 @@ def try_load(candidates: List[Path], loader: Callable[[Path], Any],
 # --------------------------------------------------------------------- export
 def export(run_dir: Path, out: Path) -> Dict[str, Any]:
     """One file from the newest complete checkpoint of ``run_dir``: ``{"backbone": state_dict,
-    "head_weight": [C, D] (every shard, class order), "num_classes": C, "step": S}``, written
+    "head_weight": [C, D] float32 (every shard, class order; a bf16 state widened exactly),
+    "num_classes": C, "step": S}``, written
     atomically and loadable with ``torch.load(..., weights_only=True)``."""
     root = Path(run_dir) / "checkpoints"
     done = list_checkpoints(root)
@@ -317,7 +318,8 @@ def export(run_dir: Path, out: Path) -> Dict[str, Any]:
     state = load_file(Path(ckpt) / TRAINER_FILE)
     weight = load_shard_for_range(ckpt, (0, num_classes), ranges)["head"]["weight"]
     obj = {"backbone": {k: v.detach().cpu() for k, v in state["backbone"].items()},
-           "head_weight": weight.detach().cpu(), "num_classes": num_classes, "step": int(meta["step"])}
+           "head_weight": weight.detach().cpu().float(),  # float32 (a bf16 state widens exactly)
+           "num_classes": num_classes, "step": int(meta["step"])}
     atomic_torch_save(obj, out)
     return obj
 

@@ -223,6 +223,11 @@ class CheckpointManager:
         same_world = meta["world_size"] == d.world_size
         engine.backbone.load_state_dict(state["backbone"])
         engine.load_state_dict(state, path, same_world)
+        saved_dtype = shard["head"]["weight"].dtype
+        if saved_dtype != head.weight.dtype:
+            log.warning("%s: class centres and momentum stored as %s, this run keeps them as %s "
+                        "(loss.state_dtype): converted on load%s", path, saved_dtype, head.weight.dtype,
+                        " (rounded to nearest)" if head.weight.element_size() < saved_dtype.itemsize else " (exact)")
         head.load_state_dict(shard["head"])
         head_opt.load_state_dict(shard["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

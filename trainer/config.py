@@ -77,6 +77,7 @@ class LossConfig:
     negatives: str = "global"          # UNPG pairs over the gathered global batch | "local" (per rank)
     unpg_sharded: Optional[bool] = None  # global pairs split over ranks (None: when world size > 1)
     sample_rate: float = 1.0           # Partial FC sampling rate (docs/design.md, sharding)
+    state_dtype: str = "fp32"          # fp32 | bf16: storage of the class centres and their momentum
     h: float = 0.333                   # adaface: margin scaler width (uses s and m too)
     t_alpha: float = 0.01              # adaface: EMA rate of the global-batch norm statistics
     l_a: float = 10.0                  # magface: norm range [l_a, u_a] ...
@@ -205,6 +206,7 @@ def _choices() -> Dict[str, tuple]:
     from trainer.data.plan import MODES as SHUFFLE_MODES
     from trainer.engine import ENGINES, PRECISIONS
     from trainer.heads.margins import MARGINS
+    from trainer.heads.optim import STATE_DTYPES
     from trainer.heads.unpg import NEGATIVE_MODES
     from trainer.optim import OPTIMIZERS, SCHEDULERS
 
@@ -215,6 +217,7 @@ def _choices() -> Dict[str, tuple]:
         "engine.deepspeed.zero_stage": (0, 1, 2),
         "loss.margin": MARGINS,
         "loss.negatives": NEGATIVE_MODES,
+        "loss.state_dtype": tuple(STATE_DTYPES),
         "data.backend": BACKENDS,
         "data.shuffle_mode": SHUFFLE_MODES,
         "optim.optimizer": OPTIMIZERS,
@@ -471,12 +474,18 @@ def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+#: keys inside RESUME_KEYS that a resume converts instead of refusing (with a warning)
+RESUME_CONVERTED = ("loss.state_dtype",)
+
+
 def config_diff(saved: dict, current: dict, keys: Sequence[str] = RESUME_KEYS) -> List[tuple]:
     """[(key, saved value, current value)] of the ``keys`` that differ; keys the saved
-    config does not have (an older version) are not compared."""
+    config does not have (an older version) and ``RESUME_CONVERTED`` are not compared."""
     a, b = _flatten(saved), _flatten(current)
     out = []
     for k in sorted(b):
+        if k in RESUME_CONVERTED:
+            continue
         if not any(k == p or k.startswith(p + ".") for p in keys) or k not in a:
             continue
         x, y = a[k], b[k]

@@ -33,7 +33,7 @@ from trainer.config import Config, ConfigError, to_yaml
 from trainer.data import to_model_input
 from trainer.distributed import DistInfo, all_ok, barrier, init_distributed
 from trainer.engine import LossScaleError, NonFiniteLossError, build_engine
-from trainer.heads import UNPG, PartialFC, PartialFCSGD, build_margin
+from trainer.heads import STATE_DTYPES, UNPG, PartialFC, PartialFCSGD, build_margin
 from trainer.imprint import FaceRecImages, imprint_head
 from trainer.io.atomic import atomic_open, atomic_torch_save
 from trainer.monitor import Monitor, setup_logging
@@ -78,7 +78,8 @@ def build_head(cfg: Config, num_classes: int, device: torch.device):
     head = PartialFC(margin=margin,
                      embedding_size=cfg.model.embedding_size, num_classes=num_classes,
                      sample_rate=lc.sample_rate,
-                     unpg=UNPG(wisk=lc.wisk, negatives=lc.negatives, sharded=lc.unpg_sharded) if lc.unpg else None, device=device)
+                     unpg=UNPG(wisk=lc.wisk, negatives=lc.negatives, sharded=lc.unpg_sharded) if lc.unpg else None,
+                     dtype=STATE_DTYPES[lc.state_dtype], device=device)
     head_lr = oc.head_lr if oc.head_lr is not None else oc.lr
     return head, PartialFCSGD(head, lr=head_lr, momentum=oc.momentum, weight_decay=oc.weight_decay), head_lr
 

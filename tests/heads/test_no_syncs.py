@@ -3,7 +3,7 @@
 One step = forward + backward + ``PartialFCSGD.step``, counted with
 ``tests.syncs.SyncCounter`` over several steps after 2 warm-up steps, at world
 sizes 1 and 2 (gloo), UNPG off / global (sharded, replicated) / local, sample
-rate 1 and < 1, every margin. (Collectives are not aten ops: not counted.)
+rate 1 and < 1, every margin, float32 and bf16 class state. (Collectives are not aten ops: not counted.)
 """
 import pytest
 import torch
@@ -13,7 +13,7 @@ from tests.heads.reference import make_margin
 from tests.heads.reference_margins import PARAMS
 from tests.heads.reference_margins import make_margin as make_adaptive
 from tests.syncs import SyncCounter
-from trainer.heads import UNPG, PartialFC, PartialFCSGD
+from trainer.heads import STATE_DTYPES, UNPG, PartialFC, PartialFCSGD
 
 D, C, B = 8, 23, 6
 WARMUP, STEPS = 2, 3
@@ -22,6 +22,8 @@ UNPGS = {"off": None, "sharded": UNPG(wisk=1.5, sharded=True), "replicated": UNP
 MARGIN_KINDS = ("arcface", "cosface", "combined", "adaface", "magface", "curricularface")
 CONFIGS = [(m, u, r) for m in MARGIN_KINDS for u in UNPGS for r in (1.0, 0.4)
            if m in ("arcface", "curricularface") or (u in ("off", "sharded") and r == 0.4)]
+# bf16 class state (loss.state_dtype: bf16): bf16-operand GEMMs, chunked update, stochastic rounding
+CONFIGS += [(m, u, r, "bf16") for m in ("arcface", "adaface") for u in ("off", "sharded") for r in (1.0, 0.4)]
 
 
 def _margin(kind):
@@ -32,10 +34,12 @@ def _margin(kind):
 
 def _count_steps(rank, world, configs):
     out = {}
-    for kind, unpg, rate in configs:
+    for kind, unpg, rate, *state in configs:
         torch.manual_seed(rank)
-        head = PartialFC(_margin(kind), D, C, sample_rate=rate, unpg=UNPGS[unpg], chunk_elements=40)
-        opt = PartialFCSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        head = PartialFC(_margin(kind), D, C, sample_rate=rate, unpg=UNPGS[unpg], chunk_elements=40,
+                         dtype=STATE_DTYPES[state[0] if state else "fp32"])
+        # small update chunks: several per step (the chunk loop is what is counted)
+        opt = PartialFCSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4, chunk_elements=3 * D)
         counter = SyncCounter()
         for step in range(WARMUP + STEPS):
             x = torch.randn(B + rank, D, requires_grad=True)  # uneven batches
@@ -51,7 +55,7 @@ def _count_steps(rank, world, configs):
         counter.__exit__(None, None, None)
         assert head.last_stats["loss"].dim() == 0
         head.check_inputs()  # the check point: one sync, outside the counted steps
-        out[(kind, unpg, rate)] = (dict(counter.counts), counter.report())
+        out[(kind, unpg, rate, *state)] = (dict(counter.counts), counter.report())
     return out
 
 

@@ -207,13 +207,16 @@ def test_sparse_gradients_accumulate_over_two_backward_passes():
     torch.testing.assert_close(head.weight.detach(), expect, rtol=1e-12, atol=1e-14)
 
 
-def test_sparse_step_sums_repeated_rows_without_coalesce():
+@pytest.mark.parametrize("chunk_rows", [None, 1, 2, 3])
+def test_sparse_step_sums_repeated_rows_without_coalesce(chunk_rows):
     """An uncoalesced gradient with repeated, unsorted rows (as concatenated backward
-    passes may give): one update per row with the row's summed gradient, momentum too."""
+    passes may give): one update per row with the row's summed gradient, momentum too,
+    whatever the update chunks (repeats in the same chunk and in later chunks)."""
     torch.manual_seed(5)
     p = torch.nn.Parameter(torch.randn(8, D, dtype=torch.float64))
     w0 = p.detach().clone()
-    opt = PartialFCSGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt = PartialFCSGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4,
+                       chunk_elements=None if chunk_rows is None else chunk_rows * D)
     buf = torch.randn(8, D, dtype=torch.float64)
     opt.state[p]["momentum_buffer"].copy_(buf)
     rows = torch.tensor([5, 1, 5, 3, 1, 5, 0])

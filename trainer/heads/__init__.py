@@ -2,7 +2,7 @@
 from trainer.collectives import class_range
 from trainer.heads.adaptive import AdaFace, AdaptiveMargin, CurricularFace, MagFace
 from trainer.heads.margins import MARGINS, ArcFace, CombinedMargin, CosFace, Margin, build_margin, margin_from_list
-from trainer.heads.optim import PartialFCSGD
+from trainer.heads.optim import STATE_DTYPES, PartialFCSGD
 from trainer.heads.partial_fc import PartialFC
 from trainer.heads.unpg import UNPG
 
@@ -17,6 +17,7 @@ __all__ = [
     "Margin",
     "PartialFC",
     "PartialFCSGD",
+    "STATE_DTYPES",
     "UNPG",
     "MARGINS",
     "build_margin",

@@ -81,9 +81,13 @@ class PartialFC(nn.Module):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if unpg is not None and not isinstance(unpg, UNPG):
             raise TypeError(f"unpg must be a trainer.heads.UNPG or None, got {type(unpg).__name__}")
+        if dtype not in (torch.float32, torch.float64, torch.bfloat16):
+            raise TypeError(f"PartialFC: centres are stored in float32, float64 or bfloat16 "
+                            f"(loss.state_dtype: fp32 | bf16), got {dtype}")
+        # the margin/softmax math: float64 for a float64 head, else float32 (also for bf16 state)
         if isinstance(margin, AdaptiveMargin):
             # a submodule: its running state (buffers) is part of the head's state_dict
-            margin = margin.to(device=device, dtype=dtype)
+            margin = margin.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         self.margin, self.unpg = margin, unpg
         self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
         self.sample_rate, self.chunk_elements = float(sample_rate), chunk_elements
@@ -93,9 +97,18 @@ class PartialFC(nn.Module):
             raise ValueError(f"num_classes={num_classes} is smaller than the world size {self.world_size}")
         self.class_range: Tuple[int, int] = class_range(self.num_classes, self.rank, self.world_size)
         start, stop = self.class_range
-        self.weight = nn.Parameter(
-            torch.empty(stop - start, self.embedding_size, dtype=dtype, device=device).normal_(0, init_std)
-        )
+        if dtype == torch.bfloat16:
+            # drawn in float32 and rounded, a block of rows at a time (no float32 copy of the shard)
+            self.weight = nn.Parameter(torch.empty(stop - start, self.embedding_size, dtype=dtype, device=device))
+            step = max(1, (1 << 22) // max(1, self.embedding_size))
+            with torch.no_grad():
+                for a in range(0, stop - start, step):
+                    block = self.weight[a : a + step]
+                    block.copy_(torch.empty(block.shape, device=device).normal_(0, init_std))
+        else:
+            self.weight = nn.Parameter(
+                torch.empty(stop - start, self.embedding_size, dtype=dtype, device=device).normal_(0, init_std)
+            )
         self.sampled_classes: Optional[torch.Tensor] = None
         # Statistics of the last forward: 0-dim detached device tensors (no host sync);
         # "batch" is a Python number. Convert them at logging steps only.
@@ -107,6 +120,16 @@ class PartialFC(nn.Module):
         self._sizes: Optional[list] = None
         self._label_check = torch.zeros(3 + _SHOWN_BAD, dtype=torch.float64, device=device)
         self._size_log: Dict[int, list] = {}  # first step -> sizes, since the last check
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The margin/softmax math: float64 for a float64 head, else float32 (bf16 state too)."""
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+
+    @property
+    def state_bytes_per_class(self) -> int:
+        """Bytes per class of the centre and its momentum (PartialFCSGD): 2 x D x itemsize."""
+        return 2 * self.embedding_size * self.weight.element_size()
 
     @property
     def num_local(self) -> int:
@@ -252,7 +275,7 @@ class PartialFC(nn.Module):
             self.check_inputs()
         device_type = local_embeddings.device.type
         # Softmax and UNPG log-sum-exp in float32 whatever the autocast state (float64 if the head is).
-        compute_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        compute_dtype = self.compute_dtype
         with torch.autocast(device_type=device_type, enabled=False):
             local_x = local_embeddings.to(compute_dtype)
             global_x = all_gather_rows(local_x, sizes, group)

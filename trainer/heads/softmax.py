@@ -9,6 +9,13 @@ centres, computes per row i
 with ``z_ic = s * cos_ic`` and ``z_{i,y_i} = s * f(cos_{i,y_i})``. Max and sum of
 the softmax are combined with one all-reduce MAX and one all-reduce SUM.
 
+Half-width state (a bfloat16 ``weight``): centres are widened to float32 a
+chunk at a time and normalised there; the three GEMMs (logits, dL/dx^,
+dL/dw^) take bfloat16 operands with float32 accumulation and result; the
+margin, softmax and normalisation math stay in float32. The centre gradient
+is stored in the weight's dtype (bfloat16: rounded to nearest, relative error
+2^-9; the optimizer adds it in float32).
+
 Memory: centres are visited in chunks and the [N, chunk] logits are recomputed
 in the backward pass instead of being stored, so the extra memory is one chunk
 plus the gradient of the centres actually used. With a list of sampled rows the
@@ -44,6 +51,28 @@ from trainer.collectives import world_info
 from trainer.heads.margins import Margin
 
 _NORM_EPS = 1e-12
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, low: Optional[torch.dtype]) -> torch.Tensor:
+    """``a @ b`` in ``a``'s dtype; with ``low`` (bfloat16 state) the operands are rounded to
+    ``low`` and the products summed in float32 (float32 result).
+
+    CUDA: one ``torch.mm(..., out_dtype=float32)`` (bf16 tensor cores, fp32 accumulation).
+    Elsewhere the rounded operands are widened back: the same products (a product of two
+    bfloat16 values is exact in float32) summed in float32.
+    """
+    if low is None:
+        return a @ b
+    a_low, b_low = a.to(low), b.to(low)
+    if a.is_cuda and _CUDA_MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a_low, b_low, out_dtype=a.dtype)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _CUDA_MM_OUT_DTYPE[0] = False  # an older build: fall through, once
+    return a_low.to(a.dtype) @ b_low.to(a.dtype)
+
+
+_CUDA_MM_OUT_DTYPE = [True]
 
 
 def _normalise(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -133,8 +162,9 @@ class MarginSoftmaxParts(torch.autograd.Function):
         run_max = torch.full((n,), float("-inf"), dtype=dtype, device=x_hat.device)
         run_sum = torch.zeros(n, dtype=dtype, device=x_hat.device)
         target_cos = torch.zeros(n, dtype=dtype, device=x_hat.device)
+        low = weight.dtype if weight.dtype == torch.bfloat16 else None  # GEMM operand dtype
         for k0, k1, w_hat, _ in _Chunks(weight.detach(), rows, chunk, dtype):
-            logits = (x_hat @ w_hat.t()).clamp_(lo_c, hi_c)
+            logits = _mm(x_hat, w_hat.t(), low).clamp_(lo_c, hi_c)
             hit, col = _targets_in_chunk(target_pos, k0, k1)
             cos_t = logits.gather(1, col).squeeze(1) if all_target_cos is None else all_target_cos
             target_cos = torch.where(hit, cos_t, target_cos)
@@ -183,9 +213,10 @@ class MarginSoftmaxParts(torch.autograd.Function):
         # total dL/dz at each owned target (for the norm term of norm-aware margins)
         grad_z_target = torch.zeros_like(grad_target) if f_norm is not None else None
         target_value_all = margin.target_value(target_cos, None, prep)  # f at every row's target
+        low = weight.dtype if weight.dtype == torch.bfloat16 else None
 
         for k0, k1, w_hat, w_norm in _Chunks(weight.detach(), rows, ctx.chunk, dtype):
-            raw = x_hat @ w_hat.t()
+            raw = _mm(x_hat, w_hat.t(), low)
             # torch.clamp passes gradient on [lo_c, hi_c] only (cosines of unit vectors leave
             # [-1, 1] by rounding at most; masking always costs no host sync).
             outside = (raw < lo_c) | (raw > hi_c)
@@ -207,9 +238,12 @@ class MarginSoftmaxParts(torch.autograd.Function):
             _put_targets_(grad_cos, hit, col, s * f_prime * grad_z_t)
             grad_cos.masked_fill_(outside, 0.0)
             if need_x:
-                grad_x_hat.addmm_(grad_cos, w_hat)
+                if low is None:
+                    grad_x_hat.addmm_(grad_cos, w_hat)
+                else:
+                    grad_x_hat.add_(_mm(grad_cos, w_hat, low))
             if need_w:
-                grad_w_hat = grad_cos.t() @ x_hat
+                grad_w_hat = _mm(grad_cos.t(), x_hat, low)
                 grad_w[k0:k1] = _unnormalise_grad_(grad_w_hat, w_hat, w_norm)
 
         grad_x = _unnormalise_grad_(grad_x_hat, x_hat, x_norm) if need_x else None

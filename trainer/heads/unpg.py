@@ -180,13 +180,13 @@ class _KeptLogSumExp(torch.autograd.Function):
         x_hat, band, cols, lower, upper, max_z, sum_exp = ctx.saved_tensors
         lo, s = ctx.row_start, ctx.s
         rows, width = band.shape
+        n_rows = x_hat.shape[0]
         # No kept pair (V = -inf): nothing to send back (and no 0/0).
         total = sum_exp.to(grad_v.dtype)
         scale = torch.where(total > 0, grad_v * s / torch.where(total > 0, total, 1.0), 0.0).to(x_hat.dtype)
-        x_rows = x_hat[lo : lo + rows]
-        x_cols = x_hat.index_select(0, cols)
-        grad_rows = torch.zeros_like(x_rows)
-        grad_cols = torch.zeros_like(x_cols)
+        # Gradients go straight into the [N, D] result: the columns a chunk reaches are rows
+        # lo + 1 + a ... (mod N) of x_hat, at most two contiguous pieces (views, no copies).
+        grad = torch.zeros_like(x_hat)
         zero = torch.zeros((), dtype=band.dtype, device=band.device)
         for a in range(0, rows, ctx.chunk_rows):
             t = band[a : a + ctx.chunk_rows]
@@ -194,11 +194,24 @@ class _KeptLogSumExp(torch.autograd.Function):
             kept = (t >= lower) & (t <= upper)  # NaN holes compare False
             w = band.new_zeros(c, c - 1 + width)
             _band(w, width).copy_(torch.where(kept, torch.exp(s * t - max_z), zero) * scale)
-            grad_rows[a : a + c] = w @ x_cols[a : a + c - 1 + width]  # d t_ij / d x_i = x_j
-            grad_cols[a : a + c - 1 + width].addmm_(w.t(), x_rows[a : a + c])  # d t_ij / d x_j = x_i
-        grad = torch.zeros_like(x_hat).index_add_(0, cols, grad_cols)
-        grad[lo : lo + rows] += grad_rows
+            x_rows, g_rows = x_hat[lo + a : lo + a + c], grad[lo + a : lo + a + c]
+            for k0, r0, r1 in _wrapped_pieces(lo + 1 + a, c - 1 + width, n_rows):
+                wk = w[:, k0 : k0 + r1 - r0]
+                g_rows.addmm_(wk, x_hat[r0:r1])  # d t_ij / d x_i = x_j
+                grad[r0:r1].addmm_(wk.t(), x_rows)  # d t_ij / d x_j = x_i
         return grad, None, None, None, None, None, None, None, None, None
+
+
+def _wrapped_pieces(start: int, count: int, n_rows: int):
+    """Rows ``start, start + 1, ..., start + count - 1`` (mod N) as contiguous pieces
+    ``(offset in the run, first row, stop row)``; ``count <= N``."""
+    out, k = [], 0
+    while k < count:
+        r0 = (start + k) % n_rows
+        r1 = min(n_rows, r0 + count - k)
+        out.append((k, r0, r1))
+        k += r1 - r0
+    return out
 
 
 def _sample_positions(numel: int, world_size: int) -> Tuple[int, int]:
@@ -244,7 +257,10 @@ def sharded_metric_negatives_lse(
                          f"over {world} rank(s)")
     lo, count = sum(sizes[:rank]), sizes[rank]
     width = n_rows // 2  # the widest band: h_i <= N // 2
-    chunk_rows = max(1, chunk_elements // max(1, width))
+    # Row chunks of at most chunk_elements and at most 1/8 of the band: the passes'
+    # temporaries (a few chunk-sized float/int buffers) stay well below the band itself.
+    chunk_rows = max(1, min(chunk_elements // max(1, width), -(-sizes[rank] // 8)))
+    chunk_elements = chunk_rows * width
     gi, hi = owned_pairs(lo, lo + count, n_rows, device)
     reach = count - 1 + width if count else 0  # columns lo + 1 .. lo + count - 1 + width (mod N)
     cols = (torch.arange(reach, device=device) + lo + 1) % n_rows
