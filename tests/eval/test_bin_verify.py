@@ -179,14 +179,18 @@ def test_verify_cli_state_dict_and_torchscript(tmp_path, capsys):
     assert d3["results"]["lfw"]["accuracy"] == 1.0
 
 
-def test_verify_cli_errors(tmp_path):
+def test_verify_cli_errors(tmp_path, capsys):
+    """Expected errors: one ``error:`` line naming the file and exit code 2 (no traceback)."""
     make_bin(tmp_path / "lfw.bin", pairs=10)
     torch.save(tiny_net(8).state_dict(), tmp_path / "model.pt")
-    with pytest.raises(ValueError, match="needs --network"):
-        verify.main(["--model", str(tmp_path / "model.pt"), "--bin", str(tmp_path / "lfw.bin"), "--out", str(tmp_path / "o")])
-    with pytest.raises(ValueError, match="do not fit"):
-        verify.main(["--model", str(tmp_path / "model.pt"), "--network", "tests.eval.fixtures:patch_net",
-                     "--bin", str(tmp_path / "lfw.bin"), "--out", str(tmp_path / "o")])
+    assert verify.main(["--model", str(tmp_path / "model.pt"), "--bin", str(tmp_path / "lfw.bin"),
+                        "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model.pt" in err and "needs --network" in err
+    assert verify.main(["--model", str(tmp_path / "model.pt"), "--network", "tests.eval.fixtures:patch_net",
+                        "--bin", str(tmp_path / "lfw.bin"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit" in err and err.count("\n") == 1
 
 
 def test_verify_cli_subprocess(tmp_path):
