@@ -25,12 +25,15 @@ Plan, fixed before the first run (the constants below):
     python -m bench.finetune --part main --images 8 --seeds 0           # a part of the grid
     python -m bench.finetune --part bn --images 8 2                     # the BatchNorm arms
     python -m bench.finetune --report-only
-Finished runs are skipped, so the study runs in parts.
+Finished runs are skipped, so the study runs in parts; every finished run's metrics and the
+source model are also written to docs/results/finetune/ (committed), and a later session
+continues from them.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -177,9 +180,35 @@ def l0(r: dict, classes: int) -> float:
 
 
 # --------------------------------------------------------------------- runs
+#: every finished run's metrics and the source model, committed: a later session (a fresh
+#: work tree) continues the study where it stopped instead of running it again
+DOC = ROOT / "docs" / "results" / "finetune"
+
+
+def _restore(out: Path, name: str) -> None:
+    """Copy a committed run's metrics (and the source model) into ``out/runs`` if missing there."""
+    run = out / "runs" / name
+    src = DOC / "runs" / f"{name}.json"
+    if not (run / "metrics.json").is_file() and src.is_file():
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.json").write_text(src.read_text())
+    if name == "source" and not (run / "model.pt").is_file() and (DOC / "source_model.pt").is_file():
+        shutil.copyfile(DOC / "source_model.pt", run / "model.pt")
+
+
+def _keep(out: Path, name: str) -> None:
+    """Commit-side copy of a finished run's metrics (and the source model)."""
+    run = out / "runs" / name
+    (DOC / "runs").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / "metrics.json", DOC / "runs" / f"{name}.json")
+    if name == "source":
+        shutil.copyfile(run / "model.pt", DOC / "source_model.pt")
+
+
 def run_source(out: Path) -> Path:
     run = out / "runs" / "source"
-    if not (run / "metrics.json").is_file():
+    _restore(out, "source")
+    if not ((run / "metrics.json").is_file() and (run / "model.pt").is_file()):
         d = source_data(out)
         t0 = time.time()
         train(run, d, 0, SOURCE_LOSS, config=CONFIG, extra=[f"run.max_steps={SOURCE_STEPS}", *SCRATCH])
@@ -188,6 +217,7 @@ def run_source(out: Path) -> Path:
         (run / "metrics.json").write_text(json.dumps(m))
         print(f"source: loss {m['start']:.2f} -> {m['end']:.2f} (L0 {m['l0']:.2f}), domain-A val acc "
               f"{m['accuracy']:.4f} ({m['seconds']:.0f} s)", flush=True)
+        _keep(out, "source")
     return run / "model.pt"
 
 
@@ -197,6 +227,7 @@ def slug(images: int, arm: str, seed: int) -> str:
 
 def run_arm(out: Path, images: int, arm: str, seed: int, extra: Sequence[str], loss: dict, gal) -> dict:
     run = out / "runs" / slug(images, arm, seed)
+    _restore(out, slug(images, arm, seed))
     if (run / "metrics.json").is_file():
         return json.loads((run / "metrics.json").read_text())
     source = run_source(out)
@@ -208,6 +239,7 @@ def run_arm(out: Path, images: int, arm: str, seed: int, extra: Sequence[str], l
     m.update(images=images, arm=arm, seed=seed, seconds=time.time() - t0)
     m["end_l0"] = m["end"] / l0(m, TARGET_IDS)
     (run / "metrics.json").write_text(json.dumps(m))
+    _keep(out, slug(images, arm, seed))
     print(f"img {images} {arm} seed {seed}: loss {m['start']:.2f} -> {m['end']:.2f} (end/L0 {m['end_l0']:.2f}) "
           f"TAR@1e-4 {m['tar_at_far']['0.0001']:.4f} within-family {m['tar_at_far_within_family']['0.0001']:.4f} "
           f"acc {m['accuracy']:.4f} ({m['seconds']:.0f} s)", flush=True)
@@ -250,10 +282,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if a.part != "source":
             gal = gallery(a.out)
             zs = a.out / "runs" / "zero_shot" / "metrics.json"
+            _restore(a.out, "zero_shot")
             if not zs.is_file():
                 zs.parent.mkdir(parents=True, exist_ok=True)
                 m = evaluate(source, target_data(a.out, 8), gal, None)
                 zs.write_text(json.dumps(m))
+                _keep(a.out, "zero_shot")
             for images in a.images:
                 for seed in a.seeds:
                     if a.part == "main":
