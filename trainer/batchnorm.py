@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-BN_MODES = ("train", "frozen", "recalibrate")
+from trainer.backbones.config import BN_MODES  # model.bn_mode choices
 
 
 def bn_modules(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from trainer.config import ValidationConfig
+from trainer.section import ValidationConfig
 from trainer.distributed import DistInfo, barrier
 from trainer.io.atomic import atomic_torch_save
 from trainer.verification import embed_images, load_bin, verify_accuracy

@@ -13,10 +13,10 @@ from __future__ import annotations
 import warnings
 from typing import Any, Mapping, Optional, Union
 
-__all__ = ["BACKENDS", "build_train_loader", "resolve_backend", "to_model_input"]
+from trainer.data.config import BACKENDS, SHUFFLE_MODES, DataConfig
 
-#: data.backend choices
-BACKENDS = ("auto", "dali", "torch")
+__all__ = ["BACKENDS", "SHUFFLE_MODES", "DataConfig", "build_train_loader", "resolve_backend", "to_model_input"]
+
 
 #: backend="auto" on CPU-only runs: DALI's CPU pipeline beat the torch fallback
 #: 1.2-2x in bench/data.py on the 2-core development machine (docs/data.md).

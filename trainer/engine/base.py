@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from trainer.batchnorm import bn_modules, set_bn_training
-from trainer.config import OptimConfig
 from trainer.distributed import DistInfo
+from trainer.optim import OptimConfig
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 

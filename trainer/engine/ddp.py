@@ -8,10 +8,10 @@ from typing import Any, ContextManager, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from trainer.config import EngineConfig, OptimConfig
+from trainer.engine.config import EngineConfig
 from trainer.distributed import DistInfo
 from trainer.engine.base import Engine
-from trainer.optim import build_backbone_optimizer
+from trainer.optim import OptimConfig, build_backbone_optimizer
 
 
 def _grads_finite(opt: torch.optim.Optimizer) -> torch.Tensor:

@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.config import EngineConfig, OptimConfig
+from trainer.engine.config import EngineConfig
 from trainer.distributed import DistInfo
 from trainer.engine.base import Engine
-from trainer.optim import build_backbone_optimizer
+from trainer.optim import OptimConfig, build_backbone_optimizer
 
 log = __import__("logging").getLogger("trainer")
 
