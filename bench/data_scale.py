@@ -60,10 +60,10 @@ from trainer.data.face_rec import FaceRecDataset, write_property
 from trainer.data.recordio import (
     IR_SIZE,
     IRHeader,
-    read_record_header,
     class_id,
     encode_record,
     pack,
+    read_record_header,
     unpack,
     write_index,
     write_index_arrays,
@@ -159,8 +159,8 @@ def child(args) -> None:
     d = Path(args.dir)
     n = args.n
     if args.what == "loader":  # the DALI loader (labels cached) + the epoch's index + first batch
-        import torch  # noqa: F401  (libraries loaded before the baseline: not data-dependent)
         import nvidia.dali.plugin.pytorch  # noqa: F401
+        import torch
 
         from trainer.data.dali_loader import DaliFaceLoader
 

@@ -106,8 +106,8 @@ def train(run: Path, data_dir: Path, seed: int, loss: dict, config: str = "confi
 def evaluate(run: Path, data_dir: Path, gallery) -> dict:
     from eval.metrics import roc, tar_at_far
     from eval.verification import verify_embeddings
-    from trainer.verification import embed_images, load_bin
     from trainer.backbones import get_backbone
+    from trainer.verification import embed_images, load_bin
 
     model = get_backbone(BACKBONE, num_features=EMB)
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
@@ -137,7 +137,7 @@ def report(out: Path, results: Dict[tuple, dict]) -> str:
     lines = ["| arm | noise | runs | TAR@FAR=1e-3 | TAR@FAR=1e-4 | val.bin accuracy | AUC |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     groups: Dict[tuple, List[dict]] = {}
-    for (arm, noise, seed), r in sorted(results.items()):
+    for (arm, noise, _seed), r in sorted(results.items()):
         groups.setdefault((arm, noise), []).append(r)
 
     def ms(vals):
@@ -351,7 +351,7 @@ def ratio_report(out: Path, results: Dict[tuple, dict], doc_dir: Path) -> str:
         return f"{scale * np.mean(vals):.2f} ± {scale * _sd(vals):.2f}" if vals else "-"
 
     cells: Dict[tuple, List[dict]] = {}
-    for (ids, fam, arm, seed), r in sorted(results.items()):
+    for (ids, fam, arm, _seed), r in sorted(results.items()):
         cells.setdefault((ids, fam, arm), []).append(r)
     lines = ["| ids | pairs:classes | families | arm | runs | steps | loss start -> end | end / L0 | trains / flat | "
              "TAR@1e-3 | TAR@1e-4 | within-family TAR@1e-3 | within-family TAR@1e-4 | val.bin acc |",
@@ -391,7 +391,7 @@ def ratio_report(out: Path, results: Dict[tuple, dict], doc_dir: Path) -> str:
                 seeds = sorted(set(pr) & set(ur))
                 if not seeds:
                     continue
-                def diff(key, far, s):
+                def diff(key, far, s, ur=ur, pr=pr):
                     return ur[s][key][far] - pr[s][key][far]
 
                 g = [diff("tar_at_far", "0.0001", s) for s in seeds]
@@ -419,7 +419,7 @@ def ratio_report(out: Path, results: Dict[tuple, dict], doc_dir: Path) -> str:
     # every run's metrics, one JSON line each (curves rounded), for the repository next to the plots
     doc_dir.mkdir(parents=True, exist_ok=True)
     with open(doc_dir / "ratio_runs.jsonl", "w") as fh:
-        for key, r in sorted(results.items()):
+        for _key, r in sorted(results.items()):
             row = {k: v for k, v in r.items() if k != "roc"}
             row["loss"] = [round(v, 4) for v in r["loss"]]
             kept = [v for v in r.get("kept_fraction") or [] if v is not None]

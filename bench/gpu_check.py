@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -354,8 +355,8 @@ def stage_head(res: Results, a) -> None:
                 key = {"classes": c, "rate": rate, "head": kind}
                 if a.dry_run:
                     with meta_autocast():
-                        row(res, "head_meta", key, lambda: _meta_head_row(kind, c, rate, sz))
-                row(res, "head", key, lambda: _head_row(kind, c, rate, dev, sz, sz["timed"] if a.dry_run else 10))
+                        row(res, "head_meta", key, partial(_meta_head_row, kind, c, rate, sz))
+                row(res, "head", key, partial(_head_row, kind, c, rate, dev, sz, sz["timed"] if a.dry_run else 10))
 
 
 def _flops_per_step(model: torch.nn.Module, x: torch.Tensor, dtype) -> float:
@@ -406,7 +407,7 @@ def _backbone_grid(res: Results, a, stage: str, compile_rows: bool) -> None:
         key = {"backbone": name, "batch": sz["bb_batch"], "dtype": str(dtype).split(".")[-1],
                "channels_last": cl, "compile": sz["compile_backend"] if comp else False,
                "peak_used": f"{str(dtype).split('.')[-1]} matmul (measured here / datasheet)"}
-        row(res, stage, key, lambda: _backbone_row(name, dtype, cl, comp, dev, sz, peaks, sz["compile_backend"]))
+        row(res, stage, key, partial(_backbone_row, name, dtype, cl, comp, dev, sz, peaks, sz["compile_backend"]))
 
 
 def stage_backbones(res: Results, a) -> None:
@@ -505,7 +506,7 @@ def _loader_only_row(a, dev, sz) -> Dict[str, Any]:
         next(it)
     _sync(dev)
     t0 = time.perf_counter()
-    for images, _ in it:
+    for _images, _ in it:
         pass
     _sync(dev)
     return {"loader": type(loader).__name__, "batches": n,
@@ -543,12 +544,12 @@ def stage_e2e(res: Results, a) -> None:
             row(res, "e2e_meta", {"what": what}, lambda: _meta_e2e_row(sz))
     for precision in ("bf16", "fp16"):
         row(res, "e2e", {"what": f"Engine.train_step, synthetic tensors: {what}", "precision": precision},
-            lambda: _e2e_synthetic_row(precision, dev, sz))
+            partial(_e2e_synthetic_row, precision, dev, sz))
     row(res, "e2e", {"what": f"loader only, batch {sz['e2e_batch']}", "precision": "-"},
         lambda: _loader_only_row(a, dev, sz))
     for precision in ("bf16", "fp16"):
         row(res, "e2e", {"what": f"Engine.train_step fed by the loader: {what}", "precision": precision},
-            lambda: _with_loader_row(a, precision, dev, sz))
+            partial(_with_loader_row, a, precision, dev, sz))
     rows = {(r["what"].split(":")[0], r["precision"]): r for r in res.data["e2e"]["rows"]}
     for p in ("bf16", "fp16"):
         s = rows.get(("Engine.train_step, synthetic tensors", p), {}).get("samples_per_s")

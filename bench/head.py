@@ -26,12 +26,11 @@ import statistics
 import tempfile
 import time
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from bench.memory import peak_mb, reset_peak, rss_mb  # noqa: E402
+from bench.memory import peak_mb, reset_peak, rss_mb
 
 BATCH, DIM = 512, 512
 

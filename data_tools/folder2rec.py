@@ -21,8 +21,8 @@ folders without images (no class id).
 from __future__ import annotations
 
 import argparse
-import sys
 import multiprocessing as mp
+import sys
 import unicodedata
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image
 
 from data_tools.layout import write_face_rec
-from trainer.io.images import decode_rgb, encode_jpeg, is_jpeg, jpeg_size
 from trainer.io.atomic import atomic_open
+from trainer.io.images import decode_rgb, encode_jpeg, is_jpeg, jpeg_size
 
 EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

@@ -22,7 +22,6 @@ from eval.models import add_model_args, model_from_args
 from eval.verification import verify_embeddings
 from trainer.verification import embed_images, load_bin, pair_scores
 
-
 TAR_AT_FAR_NOTE = (
     "TAR@FAR here is our own definition (all pairs, best TAR with FAR <= target, not interpolated); "
     "insightface's val/far (10-fold mean, interpolated threshold, eval/verification.py calculate_val) is given separately."

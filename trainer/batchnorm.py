@@ -22,8 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.backbones.config import BN_MODES  # model.bn_mode choices
-
 
 def bn_modules(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules()

@@ -166,7 +166,7 @@ def remove_checkpoint(path: Path) -> None:
 def prune(root: Path, keep_last: int) -> None:
     """Keep the newest ``keep_last`` complete checkpoints; drop incomplete ones older than those."""
     done = list_checkpoints(root)
-    for step, path in done[:-keep_last] if keep_last > 0 else []:
+    for _step, path in done[:-keep_last] if keep_last > 0 else []:
         remove_checkpoint(path)
     if done:
         newest = done[-1][0]

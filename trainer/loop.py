@@ -93,7 +93,7 @@ class Trainer:
         self.history: List[Dict[str, float]] = []   # per optimizer step: step, loss
 
     # ------------------------------------------------------------------ setup
-    def setup(self) -> "Trainer":
+    def setup(self) -> Trainer:
         cfg = self.cfg
         if under_torchrun():
             die_with_parent()  # no orphan keeps training if the agent dies

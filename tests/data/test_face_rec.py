@@ -100,7 +100,7 @@ def test_undecodable_image_names_record():
 def test_image_index_lists_only_images(synth_dir):
     ds = FaceRecDataset(synth_dir)
     lines = ds.image_index_path().read_text().splitlines()
-    assert sorted(int(l.split("\t")[0]) for l in lines) == ds.image_keys.tolist()
+    assert sorted(int(line.split("\t")[0]) for line in lines) == ds.image_keys.tolist()
 
 
 # --------------------------------------------------------------------------- vectorised scan, scan lock

@@ -12,9 +12,9 @@ import simplejpeg
 
 from data_tools.cli import main
 from data_tools.synth import generate_dataset
-from trainer.io.binfile import read_bin
 from trainer.data.face_rec import FaceRecDataset
 from trainer.data.recordio import IndexedRecordReader
+from trainer.io.binfile import read_bin
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ def sha(p):
 def test_synth_deterministic_noise_and_val(tmp_path):
     a = generate_dataset(tmp_path / "a", 10, 5, seed=7, label_noise=0.2, val_identities=3, val_pairs=6, workers=2)
     b = generate_dataset(tmp_path / "b", 10, 5, seed=7, label_noise=0.2, val_identities=3, val_pairs=6, workers=1)
-    c = generate_dataset(tmp_path / "c", 10, 5, seed=8, label_noise=0.2, val_identities=3, val_pairs=6, workers=1)
+    generate_dataset(tmp_path / "c", 10, 5, seed=8, label_noise=0.2, val_identities=3, val_pairs=6, workers=1)
     for f in ("train.rec", "train.idx", "property", "val.bin"):
         assert sha(tmp_path / "a" / f) == sha(tmp_path / "b" / f), f  # independent of worker count
     assert sha(tmp_path / "a" / "train.rec") != sha(tmp_path / "c" / "train.rec")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.io.binfile import UnsafePickleError, read_bin, write_bin
-from eval.verification import verify_embeddings
-from trainer.verification import embed_images, load_bin
 from eval import verify
+from eval.verification import verify_embeddings
 from tests.eval.fixtures import PatchNet, aligned_face, encode, make_bin, tiny_net
+from trainer.io.binfile import UnsafePickleError, read_bin, write_bin
+from trainer.verification import embed_images, load_bin
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -99,7 +99,7 @@ def test_alignment_is_opencv_exactly(release):
     from eval.align import norm_crop
 
     root, _ = release
-    lines = [l for l in (root / "meta" / "ijbc_name_5pts_score.txt").read_text().split("\n") if l.strip()]
+    lines = [line for line in (root / "meta" / "ijbc_name_5pts_score.txt").read_text().split("\n") if line.strip()]
     ref = np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655],
                     [62.7299, 92.2041]], dtype=np.float32)
     ref[:, 0] += 8.0
@@ -276,8 +276,8 @@ def _restated_calculate_val(scores, labels, far_target=1e-3, nfolds=10):
     for k in range(nfolds):
         test = np.zeros(n, bool)
         test[bounds[k]:bounds[k + 1]] = True
-        d, l = dist[~test], labels[~test]
-        far_train = np.array([np.sum((d < t) & ~l) / np.sum(~l) for t in thresholds])
+        d, same = dist[~test], labels[~test]
+        far_train = np.array([np.sum((d < t) & ~same) / np.sum(~same) for t in thresholds])
         if far_train.max() >= far_target:
             j = np.nonzero(far_train <= far_target)[0].max()  # last grid point at or below
             if far_train[j] == far_target or j + 1 == thresholds.size:
@@ -287,9 +287,9 @@ def _restated_calculate_val(scores, labels, far_target=1e-3, nfolds=10):
                 thr = thresholds[j] + w * (thresholds[j + 1] - thresholds[j])
         else:
             thr = 0.0
-        d, l = dist[test], labels[test]
-        vals.append(np.sum((d < thr) & l) / np.sum(l))
-        fars.append(np.sum((d < thr) & ~l) / np.sum(~l))
+        d, same = dist[test], labels[test]
+        vals.append(np.sum((d < thr) & same) / np.sum(same))
+        fars.append(np.sum((d < thr) & ~same) / np.sum(~same))
     return np.mean(vals), np.std(vals), np.mean(fars)
 
 
@@ -305,8 +305,8 @@ def test_insightface_val_far_against_restatement():
 
 def test_verify_cli_reports_insightface_val(tmp_path, capsys):
     from eval import verify
-    from trainer.verification import embed_images, load_bin, pair_scores
     from tests.eval.fixtures import make_bin
+    from trainer.verification import embed_images, load_bin, pair_scores
 
     make_bin(tmp_path / "s.bin", pairs=40, seed=1)
     torch.jit.script(tiny_net(16)).save(str(tmp_path / "net.ts"))

@@ -7,13 +7,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import helper, TensorProto
+from onnx import TensorProto, helper
 
 from eval import export_onnx as ex
 from eval import verify
 from eval.models import OnnxModule, load_model
-from trainer.verification import embed_images, load_bin
 from tests.eval.fixtures import TinyNet, make_bin, tiny_net
+from trainer.verification import embed_images, load_bin
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_exported_graph_loader_pipeline_matches_pytorch(exported):
 
 
 def test_real_insightface_loader(exported):
-    insightface = pytest.importorskip("insightface", reason="insightface not installed (optional; see docs/eval.md)")
+    pytest.importorskip("insightface", reason="insightface not installed (optional; see docs/eval.md)")
     from insightface.model_zoo import get_model
 
     net, path = exported

@@ -88,7 +88,7 @@ def test_fp16_gradscaler_with_sparse_head():
     w0 = head.weight.detach().clone()
     eng.train_step(lambda: next(batches))
     assert torch.equal(w0, head.weight.detach()) and eng.loss_scale() == 2.0 ** 23
-    for step in range(2, 30):
+    for _step in range(2, 30):
         out = eng.train_step(lambda: next(batches))
         if not bool(out.skipped):
             break

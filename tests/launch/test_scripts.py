@@ -230,7 +230,7 @@ def test_entrypoint_subcommands_and_passthrough():
 
 
 def test_entrypoint_applies_env_defaults_and_user_values_win():
-    show = "import os, json; print(json.dumps({k: os.environ.get(k) for k in %r}))" % list(env_defaults.DEFAULTS)
+    show = f"import os, json; print(json.dumps({{k: os.environ.get(k) for k in {list(env_defaults.DEFAULTS)!r}}}))"
     got = json.loads(_entry(sys.executable, "-c", show))
     assert got == {k: v for k, (v, _) in env_defaults.DEFAULTS.items()}
     got = json.loads(_entry(sys.executable, "-c", show, NCCL_DEBUG="INFO"))

@@ -37,12 +37,15 @@ def _tiny(**kw):
 # ------------------------------------------------------------ init_from: sources
 def _source_files(tmp_path: Path, sd):
     files = {}
-    torch.save(sd, tmp_path / "plain.pth"); files["plain"] = tmp_path / "plain.pth"
-    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "ddp.pth"); files["ddp"] = tmp_path / "ddp.pth"
-    torch.save({"backbone": sd, "head_weight": torch.zeros(3, 32), "num_classes": 3, "step": 7},
-               tmp_path / "export.pt"); files["export"] = tmp_path / "export.pt"
+    files["plain"] = tmp_path / "plain.pth"
+    torch.save(sd, files["plain"])
+    files["ddp"] = tmp_path / "ddp.pth"
+    torch.save({"module." + k: v for k, v in sd.items()}, files["ddp"])
+    files["export"] = tmp_path / "export.pt"
+    torch.save({"backbone": sd, "head_weight": torch.zeros(3, 32), "num_classes": 3, "step": 7}, files["export"])
+    files["arcface_torch"] = tmp_path / "checkpoint_gpu_0.pt"
     torch.save({"epoch": 1, "global_step": 9, "state_dict_backbone": sd, "state_dict_softmax_fc": {}},
-               tmp_path / "checkpoint_gpu_0.pt"); files["arcface_torch"] = tmp_path / "checkpoint_gpu_0.pt"
+               files["arcface_torch"])
     return files
 
 

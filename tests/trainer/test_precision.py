@@ -45,7 +45,7 @@ def test_fp16_scaler_skips_both_optimizers_on_inf_then_trains():
         torch.count_nonzero(v["momentum_buffer"]) == 0 for v in eng.head_opt.state_dict()["state"].values())
     assert eng.loss_scale() == 2.0 ** 23  # backed off
     # the scale keeps backing off until the gradients fit, then both optimizers step
-    for step in range(2, 30):
+    for _step in range(2, 30):
         out = eng.train_step(lambda: next(batches))
         if not bool(out.skipped):
             break
@@ -54,7 +54,7 @@ def test_fp16_scaler_skips_both_optimizers_on_inf_then_trains():
     assert any(not torch.equal(a, b) for a, b in zip(before[:-1], after[:-1]))  # backbone updated
     assert not torch.equal(before[-1], after[-1])  # head rows updated (sparse step)
     # and training goes on with finite losses
-    for k in range(5):
+    for _k in range(5):
         assert torch.isfinite(eng.train_step(lambda: next(batches)).loss)
 
 

@@ -1,7 +1,5 @@
 """End-to-end training on gloo ranks with the tiny backbone and an in-memory synthetic set."""
-import shutil
 
-import pytest
 import torch
 
 from tests.distributed import run_world

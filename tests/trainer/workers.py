@@ -80,7 +80,7 @@ def phases_worker(rank: int, world: int, root: str, phases: List[Dict[str, Any]]
         dist.barrier()
         try:
             results.append(train_worker(rank, world, str(out), ph["overrides"], data, **ph.get("kw", {})))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if not ph.get("expect_error"):
                 raise
             results.append((type(e).__name__, str(e)))

@@ -26,4 +26,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'trainer.backbones' has no attribute {name!r}")
 
 
-__all__ = ["BACKBONES", "ModelConfig", *_LAZY]
+__all__ = ["BACKBONES", "ModelConfig", "get_backbone", "available_backbones", "register_backbone", "OPTIONS",
+           "IResNet", "iresnet", "MobileFaceNet", "mobilefacenet", "TinyCNN"]

@@ -59,7 +59,7 @@ def resolve_backend(backend: str, device) -> str:
 
 def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int = 1,
                        device=None, backend: str = "auto", num_threads: int = 2, seed: int = 0,
-                       augment: Union[None, Mapping[str, Any], "AugmentConfig"] = None,  # noqa: F821
+                       augment: Union[None, Mapping[str, Any], AugmentConfig] = None,  # noqa: F821
                        shuffle: bool = True, flip: bool = True, shuffle_buffer: Optional[int] = None,
                        shuffle_mode: str = "block", block_bytes: Optional[int] = None,
                        lock_timeout: Optional[float] = None):
@@ -103,7 +103,7 @@ def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int
 
         return DaliFaceLoader(ds, **common)
     if backend == "auto" and getattr(device, "type", "cpu") == "cuda":
-        warnings.warn("nvidia-dali is not installed: using the slower torch DataLoader fallback")
+        warnings.warn("nvidia-dali is not installed: using the slower torch DataLoader fallback", stacklevel=2)
     from trainer.data.torch_loader import TorchFaceLoader
 
     return TorchFaceLoader(ds, **common)

@@ -24,9 +24,9 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -398,7 +398,7 @@ class IndexedRecordWriter:
         except BaseException:
             pass
 
-    def __enter__(self) -> "IndexedRecordWriter":
+    def __enter__(self) -> IndexedRecordWriter:
         return self
 
     def __exit__(self, et, ev, tb) -> None:

@@ -44,7 +44,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        warnings.warn("engine.precision=fp16 on a CPU: supported for testing, but slow; use bf16 or fp32 on CPUs")
+        warnings.warn("engine.precision=fp16 on a CPU: supported for testing, but slow; use bf16 or fp32 on CPUs",
+                      stacklevel=2)
     return precision
 
 

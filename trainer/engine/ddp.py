@@ -8,9 +8,9 @@ from typing import Any, ContextManager, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from trainer.engine.config import EngineConfig
 from trainer.distributed import DistInfo
 from trainer.engine.base import Engine
+from trainer.engine.config import EngineConfig
 from trainer.optim import OptimConfig, build_backbone_optimizer
 
 

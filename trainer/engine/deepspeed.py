@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.engine.config import EngineConfig
 from trainer.distributed import DistInfo
 from trainer.engine.base import Engine
+from trainer.engine.config import EngineConfig
 from trainer.optim import OptimConfig, build_backbone_optimizer
 
 log = __import__("logging").getLogger("trainer")

@@ -164,7 +164,7 @@ class PartialFC(nn.Module):
         info = all_gather_object_ints(list(key), self.process_group).tolist()  # CPU ints
         if any(p for _, p in info):
             lines = []
-            for r, (b, p) in enumerate(info):
+            for r, (_b, p) in enumerate(info):
                 if p & _BAD_EMB_SHAPE:
                     lines.append(f"rank {r}: embeddings must be [batch, {self.embedding_size}]")
                 if p & _BAD_LABEL_SHAPE:

@@ -29,7 +29,6 @@ Two ways to compute ``V`` over the global batch (``negatives="global"``):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
