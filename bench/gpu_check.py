@@ -638,7 +638,9 @@ def errors(r: Dict[str, Any]) -> List[str]:
             if "error" in part:
                 out.append(f"{key}: {part['error']}")
             if part.get("exit"):  # the stage's process failed or timed out (scripts/device_check.sh)
-                out.append(f"{key}: stage exited {part['exit']}" + (" (timed out)" if part["exit"] in (124, 137) else ""))
+                out.append(
+                    f"{key}: stage exited {part['exit']}" + (" (timed out)" if part["exit"] in (124, 137) else "")
+                )
     return out
 
 
@@ -647,7 +649,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="folder for results.json / results.md")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (data set, trainer run); default OUT/../")
     ap.add_argument("--stage", choices=STAGES + ("all", "report"), default="all")
-    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU, meta-device checks; exit 1 on errors")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="tiny sizes on the CPU, meta-device checks; exit 1 on errors"
+    )
     ap.add_argument("--budget", type=int, default=300, help="seconds for a stage's subprocess (tests, trainer)")
     a = ap.parse_args(argv)
     a.work = a.work or Path(tempfile.mkdtemp(prefix="device_check_"))

@@ -155,7 +155,9 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="folder of identity sub-folders")
     p.add_argument("out", help="output folder")
-    p.add_argument("--reencode", action="store_true", help="re-encode every image (default: copy JPEGs of the right size)")
+    p.add_argument(
+        "--reencode", action="store_true", help="re-encode every image (default: copy JPEGs of the right size)"
+    )
     p.add_argument("--quality", type=int, default=95)
     p.add_argument("--size", type=int, default=112, help="output side length (non-matching images are resized)")
     p.add_argument("--sorted", action="store_true",

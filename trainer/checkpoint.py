@@ -290,7 +290,7 @@ def try_load(candidates: List[Path], loader: Callable[[Path], Any],
         err = None
         try:
             result = loader(path)
-        except Exception as e:  # corrupt/truncated/missing file, unsafe pickle, wrong class count
+        except Exception as e:  # noqa: BLE001 - corrupt/truncated/missing file, unsafe pickle, wrong class count: try the next
             err, result = e, None
         if all_ok(err is None):
             return path, result, failures

@@ -146,7 +146,9 @@ class Trainer:
         self.head, self.head_opt, head_lr = build_head(cfg, self.num_classes, d.device)
         self.accum = cfg.optim.grad_accum
         self.steps_per_epoch = max(1, len(self.loader) // self.accum)
-        self.total_steps = cfg.run.max_steps if cfg.run.max_steps is not None else cfg.run.num_epochs * self.steps_per_epoch
+        self.total_steps = (
+            cfg.run.max_steps if cfg.run.max_steps is not None else cfg.run.num_epochs * self.steps_per_epoch
+        )
         self.engine = build_engine(cfg.engine, cfg.optim, self.backbone, self.head, self.head_opt, d,
                                    self.accum, cfg.data.batch_size, compile=cfg.model.compile)
         self.precision = self.engine.precision
@@ -343,9 +345,12 @@ class Trainer:
                 self._overflows += 1
                 overflowed.append(step)
                 if scale < eng.min_scale or self._overflows >= eng.max_overflows:
-                    why = (f"the scale fell to {scale:g} < engine.min_scale={eng.min_scale:g}"
-                           if scale < eng.min_scale else
-                           f"{self._overflows} overflows in a row (engine.max_overflows={eng.max_overflows}), scale {scale:g}")
+                    why = (
+                        f"the scale fell to {scale:g} < engine.min_scale={eng.min_scale:g}"
+                        if scale < eng.min_scale
+                        else f"{self._overflows} overflows in a row (engine.max_overflows={eng.max_overflows}), "
+                        f"scale {scale:g}"
+                    )
                     raise LossScaleError(
                         f"fp16 loss scaling gave up at step {step}: {why}; the gradients are not finite at any scale "
                         "(no step was applied since the last good one); check lr and data, or train with "

@@ -240,7 +240,9 @@ def test_scan_lock_timeout_names_the_holder(synth_dir, tmp_path):
     from trainer.data.face_rec import ScanLock
 
     with ScanLock(tmp_path / "l.lock", "x.rec"):
-        with pytest.raises(TimeoutError, match=r"l\.lock: the label scan lock of x\.rec is held by pid \d+ on .*gave up after 0.1 s"):
+        with pytest.raises(
+            TimeoutError, match=r"l\.lock: the label scan lock of x\.rec is held by pid \d+ on .*gave up after 0.1 s"
+        ):
             with ScanLock(tmp_path / "l.lock", "x.rec", timeout=0.1):
                 pass
     with ScanLock(tmp_path / "l.lock", "x.rec", timeout=0.1):  # released on exit

@@ -170,7 +170,11 @@ def _corrupt_image(d, key):
 def test_undecodable_image_is_a_clear_error_not_a_crash(synth_copy, backend, tmp_path):
     _corrupt_image(synth_copy, 7)
     # own process: a DALI that segfaults (2.2-2.4) must fail this test, not kill pytest
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), UNPG_DATA_CACHE=str(tmp_path / "c2"))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        UNPG_DATA_CACHE=str(tmp_path / "c2"),
+    )
     p = subprocess.run([sys.executable, "-c", _CORRUPT, str(synth_copy), backend], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 3, f"rc={p.returncode} (negative = killed by a signal)\n{p.stdout}\n{p.stderr[-2000:]}"

@@ -207,7 +207,9 @@ def test_identify_against_brute_force(seed):
 def test_1n_on_release_against_brute_force(release):
     root, truth = release
     net = tiny_net(16)
-    res = ijb.evaluate_ijb(net, root, workers=2, progress=False, readout="strict")  # the default: test_ijb_1n_readout.py
+    res = ijb.evaluate_ijb(
+        net, root, workers=2, progress=False, readout="strict"
+    )  # the default: test_ijb_1n_readout.py
     _, _, tfeat = _independent_scores(root, net)
     one_n = res["identification_1n"]
     assert set(one_n["galleries"]) == {"G1", "G2"}
@@ -248,8 +250,10 @@ def test_1n_files_errors(release, tmp_path):
 def test_cli_protocol_readout_and_saved_scores(release, tmp_path, capsys):
     root, _ = release
     torch.jit.script(tiny_net(16)).save(str(tmp_path / "net.ts"))
-    for extra, proto, ro in (([], "insightface", "insightface"),
-                             (["--readout", "strict", "--no-norm-score"], "insightface+no-norm-score,readout-strict", "strict")):
+    for extra, proto, ro in (
+        ([], "insightface", "insightface"),
+        (["--readout", "strict", "--no-norm-score"], "insightface+no-norm-score,readout-strict", "strict"),
+    ):
         out = tmp_path / ro
         npy = tmp_path / f"{ro}.npy"
         assert ijb.main(["--model", str(tmp_path / "net.ts"), "--root", str(root), "--out", str(out), "--workers", "2",
@@ -310,8 +314,22 @@ def test_verify_cli_reports_insightface_val(tmp_path, capsys):
 
     make_bin(tmp_path / "s.bin", pairs=40, seed=1)
     torch.jit.script(tiny_net(16)).save(str(tmp_path / "net.ts"))
-    assert verify.main(["--model", str(tmp_path / "net.ts"), "--bin", str(tmp_path / "s.bin"), "--out", str(tmp_path / "o"),
-                        "--device", "cpu", "--no-plots"]) == 0
+    assert (
+        verify.main(
+            [
+                "--model",
+                str(tmp_path / "net.ts"),
+                "--bin",
+                str(tmp_path / "s.bin"),
+                "--out",
+                str(tmp_path / "o"),
+                "--device",
+                "cpu",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "our own definition" in printed and "insightface val@far=1e-3" in printed
     data = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["s"]
@@ -339,8 +357,22 @@ def test_val_far_fold_without_impostors_is_reported_not_fatal(tmp_path, capsys):
 
     make_bin(tmp_path / "s.bin", pairs=10, seed=2)  # 10 pairs, 10 folds: each test fold has one class
     torch.jit.script(tiny_net(16)).save(str(tmp_path / "net.ts"))
-    assert verify.main(["--model", str(tmp_path / "net.ts"), "--bin", str(tmp_path / "s.bin"), "--out", str(tmp_path / "o"),
-                        "--device", "cpu", "--no-plots"]) == 0
+    assert (
+        verify.main(
+            [
+                "--model",
+                str(tmp_path / "net.ts"),
+                "--bin",
+                str(tmp_path / "s.bin"),
+                "--out",
+                str(tmp_path / "o"),
+                "--device",
+                "cpu",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     assert "| s | - | - |" in capsys.readouterr().out
     data = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["s"]
     assert "s.bin" in data["insightface_val"]["error"] and "accuracy" in data

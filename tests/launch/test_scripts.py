@@ -198,7 +198,9 @@ def test_indexed_job_manifest():
     assert host == f"{job['metadata']['name']}-0.{svc['metadata']['name']}"  # pod 0's DNS name
     assert int(port) in {p["port"] for p in svc["spec"]["ports"]}
     assert parsed.nproc_per_node == int(c["resources"]["limits"]["nvidia.com/gpu"])
-    shutdown = int(next(f for f in cli.build_command(parsed, env={}) if f.startswith("--shutdown-timeout=")).split("=")[1])
+    shutdown = int(
+        next(f for f in cli.build_command(parsed, env={}) if f.startswith("--shutdown-timeout=")).split("=")[1]
+    )
     assert shutdown >= 120 and pod["terminationGracePeriodSeconds"] >= shutdown + 60
     assert parsed.target[0].endswith(".yaml")
 
@@ -244,9 +246,21 @@ def _cmd(*argv, env=None):
 
 def test_single_node_command():
     cmd = _cmd("single", "--nproc-per-node", "2", "--max-restarts", "1", "--", "c.yaml", "k=v")
-    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                   "--nproc-per-node=2", "--max-restarts=1", "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-                   "--shutdown-timeout=300", "-m", "trainer.train", "c.yaml", "k=v"]
+    assert cmd == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--max-restarts=1",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "--shutdown-timeout=300",
+        "-m",
+        "trainer.train",
+        "c.yaml",
+        "k=v",
+    ]
     assert "--shutdown-timeout=60" in _cmd("single", "--shutdown-timeout", "60", "--", "c.yaml")
     assert "--shutdown-timeout=90" in _cmd("single", "--", "c.yaml", env={"UNPG_SHUTDOWN_TIMEOUT": "90"})
 

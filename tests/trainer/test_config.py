@@ -27,7 +27,13 @@ def test_shipped_recipes_resolve():
     assert (c.model.backbone, c.loss.margin, c.loss.m, c.loss.unpg, c.loss.wisk) == ("r100", "arcface", 0.5, True, 1.5)
     assert c.data.num_classes == 93431 and c.optim.lr == 0.1 and c.data.batch_size == 128
     c = load_config(os.path.join(CONFIGS, "webface42m_r50_cosface.yaml"))
-    assert (c.model.backbone, c.loss.margin, c.loss.m, c.loss.unpg, c.loss.sample_rate) == ("r50", "cosface", 0.4, False, 0.2)
+    assert (c.model.backbone, c.loss.margin, c.loss.m, c.loss.unpg, c.loss.sample_rate) == (
+        "r50",
+        "cosface",
+        0.4,
+        False,
+        0.2,
+    )
 
 
 def test_base_inheritance_and_overrides(tmp_path):

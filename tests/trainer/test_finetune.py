@@ -144,9 +144,13 @@ def test_init_from_run_folder_and_ignored_on_resume(tmp_path):
         assert torch.equal(ft["init"][k], v), k
     # resume: the checkpoint wins, init_from is not read (the file may be gone)
     torch.save(src["final"], tmp_path / "w.pth")
-    a = run_world(_run_worker, 1, str(tmp_path / "r"), base + ["run.max_steps=2", f"model.init_from={tmp_path / 'w.pth'}"])[0]
+    a = run_world(
+        _run_worker, 1, str(tmp_path / "r"), base + ["run.max_steps=2", f"model.init_from={tmp_path / 'w.pth'}"]
+    )[0]
     (tmp_path / "w.pth").unlink()
-    b = run_world(_run_worker, 1, str(tmp_path / "r"), base + ["run.max_steps=4", f"model.init_from={tmp_path / 'w.pth'}"])[0]
+    b = run_world(
+        _run_worker, 1, str(tmp_path / "r"), base + ["run.max_steps=4", f"model.init_from={tmp_path / 'w.pth'}"]
+    )[0]
     assert b["start"] == 2
     for k, v in a["final"].items():
         assert torch.equal(b["init"][k], v), k

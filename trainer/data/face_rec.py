@@ -279,7 +279,7 @@ class FaceRecDataset:
             return None
         try:
             lab = np.load(cache, mmap_mode="r", allow_pickle=False)  # shared by the node's ranks
-        except Exception:
+        except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt (None: scan again)
             return None
         return lab if lab.shape == self.image_keys.shape and lab.dtype == np.int64 else None
 

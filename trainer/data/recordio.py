@@ -350,7 +350,7 @@ class IndexedRecordReader:
     def __del__(self):  # best effort
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - __del__ never raises
             pass
 
 
@@ -395,7 +395,7 @@ class IndexedRecordWriter:
         cm, self._rec_cm = self._rec_cm, None
         try:
             cm.__exit__(type(exc), exc, exc.__traceback__)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - cleanup while the caller's exception `exc` propagates
             pass
 
     def __enter__(self) -> IndexedRecordWriter:

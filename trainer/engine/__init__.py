@@ -59,5 +59,15 @@ def build_engine(cfg: EngineConfig, optim: OptimConfig, backbone: torch.nn.Modul
     return cls(cfg, optim, backbone, head, head_opt, d, grad_accum, precision, compile=compile, **extra)
 
 
-__all__ = ["ENGINES", "PRECISIONS", "DeepSpeedConfig", "EngineConfig", "Engine", "LossScaleError", "NonFiniteLossError", "StepOutput", "build_engine",
-           "resolve_precision"]
+__all__ = [
+    "ENGINES",
+    "PRECISIONS",
+    "DeepSpeedConfig",
+    "EngineConfig",
+    "Engine",
+    "LossScaleError",
+    "NonFiniteLossError",
+    "StepOutput",
+    "build_engine",
+    "resolve_precision",
+]

@@ -102,8 +102,9 @@ class DeepSpeedEngine(Engine):
                                    "initial_scale_power": max(0, round(math.log2(cfg.init_scale))),
                                    "min_loss_scale": max(1, int(cfg.min_scale))})
         fwd: nn.Module = torch.compile(backbone) if compile else backbone
-        engine, ds_opt, _, _ = deepspeed.initialize(model=fwd, optimizer=build_backbone_optimizer(backbone, optim, fused=False),
-                                                    config=ds_cfg)
+        engine, ds_opt, _, _ = deepspeed.initialize(
+            model=fwd, optimizer=build_backbone_optimizer(backbone, optim, fused=False), config=ds_cfg
+        )
         self.ds = engine
         self.model = engine
         self._bad = False  # a non-finite micro-batch loss since the last boundary
@@ -150,7 +151,11 @@ class DeepSpeedEngine(Engine):
         if self.precision == "fp16":  # DeepSpeed skipped its step on a loss-scale overflow
             ov = bool(getattr(self.ds.optimizer, "overflow", False)) and not skip
             overflow, skip = torch.tensor(ov, device=dev), skip or ov
-        return (None if gn is None else torch.as_tensor(float(gn), device=dev)), torch.tensor(skip, device=dev), overflow
+        return (
+            (None if gn is None else torch.as_tensor(float(gn), device=dev)),
+            torch.tensor(skip, device=dev),
+            overflow,
+        )
 
     def loss_scale_tensor(self) -> Optional[torch.Tensor]:
         scale = self.loss_scale()
