@@ -420,10 +420,11 @@ def stage_compile(res: Results, a) -> None:
 
 def _engine(precision: str, dev: torch.device, sz: Dict[str, Any], meta: bool = False):
     from trainer.backbones import get_backbone
-    from trainer.config import EngineConfig, OptimConfig
     from trainer.distributed import DistInfo
+    from trainer.engine.config import EngineConfig
     from trainer.engine.ddp import DDPEngine
     from trainer.heads import PartialFC, PartialFCSGD, build_margin
+    from trainer.optim import OptimConfig, optimizer_factory
 
     kw = {"width": 8} if sz["e2e_backbone"] == "tiny" else {}
     backbone = get_backbone(sz["e2e_backbone"], **kw).to(dev).to(memory_format=torch.channels_last)
@@ -431,8 +432,8 @@ def _engine(precision: str, dev: torch.device, sz: Dict[str, Any], meta: bool = 
     if meta:
         head.check_inputs = lambda: None  # a host read by design: no data on meta
     hopt = PartialFCSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
-    return DDPEngine(EngineConfig(precision=precision), OptimConfig(lr=0.1), backbone, head, hopt,
-                     DistInfo(0, 1, 0, dev), 1, precision)
+    return DDPEngine(EngineConfig(precision=precision), optimizer_factory(OptimConfig(lr=0.1)), 5.0, backbone, head,
+                     hopt, DistInfo(0, 1, 0, dev), 1, precision)
 
 
 def _e2e_synthetic_row(precision: str, dev, sz) -> Dict[str, Any]:

@@ -37,7 +37,7 @@ from trainer.heads import STATE_DTYPES, UNPG, PartialFC, PartialFCSGD, build_mar
 from trainer.imprint import FaceRecImages, imprint_head
 from trainer.io.atomic import atomic_open, atomic_torch_save
 from trainer.monitor import Monitor, setup_logging
-from trainer.optim import LRScheduler
+from trainer.optim import LRScheduler, optimizer_factory
 from trainer.ownership import RunLock, RunLockedError, die_with_parent, under_torchrun
 from trainer.preemption import Preempted, PreemptionHandler
 from trainer.pretrained import init_backbone
@@ -149,8 +149,9 @@ class Trainer:
         self.total_steps = (
             cfg.run.max_steps if cfg.run.max_steps is not None else cfg.run.num_epochs * self.steps_per_epoch
         )
-        self.engine = build_engine(cfg.engine, cfg.optim, self.backbone, self.head, self.head_opt, d,
-                                   self.accum, cfg.data.batch_size, compile=cfg.model.compile)
+        self.engine = build_engine(cfg.engine, optimizer_factory(cfg.optim), cfg.optim.clip_grad_norm, self.backbone,
+                                   self.head, self.head_opt, d, self.accum, cfg.data.batch_size,
+                                   compile=cfg.model.compile)
         self.precision = self.engine.precision
         self.engine.bn_frozen = cfg.model.bn_mode == "frozen"
         self.scheduler = LRScheduler([self.engine.backbone_opt, self.head_opt],

@@ -5,9 +5,10 @@ torch is imported where an optimizer is built, so that the section loads without
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 from trainer.section import ConfigError, finite, need, non_negative_count, one_of
 
@@ -91,6 +92,12 @@ def build_backbone_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = T
         for p in params:
             opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return opt
+
+
+def optimizer_factory(cfg: OptimConfig) -> Callable[..., torch.optim.Optimizer]:
+    """What an engine receives: ``make(module, fused=True)`` builds the backbone optimizer
+    of ``cfg`` (:func:`build_backbone_optimizer`); the engine never sees the section."""
+    return functools.partial(build_backbone_optimizer, cfg=cfg)
 
 
 def lr_factor(step: int, total_steps: int, kind: str, warmup_steps: int = 0,

@@ -7,6 +7,7 @@ from trainer.config import EngineConfig, OptimConfig
 from trainer.distributed import DistInfo
 from trainer.engine.ddp import DDPEngine
 from trainer.heads import ArcFace, PartialFC, PartialFCSGD
+from trainer.optim import optimizer_factory
 
 C, D = 40, 32
 
@@ -16,7 +17,7 @@ def _engine(precision, seed=0, init_scale=None):
     backbone = get_backbone("tiny", num_features=D, width=8, norm="none")
     head = PartialFC(ArcFace(s=16.0, m=0.3), D, C, sample_rate=0.5)  # sparse head gradient
     head_opt = PartialFCSGD(head, lr=0.01, momentum=0.9, weight_decay=5e-4)
-    eng = DDPEngine(EngineConfig(precision=precision), OptimConfig(lr=0.01, clip_grad_norm=5.0), backbone, head,
+    eng = DDPEngine(EngineConfig(precision=precision), optimizer_factory(OptimConfig(lr=0.01)), 5.0, backbone, head,
                     head_opt, DistInfo(0, 1, 0, torch.device("cpu")), 1, precision)
     if init_scale is not None:
         eng.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)

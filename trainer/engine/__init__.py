@@ -26,10 +26,9 @@ if TYPE_CHECKING:
     import torch
 
     from trainer.distributed import DistInfo
-    from trainer.engine.base import Engine, LossScaleError, NonFiniteLossError, StepOutput
-    from trainer.optim import OptimConfig
+    from trainer.engine.base import Engine, LossScaleError, NonFiniteLossError, OptimizerFactory, StepOutput
 
-_FROM_BASE = ("Engine", "LossScaleError", "NonFiniteLossError", "StepOutput")
+_FROM_BASE = ("Engine", "LossScaleError", "NonFiniteLossError", "OptimizerFactory", "StepOutput")
 
 
 def __getattr__(name: str) -> Any:
@@ -49,14 +48,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def build_engine(cfg: EngineConfig, optim: OptimConfig, backbone: torch.nn.Module, head, head_opt,
-                 d: DistInfo, grad_accum: int, batch_size: int, compile: bool = False) -> Engine:
-    """The engine registered under ``cfg.name`` (:data:`ENGINES`), around ``backbone``."""
+def build_engine(cfg: EngineConfig, make_optimizer: OptimizerFactory, clip_grad_norm: float,
+                 backbone: torch.nn.Module, head, head_opt, d: DistInfo, grad_accum: int, batch_size: int,
+                 compile: bool = False) -> Engine:
+    """The engine registered under ``cfg.name`` (:data:`ENGINES`), around ``backbone``; it builds
+    the backbone optimizer with ``make_optimizer(module, fused=...)``
+    (:func:`trainer.optim.optimizer_factory`) and clips the backbone gradient norm at
+    ``clip_grad_norm`` (0: off)."""
     precision = resolve_precision(cfg.precision, d.device)
     module, cls_name = ENGINES[cfg.name].split(":")
     cls = getattr(importlib.import_module(module), cls_name)
     extra = {"batch_size": batch_size} if cfg.name == "deepspeed" else {}
-    return cls(cfg, optim, backbone, head, head_opt, d, grad_accum, precision, compile=compile, **extra)
+    return cls(cfg, make_optimizer, clip_grad_norm, backbone, head, head_opt, d, grad_accum, precision,
+               compile=compile, **extra)
 
 
 __all__ = [
