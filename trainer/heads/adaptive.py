@@ -55,8 +55,6 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from trainer.heads.margins import register_margin
-
 _SIN_EPS = 1e-12
 
 Prep = Dict[str, torch.Tensor]
@@ -239,18 +237,3 @@ class CurricularFace(AdaptiveMargin):
         deriv = torch.where(mask, t + 2.0 * cos, torch.ones_like(cos))
         return value, deriv
 
-
-@register_margin("adaface")
-def _adaface(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> AdaFace:
-    return AdaFace(s=s, m=m, **{k: options[k] for k in ("h", "t_alpha") if k in options})
-
-
-@register_margin("magface")
-def _magface(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> MagFace:
-    return MagFace(s=s, **{k: options[k] for k in ("l_a", "u_a", "l_m", "u_m", "lambda_g") if k in options})
-
-
-@register_margin("curricularface")
-def _curricularface(s: float, m: float, margin_list: Tuple[float, float, float],
-                    options: Dict[str, float]) -> CurricularFace:
-    return CurricularFace(s=s, m=m)

@@ -165,8 +165,6 @@ def register_margin(name: str) -> Callable:
 
 
 def available_margins() -> Tuple[str, ...]:
-    from trainer.heads import adaptive  # noqa: F401  (registers the adaptive margins)
-
     return tuple(sorted(_MARGIN_BUILDERS))
 
 
@@ -185,13 +183,35 @@ def _combined(s: float, m: float, margin_list: Tuple[float, float, float], optio
     return margin_from_list(margin_list, s=s)
 
 
+# the adaptive margins (trainer/heads/adaptive.py) are built here too, imported on use:
+# adaptive.py then imports nothing of this module (no import circle)
+@register_margin("adaface")
+def _adaface(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> Any:
+    from trainer.heads.adaptive import AdaFace
+
+    return AdaFace(s=s, m=m, **{k: options[k] for k in ("h", "t_alpha") if k in options})
+
+
+@register_margin("magface")
+def _magface(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> Any:
+    from trainer.heads.adaptive import MagFace
+
+    return MagFace(s=s, **{k: options[k] for k in ("l_a", "u_a", "l_m", "u_m", "lambda_g") if k in options})
+
+
+@register_margin("curricularface")
+def _curricularface(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> Any:
+    from trainer.heads.adaptive import CurricularFace
+
+    return CurricularFace(s=s, m=m)
+
+
 def build_margin(name: str, s: float = 64.0, m: float = 0.5,
                  margin_list: Tuple[float, float, float] = (1.0, 0.5, 0.0), **options: float) -> Any:
     """A registered margin by name. ``arcface`` / ``cosface`` / ``curricularface`` use ``m``;
     ``combined`` uses insightface's ``margin_list`` (m1, m2, m3) through :func:`margin_from_list`;
     ``adaface`` uses ``m`` and ``options`` h, t_alpha; ``magface`` uses ``options`` l_a, u_a,
-    l_m, u_m, lambda_g (trainer/heads/adaptive.py, registered there). Options a margin does
-    not use are ignored."""
+    l_m, u_m, lambda_g (trainer/heads/adaptive.py). Options a margin does not use are ignored."""
     if name not in available_margins():
         raise ValueError(f"unknown margin {name!r}; valid: {', '.join(MARGINS)}")
     return _MARGIN_BUILDERS[name](s, m, margin_list, options)
