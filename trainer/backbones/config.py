@@ -41,4 +41,4 @@ class ModelConfig:
         need("model.dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
         if self.backbone.lower() not in BACKBONES:
             raise ConfigError(f"config key 'model.backbone': unknown {self.backbone!r}; "
-                              f"valid: {', '.join(BACKBONES)}")
+                              f"valid: {', '.join(sorted(BACKBONES))}")
