@@ -19,10 +19,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-
-import numpy as np  # noqa: E402
-import simplejpeg  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import simplejpeg
+import torch
 
 
 def decode_only(payloads, threads: int, rounds: int) -> float:
@@ -68,13 +67,13 @@ def loader_rate(data, backend: str, threads: int, batch: int, epochs: int) -> fl
 
     L = build_train_loader(data, batch, backend=backend, num_threads=threads, seed=0)
     L.set_epoch(0)
-    for i, _ in enumerate(L):  # warm-up epoch (pipeline build, worker start, page cache)
+    for _i, _ in enumerate(L):  # warm-up epoch (pipeline build, worker start, page cache)
         pass
     n = 0
     t = time.perf_counter()
     for e in range(1, epochs + 1):
         L.set_epoch(e)
-        for x, y in L:
+        for _x, y in L:
             n += y.numel()
     return n / (time.perf_counter() - t)
 

@@ -60,10 +60,10 @@ from trainer.data.face_rec import FaceRecDataset, write_property
 from trainer.data.recordio import (
     IR_SIZE,
     IRHeader,
-    read_record_header,
     class_id,
     encode_record,
     pack,
+    read_record_header,
     unpack,
     write_index,
     write_index_arrays,
@@ -159,8 +159,8 @@ def child(args) -> None:
     d = Path(args.dir)
     n = args.n
     if args.what == "loader":  # the DALI loader (labels cached) + the epoch's index + first batch
-        import torch  # noqa: F401  (libraries loaded before the baseline: not data-dependent)
         import nvidia.dali.plugin.pytorch  # noqa: F401
+        import torch
 
         from trainer.data.dali_loader import DaliFaceLoader
 
@@ -429,8 +429,11 @@ def report(a) -> None:
     print(f"{'former per-record loop (est.)':34s} {t_old:9.2f} {n / t_old:12,.0f}   (timed on {m:,}, x N/{m:,})")
     print(f"{'vectorised scan_labels, first':34s} {t_scan:9.2f} {n / t_scan:12,.0f}   {t_old / t_scan:.1f}x faster")
     print(f"{'second process: open + cached':34s} {t_cached:9.2f}   (open alone: {t_open:.2f} s, numpy .idx parse)")
-    print(f"{'42M measured' if n == 42_000_000 else '42M extrapolated (linear)'}: first scan {t_scan * 42e6 / n:.0f} s (goal <= 60 s), "
-          f"former loop {t_old * 42e6 / n:.0f} s")
+    print(
+        f"{'42M measured' if n == 42_000_000 else '42M extrapolated (linear)'}: "
+        f"first scan {t_scan * 42e6 / n:.0f} s (goal <= 60 s), "
+        f"former loop {t_old * 42e6 / n:.0f} s"
+    )
 
     # ---- per-rank epoch start
     ranks = list(range(R)) if not a.rank_sample else list(range(min(R, a.rank_sample)))
@@ -480,9 +483,12 @@ def report(a) -> None:
         print("(no DALI loader rows: --payload tiny records are not images, the decode check refuses them)")
     new = rows["new-dali"]
     whole_bytes = sum(r["index_bytes"] for r in new) * (R / len(ranks))  # the old index = all ranks' lines
-    print(f"index bytes per rank: new {np.mean([r['index_bytes'] for r in new]) / 2**20:.2f} MiB vs former "
-          f"whole index {whole_bytes / 2**20:.2f} MiB (ratio {np.mean([r['index_bytes'] for r in new]) / whole_bytes:.3f}, "
-          f"goal <= 1/{R} = {1 / R:.3f})")
+    print(
+        f"index bytes per rank: new {np.mean([r['index_bytes'] for r in new]) / 2**20:.2f} MiB vs former "
+        f"whole index {whole_bytes / 2**20:.2f} MiB "
+        f"(ratio {np.mean([r['index_bytes'] for r in new]) / whole_bytes:.3f}, "
+        f"goal <= 1/{R} = {1 / R:.3f})"
+    )
     scale = 42e6 / n
     if "old" in rows:
         old = rows["old"]
@@ -492,8 +498,11 @@ def report(a) -> None:
               f"{max(r['extra_mb'] for r in old) * scale / 1024:.1f} GB per rank")
     else:
         print(f"former whole index not run (N > --old-max-n={a.old_max_n:,})")
-    print(f"{'42M measured' if n == 42_000_000 else '42M extrapolated (linear)'}: new DALI {max(r['s'] for r in new) * scale:.1f} s / "
-          f"{max(r['extra_mb'] for r in new) * scale / 1024:.2f} GB per rank (goals <= 5 s, <= 1 GB)")
+    print(
+        f"{'42M measured' if n == 42_000_000 else '42M extrapolated (linear)'}: "
+        f"new DALI {max(r['s'] for r in new) * scale:.1f} s / "
+        f"{max(r['extra_mb'] for r in new) * scale / 1024:.2f} GB per rank (goals <= 5 s, <= 1 GB)"
+    )
 
     if dali:
         decode_report(a, dec, n, R)
@@ -511,8 +520,12 @@ def report(a) -> None:
     sizes = np.full(per_rank, a.rec_bytes)
     print(f"\n== read pattern, rank 0, epoch 0 ({per_rank:,} reads; block = {K:,} records)")
     print(f"{'reads issued by':36s} {'increasing':>10s} {'in block':>9s} {'records/seek':>13s}")
-    for name, order in [("new DALI (block, index sorted)", dali_order), ("new torch (block+window, batch sorted)", torch_new),
-                        ("torch global shuffle (former torch)", glob), ("former DALI (contiguous shard)", old_dali)]:
+    for name, order in [
+        ("new DALI (block, index sorted)", dali_order),
+        ("new torch (block+window, batch sorted)", torch_new),
+        ("torch global shuffle (former torch)", glob),
+        ("former DALI (contiguous shard)", old_dali),
+    ]:
         st = plan.read_pattern(offsets[order], sizes, block_of=order // K)
         print(f"{name:36s} {st['increasing']:10.3f} {st['increasing_in_block']:9.3f} "
               f"{st['bytes_per_seek'] / a.rec_bytes:13.1f}")

@@ -106,8 +106,8 @@ def train(run: Path, data_dir: Path, seed: int, loss: dict, config: str = "confi
 def evaluate(run: Path, data_dir: Path, gallery) -> dict:
     from eval.metrics import roc, tar_at_far
     from eval.verification import verify_embeddings
-    from trainer.verification import embed_images, load_bin
     from trainer.backbones import get_backbone
+    from trainer.verification import embed_images, load_bin
 
     model = get_backbone(BACKBONE, num_features=EMB)
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
@@ -137,7 +137,7 @@ def report(out: Path, results: Dict[tuple, dict]) -> str:
     lines = ["| arm | noise | runs | TAR@FAR=1e-3 | TAR@FAR=1e-4 | val.bin accuracy | AUC |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     groups: Dict[tuple, List[dict]] = {}
-    for (arm, noise, seed), r in sorted(results.items()):
+    for (arm, noise, _seed), r in sorted(results.items()):
         groups.setdefault((arm, noise), []).append(r)
 
     def ms(vals):
@@ -351,7 +351,7 @@ def ratio_report(out: Path, results: Dict[tuple, dict], doc_dir: Path) -> str:
         return f"{scale * np.mean(vals):.2f} ± {scale * _sd(vals):.2f}" if vals else "-"
 
     cells: Dict[tuple, List[dict]] = {}
-    for (ids, fam, arm, seed), r in sorted(results.items()):
+    for (ids, fam, arm, _seed), r in sorted(results.items()):
         cells.setdefault((ids, fam, arm), []).append(r)
     lines = ["| ids | pairs:classes | families | arm | runs | steps | loss start -> end | end / L0 | trains / flat | "
              "TAR@1e-3 | TAR@1e-4 | within-family TAR@1e-3 | within-family TAR@1e-4 | val.bin acc |",
@@ -371,14 +371,18 @@ def ratio_report(out: Path, results: Dict[tuple, dict], doc_dir: Path) -> str:
                 wf = [r.get("tar_at_far_within_family") for r in rs]
                 lines.append(
                     f"| {ids} | {RATIO_PAIRS / ids:.1f}:1 | {'on' if fam else 'off'} | {arm} | {len(rs)} | "
-                    f"{len(rs[0]['loss'])} | {np.mean([r['start'] for r in rs]):.2f} -> {np.mean([r['end'] for r in rs]):.2f} | "
-                    f"{np.mean(end_l0):.2f} | {flag} | {ms([r['tar_at_far']['0.001'] for r in rs])} | {ms([r['tar_at_far']['0.0001'] for r in rs])} | "
+                    f"{len(rs[0]['loss'])} | {np.mean([r['start'] for r in rs]):.2f} -> "
+                    f"{np.mean([r['end'] for r in rs]):.2f} | {np.mean(end_l0):.2f} | {flag} | "
+                    f"{ms([r['tar_at_far']['0.001'] for r in rs])} | {ms([r['tar_at_far']['0.0001'] for r in rs])} | "
                     f"{ms([w['0.001'] if w else None for w in wf])} | {ms([w['0.0001'] if w else None for w in wf])} | "
-                    f"{ms([r['accuracy'] for r in rs])} |")
+                    f"{ms([r['accuracy'] for r in rs])} |"
+                )
     # UNPG gain in TAR@FAR=1e-4 over the plain arm of the same baseline set, paired by seed
-    gain_lines = ["| ids | pairs:classes | families | UNPG arm | vs | seeds | gain TAR@1e-3 (all) | gain TAR@1e-4 (all) | "
-                  "UNPG better at 1e-4 | gain TAR@1e-3 (within-family) | gain TAR@1e-4 (within-family) | gain val.bin acc |",
-                  "| " + " | ".join(["---"] * 12) + " |"]
+    gain_lines = [
+        "| ids | pairs:classes | families | UNPG arm | vs | seeds | gain TAR@1e-3 (all) | gain TAR@1e-4 (all) | "
+        "UNPG better at 1e-4 | gain TAR@1e-3 (within-family) | gain TAR@1e-4 (within-family) | gain val.bin acc |",
+        "| " + " | ".join(["---"] * 12) + " |",
+    ]
     series: Dict[tuple, list] = {}
     for ids in RATIO_IDS:
         for fam in (False, True):
@@ -391,7 +395,7 @@ def ratio_report(out: Path, results: Dict[tuple, dict], doc_dir: Path) -> str:
                 seeds = sorted(set(pr) & set(ur))
                 if not seeds:
                     continue
-                def diff(key, far, s):
+                def diff(key, far, s, ur=ur, pr=pr):
                     return ur[s][key][far] - pr[s][key][far]
 
                 g = [diff("tar_at_far", "0.0001", s) for s in seeds]
@@ -405,13 +409,18 @@ def ratio_report(out: Path, results: Dict[tuple, dict], doc_dir: Path) -> str:
                                   f"{ms(gw3) if gw else '-'} | {ms(gw) if gw else '-'} | {ms(ga)} |")
                 series.setdefault((fam, arm), []).append((RATIO_PAIRS / ids, 100 * np.mean(g), 100 * _sd(g)))
     # the budget actually spent per part (training + evaluation of every finished run)
-    budget = ["| ids | families | runs | steps per run | train s per run (mean) | total min |", "| " + " | ".join(["---"] * 6) + " |"]
+    budget = [
+        "| ids | families | runs | steps per run | train s per run (mean) | total min |",
+        "| " + " | ".join(["---"] * 6) + " |",
+    ]
     for ids in RATIO_IDS:
         for fam in (False, True):
             rs = [r for (i, f, _, _), r in results.items() if (i, f) == (ids, fam)]
             if rs:
-                budget.append(f"| {ids} | {'on' if fam else 'off'} | {len(rs)} | {rs[0]['steps']} | "
-                              f"{np.mean([r['train_seconds'] for r in rs]):.0f} | {sum(r['seconds'] for r in rs) / 60:.1f} |")
+                budget.append(
+                    f"| {ids} | {'on' if fam else 'off'} | {len(rs)} | {rs[0]['steps']} | "
+                    f"{np.mean([r['train_seconds'] for r in rs]):.0f} | {sum(r['seconds'] for r in rs) / 60:.1f} |"
+                )
     total = sum(r["seconds"] for r in results.values()) / 60
     budget.append(f"| all | | {len(results)} | | | {total:.1f} |")
     table = "\n".join(lines) + "\n\n" + "\n".join(gain_lines) + "\n\n" + "\n".join(budget)
@@ -419,7 +428,7 @@ def ratio_report(out: Path, results: Dict[tuple, dict], doc_dir: Path) -> str:
     # every run's metrics, one JSON line each (curves rounded), for the repository next to the plots
     doc_dir.mkdir(parents=True, exist_ok=True)
     with open(doc_dir / "ratio_runs.jsonl", "w") as fh:
-        for key, r in sorted(results.items()):
+        for _key, r in sorted(results.items()):
             row = {k: v for k, v in r.items() if k != "roc"}
             row["loss"] = [round(v, 4) for v in r["loss"]]
             kept = [v for v in r.get("kept_fraction") or [] if v is not None]
@@ -485,7 +494,9 @@ def family_grid(path: Path, members: int = 4, images: int = 5, identity: int = R
     grid = np.zeros((members * SIZE, images * SIZE, 3), np.uint8)
     for r in range(members):
         for c in range(images):
-            grid[r * SIZE:(r + 1) * SIZE, c * SIZE:(c + 1) * SIZE] = make_pixels(0, first + r, 10_000 + c, **RATIO_FAMILY)
+            grid[r * SIZE : (r + 1) * SIZE, c * SIZE : (c + 1) * SIZE] = make_pixels(
+                0, first + r, 10_000 + c, **RATIO_FAMILY
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
 
@@ -533,10 +544,13 @@ def ratio_main(args) -> None:
             with atomic_open(run / "metrics.json", "w") as fh:
                 json.dump(m, fh)
             wf = m.get("tar_at_far_within_family", {}).get("0.0001")
-            print(f"[{n}/{len(todo)}] ids {ids} fam {'on' if fam else 'off'} {arm} seed {seed}: loss {m['start']:.2f} -> "
-                  f"{m['end']:.2f} (trains {m['trains']}, flat {m['flat']}) TAR@1e-4 {m['tar_at_far']['0.0001']:.4f}"
-                  + (f" within-family {wf:.4f}" if wf is not None else "")
-                  + f" acc {m['accuracy']:.4f} (train {t_train:.0f} s, total {m['seconds']:.0f} s)", flush=True)
+            print(
+                f"[{n}/{len(todo)}] ids {ids} fam {'on' if fam else 'off'} {arm} seed {seed}: loss {m['start']:.2f} -> "
+                f"{m['end']:.2f} (trains {m['trains']}, flat {m['flat']}) TAR@1e-4 {m['tar_at_far']['0.0001']:.4f}"
+                + (f" within-family {wf:.4f}" if wf is not None else "")
+                + f" acc {m['accuracy']:.4f} (train {t_train:.0f} s, total {m['seconds']:.0f} s)",
+                flush=True,
+            )
         print(f"wall time of this invocation: {time.time() - t_all:.0f} s", flush=True)
     results = {}
     for p in sorted((args.out / "runs").glob("ids*/metrics.json")):
@@ -559,9 +573,13 @@ def main() -> None:
     ratio.add_argument("--ids", type=int, nargs="*", choices=RATIO_IDS,
                        help=f"training identity counts (default {list(RATIO_DEFAULT_IDS)})")
     ratio.add_argument("--families", nargs="*", choices=["off", "on"], help="default: both")
-    ratio.add_argument("--baseline", nargs="*", choices=["auto", *RATIO_PLAIN],
-                       help="arm sets: paper (s=64 m=0.5), working (s=64 m=0.3), recipe (s=32 m=0.3), or auto (default): paper, plus working "
-                            "for the (ids, families) cells where a paper plain ArcFace run did not train")
+    ratio.add_argument(
+        "--baseline",
+        nargs="*",
+        choices=["auto", *RATIO_PLAIN],
+        help="arm sets: paper (s=64 m=0.5), working (s=64 m=0.3), recipe (s=32 m=0.3), or auto (default): "
+        "paper, plus working for the (ids, families) cells where a paper plain ArcFace run did not train",
+    )
     ratio.add_argument("--max-steps", type=int, help="override the steps per count (pilots only: use another --out)")
     ratio.add_argument("--doc-dir", type=Path, default=ROOT / "docs" / "results",
                        help="where the ratio plots go (default docs/results)")

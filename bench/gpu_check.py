@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -354,8 +355,8 @@ def stage_head(res: Results, a) -> None:
                 key = {"classes": c, "rate": rate, "head": kind}
                 if a.dry_run:
                     with meta_autocast():
-                        row(res, "head_meta", key, lambda: _meta_head_row(kind, c, rate, sz))
-                row(res, "head", key, lambda: _head_row(kind, c, rate, dev, sz, sz["timed"] if a.dry_run else 10))
+                        row(res, "head_meta", key, partial(_meta_head_row, kind, c, rate, sz))
+                row(res, "head", key, partial(_head_row, kind, c, rate, dev, sz, sz["timed"] if a.dry_run else 10))
 
 
 def _flops_per_step(model: torch.nn.Module, x: torch.Tensor, dtype) -> float:
@@ -406,7 +407,7 @@ def _backbone_grid(res: Results, a, stage: str, compile_rows: bool) -> None:
         key = {"backbone": name, "batch": sz["bb_batch"], "dtype": str(dtype).split(".")[-1],
                "channels_last": cl, "compile": sz["compile_backend"] if comp else False,
                "peak_used": f"{str(dtype).split('.')[-1]} matmul (measured here / datasheet)"}
-        row(res, stage, key, lambda: _backbone_row(name, dtype, cl, comp, dev, sz, peaks, sz["compile_backend"]))
+        row(res, stage, key, partial(_backbone_row, name, dtype, cl, comp, dev, sz, peaks, sz["compile_backend"]))
 
 
 def stage_backbones(res: Results, a) -> None:
@@ -419,10 +420,11 @@ def stage_compile(res: Results, a) -> None:
 
 def _engine(precision: str, dev: torch.device, sz: Dict[str, Any], meta: bool = False):
     from trainer.backbones import get_backbone
-    from trainer.config import EngineConfig, OptimConfig
     from trainer.distributed import DistInfo
+    from trainer.engine.config import EngineConfig
     from trainer.engine.ddp import DDPEngine
     from trainer.heads import PartialFC, PartialFCSGD, build_margin
+    from trainer.optim import OptimConfig, optimizer_factory
 
     kw = {"width": 8} if sz["e2e_backbone"] == "tiny" else {}
     backbone = get_backbone(sz["e2e_backbone"], **kw).to(dev).to(memory_format=torch.channels_last)
@@ -430,8 +432,8 @@ def _engine(precision: str, dev: torch.device, sz: Dict[str, Any], meta: bool = 
     if meta:
         head.check_inputs = lambda: None  # a host read by design: no data on meta
     hopt = PartialFCSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
-    return DDPEngine(EngineConfig(precision=precision), OptimConfig(lr=0.1), backbone, head, hopt,
-                     DistInfo(0, 1, 0, dev), 1, precision)
+    return DDPEngine(EngineConfig(precision=precision), optimizer_factory(OptimConfig(lr=0.1)), 5.0, backbone, head,
+                     hopt, DistInfo(0, 1, 0, dev), 1, precision)
 
 
 def _e2e_synthetic_row(precision: str, dev, sz) -> Dict[str, Any]:
@@ -505,7 +507,7 @@ def _loader_only_row(a, dev, sz) -> Dict[str, Any]:
         next(it)
     _sync(dev)
     t0 = time.perf_counter()
-    for images, _ in it:
+    for _images, _ in it:
         pass
     _sync(dev)
     return {"loader": type(loader).__name__, "batches": n,
@@ -543,12 +545,12 @@ def stage_e2e(res: Results, a) -> None:
             row(res, "e2e_meta", {"what": what}, lambda: _meta_e2e_row(sz))
     for precision in ("bf16", "fp16"):
         row(res, "e2e", {"what": f"Engine.train_step, synthetic tensors: {what}", "precision": precision},
-            lambda: _e2e_synthetic_row(precision, dev, sz))
+            partial(_e2e_synthetic_row, precision, dev, sz))
     row(res, "e2e", {"what": f"loader only, batch {sz['e2e_batch']}", "precision": "-"},
         lambda: _loader_only_row(a, dev, sz))
     for precision in ("bf16", "fp16"):
         row(res, "e2e", {"what": f"Engine.train_step fed by the loader: {what}", "precision": precision},
-            lambda: _with_loader_row(a, precision, dev, sz))
+            partial(_with_loader_row, a, precision, dev, sz))
     rows = {(r["what"].split(":")[0], r["precision"]): r for r in res.data["e2e"]["rows"]}
     for p in ("bf16", "fp16"):
         s = rows.get(("Engine.train_step, synthetic tensors", p), {}).get("samples_per_s")
@@ -637,7 +639,9 @@ def errors(r: Dict[str, Any]) -> List[str]:
             if "error" in part:
                 out.append(f"{key}: {part['error']}")
             if part.get("exit"):  # the stage's process failed or timed out (scripts/device_check.sh)
-                out.append(f"{key}: stage exited {part['exit']}" + (" (timed out)" if part["exit"] in (124, 137) else ""))
+                out.append(
+                    f"{key}: stage exited {part['exit']}" + (" (timed out)" if part["exit"] in (124, 137) else "")
+                )
     return out
 
 
@@ -646,7 +650,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="folder for results.json / results.md")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (data set, trainer run); default OUT/../")
     ap.add_argument("--stage", choices=STAGES + ("all", "report"), default="all")
-    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU, meta-device checks; exit 1 on errors")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="tiny sizes on the CPU, meta-device checks; exit 1 on errors"
+    )
     ap.add_argument("--budget", type=int, default=300, help="seconds for a stage's subprocess (tests, trainer)")
     a = ap.parse_args(argv)
     a.work = a.work or Path(tempfile.mkdtemp(prefix="device_check_"))

@@ -26,12 +26,11 @@ import statistics
 import tempfile
 import time
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from bench.memory import peak_mb, reset_peak, rss_mb  # noqa: E402
+from bench.memory import peak_mb, reset_peak, rss_mb
 
 BATCH, DIM = 512, 512
 
@@ -253,12 +252,16 @@ def _state_table(rows, classes, args) -> None:
             for sd in args.state_dtypes:
                 r = rows.get((classes, rate, unpg_on, sd))
                 if r:
-                    goal = f" (goal <= 1.15: {'ok' if r['mem'] / r['state'] <= 1.15 else 'MISSED'})" if rate <= 0.1 else ""
+                    goal = (
+                        f" (goal <= 1.15: {'ok' if r['mem'] / r['state'] <= 1.15 else 'MISSED'})" if rate <= 0.1 else ""
+                    )
                     cells.append(f"{sd}: {r['bpc']} B/class, peak/state {r['mem'] / r['state']:.3f}{goal}, "
                                  f"{r['time']:.3f} s/step")
             d = rows.get((classes, rate, "dense"))
             if d:
-                cells.append(f"dense: {2 * DIM * 4} B/class, peak/state {d['mem'] / d['state']:.3f}, {d['time']:.3f} s/step")
+                cells.append(
+                    f"dense: {2 * DIM * 4} B/class, peak/state {d['mem'] / d['state']:.3f}, {d['time']:.3f} s/step"
+                )
             print(f"    r={rate} UNPG {'on' if unpg_on else 'off'}: " + " | ".join(cells))
 
 

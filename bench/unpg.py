@@ -164,8 +164,12 @@ def main() -> None:
         for world in series:
             n_rows = world * b
             sm, sc, _ = points[world][(n_rows, False)]["sharded"]
-            slope = ("" if prev is None else
-                     f"{1000 * (sm - prev[1]) / (n_rows - prev[0]):>14.3f} {1e6 * (sc - prev[2]) / (n_rows - prev[0]):>9.1f}")
+            slope = (
+                ""
+                if prev is None
+                else f"{1000 * (sm - prev[1]) / (n_rows - prev[0]):>14.3f} "
+                f"{1e6 * (sc - prev[2]) / (n_rows - prev[0]):>9.1f}"
+            )
             print(f"{world:>3} {n_rows:>6} | {sm:>8.1f} {sc:>7.3f} | {1e6 * sc / n_rows:>8.1f} {slope}")
             prev = (n_rows, sm, sc)
 

@@ -21,8 +21,8 @@ folders without images (no class id).
 from __future__ import annotations
 
 import argparse
-import sys
 import multiprocessing as mp
+import sys
 import unicodedata
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image
 
 from data_tools.layout import write_face_rec
-from trainer.io.images import decode_rgb, encode_jpeg, is_jpeg, jpeg_size
 from trainer.io.atomic import atomic_open
+from trainer.io.images import decode_rgb, encode_jpeg, is_jpeg, jpeg_size
 
 EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -155,7 +155,9 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="folder of identity sub-folders")
     p.add_argument("out", help="output folder")
-    p.add_argument("--reencode", action="store_true", help="re-encode every image (default: copy JPEGs of the right size)")
+    p.add_argument(
+        "--reencode", action="store_true", help="re-encode every image (default: copy JPEGs of the right size)"
+    )
     p.add_argument("--quality", type=int, default=95)
     p.add_argument("--size", type=int, default=112, help="output side length (non-matching images are resized)")
     p.add_argument("--sorted", action="store_true",

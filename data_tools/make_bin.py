@@ -11,9 +11,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from trainer.io.images import decode_rgb, encode_jpeg, is_jpeg
-
 from trainer.io.binfile import read_bin, write_bin
+from trainer.io.images import decode_rgb, encode_jpeg, is_jpeg
 
 
 def parse_pairs(path) -> list:

@@ -87,10 +87,16 @@ def family_of(identity, family_size: int = 1):
     """Family index of ``identity`` (int or array): identities ``f*K .. f*K+K-1`` form family ``f``."""
     if family_size < 1:
         raise ValueError(f"family_size must be >= 1, got {family_size}")
-    return np.asarray(identity) // family_size if not isinstance(identity, (int, np.integer)) else int(identity) // family_size
+    return (
+        np.asarray(identity) // family_size
+        if not isinstance(identity, (int, np.integer))
+        else int(identity) // family_size
+    )
 
 
-def identity_params(seed: int, identity: int, family_size: int = 1, family_spread: float = 1.0) -> Dict[str, np.ndarray]:
+def identity_params(
+    seed: int, identity: int, family_size: int = 1, family_spread: float = 1.0
+) -> Dict[str, np.ndarray]:
     """The parameters of ``identity``.
 
     ``family_size`` 1 (the default): an independent draw per identity. ``family_size``
@@ -201,13 +207,21 @@ def render(p: Dict[str, np.ndarray], r: np.random.Generator) -> np.ndarray:
         _lerp(img, p["hair"] * 0.8, brow)
     # nose: darker vertical wedge + nostrils
     ny0 = p["eye_y"] + 0.05
-    nose = _soft(np.maximum(np.abs(uf) - p["nose_w"] * np.clip((v - ny0) / p["nose_len"], 0.2, 1), np.abs(v - ny0 - p["nose_len"] / 2) - p["nose_len"] / 2), 0.02)
+    nose = _soft(
+        np.maximum(
+            np.abs(uf) - p["nose_w"] * np.clip((v - ny0) / p["nose_len"], 0.2, 1),
+            np.abs(v - ny0 - p["nose_len"] / 2) - p["nose_len"] / 2,
+        ),
+        0.02,
+    )
     img = img * (1 - 0.25 * nose[..., None])
     # mouth: curved band, opening with expression
     my = p["mouth_y"] - smile * (1 - (uf / p["mouth_w"]) ** 2) * 0.5
     mouth = _soft(np.maximum(np.abs(v - my) - (0.018 + mouth_open), np.abs(uf) - p["mouth_w"]), 0.012)
     _lerp(img, p["lip"], mouth)
-    inner = _soft(np.maximum(np.abs(v - my) - mouth_open * 0.8, np.abs(uf) - p["mouth_w"] * 0.8), 0.01) * (mouth_open > 0.01)
+    inner = _soft(np.maximum(np.abs(v - my) - mouth_open * 0.8, np.abs(uf) - p["mouth_w"] * 0.8), 0.01) * (
+        mouth_open > 0.01
+    )
     _lerp(img, 0.08, inner)
 
     # ---- lighting: directional gradient + colour cast + brightness
@@ -224,7 +238,12 @@ def render(p: Dict[str, np.ndarray], r: np.random.Generator) -> np.ndarray:
             oy = p["eye_y"] + r.normal(0, 0.03)
             occ = _soft(np.abs(v - oy) - r.uniform(0.06, 0.1), 0.01) * _soft(np.abs(u) - 0.55, 0.01)
         elif kind == 1:
-            occ = _soft(_ellipse(_U0, _V0, r.uniform(-0.6, 0.6), r.uniform(0.2, 0.8), r.uniform(0.2, 0.4), r.uniform(0.15, 0.35)), 0.03)
+            occ = _soft(
+                _ellipse(
+                    _U0, _V0, r.uniform(-0.6, 0.6), r.uniform(0.2, 0.8), r.uniform(0.2, 0.4), r.uniform(0.15, 0.35)
+                ),
+                0.03,
+            )
         else:
             cx, cy = (float(x) for x in r.choice([-1.0, 1.0], 2))
             occ = _soft(np.maximum(-(_U0 * cx) + 0.45, -(_V0 * cy) + 0.45), 0.02)
@@ -475,7 +494,11 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cores))")
     p.add_argument("--domain", choices=DOMAINS, default="A",
                    help="appearance domain: A (default) or B (shifted colours, light, texture, crops)")
-    p.add_argument("--sorted", action="store_true", help="store image records in identity order (like insightface) instead of shuffled")
+    p.add_argument(
+        "--sorted",
+        action="store_true",
+        help="store image records in identity order (like insightface) instead of shuffled",
+    )
     p.set_defaults(func=_main)
 
 

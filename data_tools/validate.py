@@ -30,16 +30,16 @@ import numpy as np
 from tqdm import tqdm
 
 from trainer.data.face_rec import read_property
-from trainer.io.images import ImageDecodeError, decode_rgb
 from trainer.data.recordio import (
     MAGIC,
     RecordIOError,
-    parse_record_at,
     class_id,
+    parse_record_at,
     read_index,
     unpack,
     write_index,
 )
+from trainer.io.images import ImageDecodeError, decode_rgb
 
 _MAGIC = MAGIC.to_bytes(4, "little")
 
@@ -183,11 +183,17 @@ def validate(data_dir, decode: bool = True, write_clean_index: bool = False, siz
         image_keys = [k for k in range(1, header[0])]
         missing = [k for k in image_keys if k not in good]
         if missing:
-            rep.add("index", f"{idx}: {len(missing)} image key(s) of the header missing or unusable, e.g. {missing[:5]}")
+            rep.add(
+                "index", f"{idx}: {len(missing)} image key(s) of the header missing or unusable, e.g. {missing[:5]}"
+            )
         image_keys = [k for k in image_keys if k in good]
         id_keys = list(range(header[0], header[1]))
         if num_classes is not None and len(id_keys) != num_classes:
-            rep.add("property", f"{data_dir / 'property'}: num_classes {num_classes} but the header lists {len(id_keys)} identity records")
+            rep.add(
+                "property",
+                f"{data_dir / 'property'}: num_classes {num_classes} but the header lists "
+                f"{len(id_keys)} identity records",
+            )
         if num_classes is None:
             num_classes = len(id_keys)
     else:

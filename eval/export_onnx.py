@@ -142,18 +142,24 @@ def export_onnx(
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.export_onnx", description="export a backbone to ONNX (insightface-loadable)")
+    p = argparse.ArgumentParser(
+        prog="python -m eval.export_onnx", description="export a backbone to ONNX (insightface-loadable)"
+    )
     add_model_args(p, "model.pt (+ --network) | checkpoint dir | TorchScript | module:factory")
     p.add_argument("--out", required=True)
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--atol", type=float, default=1e-3, help="allowed |onnxruntime - PyTorch| = atol + rtol * max|output|")
+    p.add_argument(
+        "--atol", type=float, default=1e-3, help="allowed |onnxruntime - PyTorch| = atol + rtol * max|output|"
+    )
     p.add_argument("--rtol", type=float, default=1e-4)
     args = p.parse_args(argv)
     if str(args.model).endswith(".onnx"):
         p.error("--model is already ONNX")
     model = model_from_args(args, "cpu")
-    diff, scale = export_onnx(model, args.out, image_size=args.image_size, opset=args.opset, atol=args.atol, rtol=args.rtol)
+    diff, scale = export_onnx(
+        model, args.out, image_size=args.image_size, opset=args.opset, atol=args.atol, rtol=args.rtol
+    )
     print(f"exported {args.out}; max abs diff onnxruntime vs PyTorch: {diff:.3g} (max |output| {scale:.3g})")
     return 0
 

@@ -2,10 +2,10 @@
 
 Reads the release layout insightface's IJB evaluation uses (``<root>`` = e.g. ``IJB_release/IJBC``)::
 
-    <root>/loose_crop/<image>                          loose face crops
-    <root>/meta/<t>_name_5pts_score.txt                 "<image> x1 y1 ... x5 y5 <faceness>" (5 landmarks, detector score)
-    <root>/meta/<t>_face_tid_mid.txt                    "<image> <template_id> <media_id>"
-    <root>/meta/<t>_template_pair_label.txt             "<template_1> <template_2> <0|1>"
+    <root>/loose_crop/<image>                 loose face crops
+    <root>/meta/<t>_name_5pts_score.txt        "<image> x1 y1 ... x5 y5 <faceness>" (5 landmarks, detector score)
+    <root>/meta/<t>_face_tid_mid.txt           "<image> <template_id> <media_id>"
+    <root>/meta/<t>_template_pair_label.txt    "<template_1> <template_2> <0|1>"
 
 with ``<t>`` = ``ijbb`` or ``ijbc``. The default protocol is insightface's
 ``recognition/arcface_torch/eval_ijbc.py`` (which every published IJB-B/C table uses),
@@ -149,7 +149,9 @@ def read_ijb_meta(root: Union[str, Path], target: Optional[str] = None) -> IJBMe
         raise ValueError(f"{pair_path}: labels must be 0 or 1")
     unknown = np.setdiff1d(pairs.reshape(-1), templates)
     if unknown.size:
-        raise ValueError(f"{pair_path}: {unknown.size} template id(s) not in {tid_path.name}, e.g. {unknown[:3].tolist()}")
+        raise ValueError(
+            f"{pair_path}: {unknown.size} template id(s) not in {tid_path.name}, e.g. {unknown[:3].tolist()}"
+        )
     return IJBMeta(root, target, names, landmarks, faceness, templates, medias, pairs, labels.astype(bool))
 
 
@@ -269,7 +271,9 @@ def aggregate_templates(
     return tids, tfeat
 
 
-def score_pairs(template_ids: np.ndarray, template_feats: np.ndarray, pairs: np.ndarray, chunk: int = 20_000) -> np.ndarray:
+def score_pairs(
+    template_ids: np.ndarray, template_feats: np.ndarray, pairs: np.ndarray, chunk: int = 20_000
+) -> np.ndarray:
     """Cosine score of every template pair (template ids in ``pairs``)."""
     idx = np.searchsorted(template_ids, pairs)
     idx = np.clip(idx, 0, template_ids.size - 1)
@@ -369,24 +373,35 @@ def ijb_markdown(res: Dict[str, object]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.ijb", description="IJB-B/IJB-C 1:1 verification and 1:N identification")
+    p = argparse.ArgumentParser(
+        prog="python -m eval.ijb", description="IJB-B/IJB-C 1:1 verification and 1:N identification"
+    )
     add_model_args(p)
     p.add_argument("--root", required=True, help="release folder, e.g. IJB_release/IJBC (holds loose_crop/ and meta/)")
     p.add_argument("--target", default=None, help="IJBB or IJBC (default: the root folder's name)")
     fw = p.add_mutually_exclusive_group()
-    fw.add_argument("--faceness-weight", dest="faceness_weight", action="store_true", default=True,
-                    help="weight image features by the detector's faceness score (default; insightface use_detector_score)")
+    fw.add_argument(
+        "--faceness-weight",
+        dest="faceness_weight",
+        action="store_true",
+        default=True,
+        help="weight image features by the detector's faceness score (default; insightface use_detector_score)",
+    )
     fw.add_argument("--no-faceness-weight", dest="faceness_weight", action="store_false",
                     help="do not weight by faceness")
     p.add_argument("--no-norm-score", dest="norm_score", action="store_false",
                    help="L2-normalise image features before pooling (insightface use_norm_score=False)")
-    p.add_argument("--no-flip", dest="flip", action="store_false", help="no flip test (insightface use_flip_test=False)")
+    p.add_argument(
+        "--no-flip", dest="flip", action="store_false", help="no flip test (insightface use_flip_test=False)"
+    )
     p.add_argument("--readout", choices=READOUTS, default="insightface",
                    help="insightface (default, its scripts' numbers): 1:1 TAR at the ROC point with FPR nearest the "
                         "target; 1:N threshold nm[max(int(n*f)-1,0)] and rank-k pooled over all mated probes. "
                         "strict: best TAR/TPIR with FPR/FPIR <= target (1:N threshold nm[floor(n*f)]) and "
                         "equal-weight means over galleries")
-    p.add_argument("--save-scores", default=None, metavar="FILE.npy", help="write the per-pair scores (pair-file order)")
+    p.add_argument(
+        "--save-scores", default=None, metavar="FILE.npy", help="write the per-pair scores (pair-file order)"
+    )
     p.add_argument("--no-1n", dest="identification", action="store_false", help="skip 1:N identification")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=4, help="threads decoding/aligning images")
@@ -414,7 +429,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.save_scores:
         save_scores(res["scores"], args.save_scores)
     if not args.no_plots:
-        report.plot_roc({res["target"]: (res["fpr"], res["tpr"])}, out / f"{name}_roc.png", title=f"{res['target']} 1:1")
+        report.plot_roc(
+            {res["target"]: (res["fpr"], res["tpr"])}, out / f"{name}_roc.png", title=f"{res['target']} 1:1"
+        )
         report.plot_score_hist(res["scores"], res["labels"], out / f"{name}_hist.png", title=res["target"])
     print(f"wrote {out / (name + '.json')}", file=sys.stderr)
     return 0

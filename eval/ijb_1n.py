@@ -65,7 +65,12 @@ def read_1n_csv(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
-        if not header or len(header) < 2 or header[0].strip().upper() != "TEMPLATE_ID" or header[1].strip().upper() != "SUBJECT_ID":
+        if (
+            not header
+            or len(header) < 2
+            or header[0].strip().upper() != "TEMPLATE_ID"
+            or header[1].strip().upper() != "SUBJECT_ID"
+        ):
             raise ValueError(f"{path}: expected a header starting TEMPLATE_ID,SUBJECT_ID, got {header!r}")
         for lineno, r in enumerate(reader, 2):
             if not r or not "".join(r).strip():
@@ -188,7 +193,9 @@ def evaluate_1n(
         idx = np.clip(np.searchsorted(template_ids, tids), 0, template_ids.size - 1)
         missing = tids[template_ids[idx] != tids]
         if missing.size:
-            raise ValueError(f"1:N {what}: {missing.size} template id(s) not in face_tid_mid.txt, e.g. {missing[:3].tolist()}")
+            raise ValueError(
+                f"1:N {what}: {missing.size} template id(s) not in face_tid_mid.txt, e.g. {missing[:3].tolist()}"
+            )
         return template_feats[idx]
 
     p_t, p_s = protocol["probe"]
@@ -247,8 +254,10 @@ def markdown(res: Dict[str, object], target: str) -> str:
         cells += [f"{100 * g['rank'][k]:.2f}" for k in ranks]
         lines.append("| " + " | ".join([name] + cells) + " |")
     if rank_mean == "pooled":
-        note = (f"mean: rank-k pooled over the galleries' {mean['num_mated']} mated probes (sum of hits / sum of mated); "
-                "TPIR and FPIR reached: equal-weight mean of the galleries")
+        note = (
+            f"mean: rank-k pooled over the galleries' {mean['num_mated']} mated probes (sum of hits / sum of mated); "
+            "TPIR and FPIR reached: equal-weight mean of the galleries"
+        )
     else:
         note = "mean: equal-weight mean of the galleries (rank-k, TPIR and FPIR reached)"
     return "\n".join(lines) + "\n\n" + note + "\n"

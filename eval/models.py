@@ -154,7 +154,9 @@ def checkpoint_file(directory: Path) -> Path:
         found = _newest_complete_step(sub) if sub.is_dir() else None
         if found is not None:
             return found
-    cands = [p for p in list(directory.glob("*.pt")) + list(directory.glob("*.pth")) if not p.name.startswith(SHARD_PREFIX)]
+    cands = [
+        p for p in list(directory.glob("*.pt")) + list(directory.glob("*.pth")) if not p.name.startswith(SHARD_PREFIX)
+    ]
     if not cands:
         raise FileNotFoundError(f"{directory}: no model.pt, trainer.pt, checkpoints/step_*/trainer.pt or *.pt/*.pth")
     return max(cands, key=lambda p: p.stat().st_mtime)
@@ -269,7 +271,9 @@ def load_model(
     return model.to(device).eval()
 
 
-def add_model_args(p: argparse.ArgumentParser, what: str = "model.pt | checkpoint dir | TorchScript | model.onnx | module:factory") -> None:
+def add_model_args(
+    p: argparse.ArgumentParser, what: str = "model.pt | checkpoint dir | TorchScript | model.onnx | module:factory"
+) -> None:
     """The model-loading flags every eval CLI shares (``--model``, ``--network``, ...)."""
     p.add_argument("--model", required=True, help=what)
     p.add_argument("--network", default=None,

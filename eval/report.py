@@ -38,7 +38,9 @@ def plot_roc(curves: Mapping[str, Tuple[np.ndarray, np.ndarray]], path: Union[st
         keep = fpr > 0  # log axis
         ax.plot(fpr[keep], tpr[keep], label=name, lw=1.5)
     ax.set_xscale("log")
-    min_far = min((float(np.min(np.asarray(f)[np.asarray(f) > 0], initial=1.0)) for f, _ in curves.values()), default=1.0)
+    min_far = min(
+        (float(np.min(np.asarray(f)[np.asarray(f) > 0], initial=1.0)) for f, _ in curves.values()), default=1.0
+    )
     ax.set_xlim(left=max(1e-6, 10 ** np.floor(np.log10(min(min_far, 1e-1)))), right=1.0)
     ax.set_ylim(0, 1.01)
     ax.set_xlabel("False accept rate")
@@ -52,7 +54,11 @@ def plot_roc(curves: Mapping[str, Tuple[np.ndarray, np.ndarray]], path: Union[st
 
 
 def plot_score_hist(
-    scores: np.ndarray, labels: np.ndarray, path: Union[str, Path], title: str = "scores", threshold: float | None = None
+    scores: np.ndarray,
+    labels: np.ndarray,
+    path: Union[str, Path],
+    title: str = "scores",
+    threshold: float | None = None,
 ) -> Path:
     """Genuine / impostor cosine-score histograms (densities) in one PNG."""
     plt = _plt()

@@ -22,10 +22,10 @@ from eval.models import add_model_args, model_from_args
 from eval.verification import verify_embeddings
 from trainer.verification import embed_images, load_bin, pair_scores
 
-
 TAR_AT_FAR_NOTE = (
     "TAR@FAR here is our own definition (all pairs, best TAR with FAR <= target, not interpolated); "
-    "insightface's val/far (10-fold mean, interpolated threshold, eval/verification.py calculate_val) is given separately."
+    "insightface's val/far (10-fold mean, interpolated threshold, eval/verification.py calculate_val) "
+    "is given separately."
 )
 
 
@@ -79,9 +79,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.no_plots:
             report.plot_score_hist(scores, issame, out / f"hist_{name}.png", title=name, threshold=res["threshold"])
     table = report.markdown_table(results, fars=(1e-4, 1e-3))
-    table += "\n" + TAR_AT_FAR_NOTE + "\n\n| set | insightface val@far=1e-3 (%) | far reached |\n|---|---|---|\n" + "".join(
-        f"| {n} | {100 * v['val']:.2f} ± {100 * v['val_std']:.2f} | {v['far']:.2e} |\n" if "val" in v else f"| {n} | - | - |\n"
-        for n, v in ((n, r["insightface_val"]) for n, r in results.items()))
+    table += (
+        "\n"
+        + TAR_AT_FAR_NOTE
+        + "\n\n| set | insightface val@far=1e-3 (%) | far reached |\n|---|---|---|\n"
+        + "".join(
+            f"| {n} | {100 * v['val']:.2f} ± {100 * v['val_std']:.2f} | {v['far']:.2e} |\n"
+            if "val" in v
+            else f"| {n} | - | - |\n"
+            for n, v in ((n, r["insightface_val"]) for n, r in results.items())
+        )
+    )
     print(table, end="")
     report.write_text(table, out / "results.md")
     report.write_json({"model": str(args.model), "network": args.network, "results": results}, out / "results.json")

@@ -22,8 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-BN_MODES = ("train", "frozen", "recalibrate")
-
 
 def bn_modules(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules()

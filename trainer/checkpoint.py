@@ -166,7 +166,7 @@ def remove_checkpoint(path: Path) -> None:
 def prune(root: Path, keep_last: int) -> None:
     """Keep the newest ``keep_last`` complete checkpoints; drop incomplete ones older than those."""
     done = list_checkpoints(root)
-    for step, path in done[:-keep_last] if keep_last > 0 else []:
+    for _step, path in done[:-keep_last] if keep_last > 0 else []:
         remove_checkpoint(path)
     if done:
         newest = done[-1][0]
@@ -290,7 +290,7 @@ def try_load(candidates: List[Path], loader: Callable[[Path], Any],
         err = None
         try:
             result = loader(path)
-        except Exception as e:  # corrupt/truncated/missing file, unsafe pickle, wrong class count
+        except Exception as e:  # noqa: BLE001 - corrupt/truncated/missing file, unsafe pickle, wrong class count: try the next
             err, result = e, None
         if all_ok(err is None):
             return path, result, failures

@@ -6,23 +6,25 @@
   (value parsed as YAML: ``optim.lr=0.02``, ``data.val_targets=[lfw,cfp_fp]``).
 - Unknown keys and wrong types raise :class:`ConfigError` naming the key and
   listing the valid ones. Nothing is silently ignored.
-- Sections, one per component: ``run`` (output, seed, length, NaN policy),
-  ``model``, ``loss``, ``data`` (with a typed ``augment``), ``optim``,
-  ``engine`` (DDP/DeepSpeed, precision), ``checkpoint``, ``logging``,
-  ``validation``. Every field is typed; there is no free-form dict.
-- Every numeric field is range-checked (step counts >= 1, intervals >= 0, rates
-  in their ranges, ``loss.s`` > 0, margins >= 0, ...); a float field also takes a
-  string that spells a number (``optim.lr=1e-3`` on the command line: YAML 1.1
-  reads ``1e-3`` as a string).
+- Sections, one per component, each defined and checked beside its component
+  (a dataclass whose ``__post_init__`` checks its choices and ranges; none imports
+  torch): ``run``, ``checkpoint``, ``logging``, ``validation`` (trainer.section),
+  ``model`` (trainer.backbones.config), ``loss`` (trainer.heads.config), ``data``
+  with a typed ``augment`` (trainer.data.config), ``optim`` (trainer.optim),
+  ``engine`` (trainer.engine.config). This module only composes them (plus the
+  rules between sections, :meth:`Config.__post_init__`) and loads YAML. Every
+  field is typed; there is no free-form dict.
+- Every numeric field is range-checked by its section (step counts >= 1, intervals
+  >= 0, rates in their ranges, ``loss.s`` > 0, margins >= 0, ...); a float field
+  also takes a string that spells a number (``optim.lr=1e-3`` on the command line:
+  YAML 1.1 reads ``1e-3`` as a string).
 - ``to_yaml(cfg)`` gives the resolved config (saved in the run folder once the
   run's checks passed).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import signal
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,144 +32,24 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
+from trainer.backbones.config import ModelConfig
 from trainer.data.augment import AugmentConfig
+from trainer.data.config import DataConfig
+from trainer.engine.config import DeepSpeedConfig, EngineConfig
+from trainer.heads.config import LossConfig
+from trainer.optim import MAX_LR, OptimConfig
+from trainer.section import (
+    CheckpointConfig,
+    ConfigError,
+    LoggingConfig,
+    RunConfig,
+    ValidationConfig,
+)
 
-
-class ConfigError(ValueError):
-    """A config file or override is invalid (unknown key, wrong type, bad value)."""
-
-
-@dataclass
-class RunConfig:
-    output: str = "work_dirs/run"
-    seed: int = 2048
-    num_epochs: int = 20
-    max_steps: Optional[int] = None    # optimizer steps; overrides num_epochs
-    nan_policy: str = "stop"           # stop | skip (both engines)
-    max_skips: int = 10                # nan_policy=skip: give up after this many in a row
-    # signals that stop the run with a checkpoint at the current step (trainer.preemption);
-    # [] disables: the signal then acts as the default (the process ends at once)
-    preempt_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
-
-
-@dataclass
-class ModelConfig:
-    backbone: str = "r50"              # a name of trainer.backbones.available_backbones()
-    embedding_size: int = 512
-    dropout: float = 0.0               # before the embedding layer (iresnet, tiny)
-    width: Optional[int] = None        # channel width where the backbone has one (tiny); None: its default
-    norm: Optional[str] = None         # tiny: "batch" | "none"; None: the backbone's default
-    grad_checkpointing: bool = False   # recompute iresnet stages in backward (memory for time)
-    compile: bool = False              # torch.compile the backbone
-    # fine-tuning (docs/finetune.md): backbone weights at step 0 (never on resume: a checkpoint wins)
-    init_from: str = ""                # state dict (insightface keys) / export file / run folder; "": random
-    init_strict: bool = True           # False: differing layers (e.g. embedding_size) start fresh, listed
-    bn_mode: str = "train"             # train | frozen (running stats fixed) | recalibrate (re-estimated first)
-    bn_recalibrate_batches: int = 50   # bn_mode=recalibrate: batches of the new data before step 1
-
-
-@dataclass
-class LossConfig:
-    margin: str = "arcface"            # trainer.heads.MARGINS
-    s: float = 64.0
-    m: float = 0.5                     # ArcFace angular / CosFace additive margin
-    margin_list: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])  # combined (m1, m2, m3)
-    unpg: bool = False                 # add UNPG metric negatives (docs/design.md, the loss)
-    wisk: float = 1.5                  # box-and-whisker width w
-    negatives: str = "global"          # UNPG pairs over the gathered global batch | "local" (per rank)
-    unpg_sharded: Optional[bool] = None  # global pairs split over ranks (None: when world size > 1)
-    sample_rate: float = 1.0           # Partial FC sampling rate (docs/design.md, sharding)
-    state_dtype: str = "fp32"          # fp32 | bf16: storage of the class centres and their momentum
-    h: float = 0.333                   # adaface: margin scaler width (uses s and m too)
-    t_alpha: float = 0.01              # adaface: EMA rate of the global-batch norm statistics
-    l_a: float = 10.0                  # magface: norm range [l_a, u_a] ...
-    u_a: float = 110.0
-    l_m: float = 0.45                  # magface: ... mapped linearly to margins [l_m, u_m]
-    u_m: float = 0.8
-    lambda_g: float = 35.0             # magface: weight of the norm regulariser g(a)
-    head_init: str = "random"          # random | imprint (class centres = normalised mean embeddings)
-    imprint_max_per_class: Optional[int] = None  # imprint: the first N images of each class (None: all)
-
-
-@dataclass
-class DataConfig:
-    train_dir: str = ""                # folder with train.rec/train.idx/property
-    num_classes: Optional[int] = None  # if set, must equal the dataset's class count
-    batch_size: int = 128              # per rank, per micro-step
-    backend: str = "auto"              # auto | dali | torch (trainer.data.BACKENDS)
-    num_threads: int = 4
-    shuffle_mode: str = "block"        # block: permuted file blocks read in order + buffer | global
-    block_bytes: Optional[int] = None  # block size in bytes of .rec (None: the loader's default, 4 MiB)
-    shuffle_buffer: Optional[int] = None  # images in the mixing buffer (None: the loader's default)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # all off by default: flip only
-    # seconds a rank waits on the node's label-scan / index lock while its holder shows no
-    # progress (the holder marks progress at every piece it scans); then a clear error
-    lock_timeout: float = 300.0
-
-
-@dataclass
-class OptimConfig:
-    optimizer: str = "sgd"             # sgd | adamw (backbone); the head uses PartialFCSGD
-    lr: float = 0.1
-    head_lr: Optional[float] = None    # default: lr
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    scheduler: str = "poly"            # poly | cosine | constant
-    power: float = 2.0                 # polynomial decay power (arcface_torch uses 2)
-    warmup_steps: int = 0              # linear warmup, in optimizer steps
-    min_lr: float = 0.0
-    grad_accum: int = 1                # micro-batches per optimizer step
-    clip_grad_norm: float = 5.0        # backbone only; 0 disables
-    backbone_lr_scale: float = 1.0     # backbone lr = lr x scale (the head keeps head_lr); fine-tuning
-    freeze_backbone_steps: int = 0     # the first N optimizer steps train the head only (BN untouched)
-
-
-@dataclass
-class DeepSpeedConfig:
-    zero_stage: int = 1                # ZeRO stage 0/1/2
-    overlap_comm: bool = False
-    contiguous_gradients: bool = True
-    reduce_bucket_size: int = 500_000_000
-    allgather_bucket_size: int = 500_000_000
-
-
-@dataclass
-class EngineConfig:
-    name: str = "ddp"                  # ddp | deepspeed (trainer.engine)
-    precision: str = "auto"            # auto | fp32 | bf16 | fp16 (auto: fp16 on CUDA, fp32 on CPU)
-    # fp16 loss scaling (GradScaler / DeepSpeed's dynamic scaler; docs/training.md, fp16): the first
-    # scale and the overflow-free steps before it doubles; an overflow halves it and skips the step.
-    # The run stops when the scale falls below min_scale or after max_overflows overflows in a row.
-    init_scale: float = 65536.0
-    growth_interval: int = 2000
-    min_scale: float = 1.0
-    max_overflows: int = 20
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-
-
-@dataclass
-class CheckpointConfig:
-    save_every: int = 2000             # optimizer steps; 0: only at the end
-    keep_last: int = 3
-    resume: str = "auto"               # auto | none (start over, old files moved aside) | path
-    allow_config_change: bool = False  # resume although model/loss/data/optim keys changed
-
-
-@dataclass
-class LoggingConfig:
-    log_every: int = 50
-    hist_every: int = 500              # negative-similarity histograms; 0: never
-    image_grid: bool = True            # TensorBoard grid of the first batch
-    progress_bar: Optional[bool] = None  # None: when stdout is a terminal
-
-
-@dataclass
-class ValidationConfig:
-    targets: List[str] = field(default_factory=list)  # .bin sets, e.g. [lfw, cfp_fp, agedb_30]
-    val_dir: str = ""                  # folder of <target>.bin; default: data.train_dir
-    every: int = 2000                  # optimizer steps; 0: only at the end
-    at_start: bool = True              # accuracy of the untrained/resumed model first
+#: the sections, re-exported: ``from trainer.config import OptimConfig`` keeps working
+__all__ = ["AugmentConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig",
+           "EngineConfig", "LoggingConfig", "LossConfig", "MAX_LR", "ModelConfig", "OptimConfig", "RunConfig",
+           "ValidationConfig", "config_diff", "config_from_dict", "load_config", "to_dict", "to_yaml"]
 
 
 @dataclass
@@ -181,6 +63,13 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self) -> None:
+        """The rules between sections (each section checks its own fields)."""
+        o = self.optim
+        if o.freeze_backbone_steps and self.engine.name == "deepspeed":
+            raise ConfigError("config key 'optim.freeze_backbone_steps' is supported with engine.name=ddp only "
+                              f"(got {o.freeze_backbone_steps} with deepspeed)")
 
 
 #: keys of the flat layout before the sections (v0.1) -> where they live now; used to
@@ -197,34 +86,6 @@ MOVED_KEYS = {
     "save_every": "checkpoint.save_every", "keep_last": "checkpoint.keep_last", "resume": "checkpoint.resume",
     "model.backbone_kwargs": "model.width / model.norm / model.dropout",
 }
-
-
-def _choices() -> Dict[str, tuple]:
-    """Valid values of the keys with a fixed set, each from the module that owns it."""
-    from trainer.batchnorm import BN_MODES
-    from trainer.data import BACKENDS
-    from trainer.data.plan import MODES as SHUFFLE_MODES
-    from trainer.engine import ENGINES, PRECISIONS
-    from trainer.heads.margins import MARGINS
-    from trainer.heads.optim import STATE_DTYPES
-    from trainer.heads.unpg import NEGATIVE_MODES
-    from trainer.optim import OPTIMIZERS, SCHEDULERS
-
-    return {
-        "run.nan_policy": ("stop", "skip"),
-        "engine.name": ENGINES,
-        "engine.precision": PRECISIONS,
-        "engine.deepspeed.zero_stage": (0, 1, 2),
-        "loss.margin": MARGINS,
-        "loss.negatives": NEGATIVE_MODES,
-        "loss.state_dtype": tuple(STATE_DTYPES),
-        "data.backend": BACKENDS,
-        "data.shuffle_mode": SHUFFLE_MODES,
-        "optim.optimizer": OPTIMIZERS,
-        "optim.scheduler": SCHEDULERS,
-        "model.bn_mode": BN_MODES,
-        "loss.head_init": ("random", "imprint"),
-    }
 
 
 # ---------------------------------------------------------------- YAML + _base_
@@ -344,28 +205,6 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _validate(cfg: Config) -> None:
-    for key, choices in _choices().items():
-        obj: Any = cfg
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        if obj not in choices:
-            raise ConfigError(f"config key '{key}': {obj!r} is not one of {list(choices)}")
-    _check_ranges(cfg)
-    if not 0 < cfg.loss.sample_rate <= 1:
-        raise ConfigError(f"config key 'loss.sample_rate' must be in (0, 1], got {cfg.loss.sample_rate}")
-    if len(cfg.loss.margin_list) != 3:
-        raise ConfigError("config key 'loss.margin_list' needs 3 values (m1, m2, m3)")
-    from trainer.backbones import available_backbones
-
-    if cfg.model.backbone.lower() not in available_backbones():
-        raise ConfigError(f"config key 'model.backbone': unknown {cfg.model.backbone!r}; "
-                          f"valid: {', '.join(available_backbones())}")
-
-
-#: the largest learning rate accepted (optim.lr, optim.head_lr)
-MAX_LR = 10.0
-
 #: configuration keys holding paths: compared as resolved paths on resume
 PATH_KEYS = ("data.train_dir", "model.init_from")
 
@@ -376,83 +215,6 @@ def _same_path(a: Any, b: Any) -> bool:
     if not (isinstance(a, str) and isinstance(b, str) and a and b):
         return a == b
     return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
-
-
-def _check_ranges(cfg: Config) -> None:
-    """Every numeric field's range; the message names the key and the value."""
-    r, m, lo, d, o, c, lg, v = cfg.run, cfg.model, cfg.loss, cfg.data, cfg.optim, cfg.checkpoint, cfg.logging, cfg.validation
-
-    def need(key: str, value: Any, ok: bool, what: str) -> None:
-        if value is not None and not ok:
-            raise ConfigError(f"config key '{key}' must be {what}, got {value!r}")
-
-    for key, val in {"run.num_epochs": r.num_epochs, "run.max_steps": r.max_steps, "data.batch_size": d.batch_size,
-                     "data.num_threads": d.num_threads, "data.num_classes": d.num_classes,
-                     "optim.grad_accum": o.grad_accum, "model.embedding_size": m.embedding_size,
-                     "model.width": m.width, "checkpoint.keep_last": c.keep_last, "logging.log_every": lg.log_every,
-                     "engine.deepspeed.reduce_bucket_size": cfg.engine.deepspeed.reduce_bucket_size,
-                     "engine.deepspeed.allgather_bucket_size": cfg.engine.deepspeed.allgather_bucket_size,
-                     "data.block_bytes": d.block_bytes, "data.shuffle_buffer": d.shuffle_buffer,
-                     "model.bn_recalibrate_batches": m.bn_recalibrate_batches,
-                     "loss.imprint_max_per_class": lo.imprint_max_per_class}.items():
-        need(key, val, val is None or val >= 1, ">= 1")
-    need("data.num_classes", d.num_classes, d.num_classes is None or d.num_classes >= 2,
-         ">= 2 (a classifier needs at least two identities)")
-    for key, val in {"run.max_skips": r.max_skips, "checkpoint.save_every": c.save_every,
-                     "logging.hist_every": lg.hist_every, "validation.every": v.every,
-                     "optim.warmup_steps": o.warmup_steps,
-                     "optim.freeze_backbone_steps": o.freeze_backbone_steps}.items():
-        need(key, val, val >= 0, ">= 0 (0: never/off)")
-    floats = {"loss.s": lo.s, "loss.m": lo.m, "loss.wisk": lo.wisk, "model.dropout": m.dropout, "optim.lr": o.lr,
-              "optim.head_lr": o.head_lr, "optim.momentum": o.momentum, "optim.weight_decay": o.weight_decay,
-              "optim.power": o.power, "optim.min_lr": o.min_lr, "optim.clip_grad_norm": o.clip_grad_norm,
-              "optim.backbone_lr_scale": o.backbone_lr_scale}
-    for key, val in floats.items():
-        need(key, val, val is None or math.isfinite(val), "a finite number")
-    need("loss.s", lo.s, lo.s > 0, "> 0 (the logit scale)")
-    for key in ("loss.m", "loss.wisk", "optim.weight_decay", "optim.min_lr", "optim.clip_grad_norm", "optim.power",
-                "optim.backbone_lr_scale"):
-        need(key, floats[key], floats[key] >= 0, ">= 0")
-    need("model.dropout", m.dropout, 0 <= m.dropout < 1, "in [0, 1)")
-    for key, val in {"loss.h": lo.h, "loss.lambda_g": lo.lambda_g, "loss.l_m": lo.l_m}.items():
-        need(key, val, math.isfinite(val) and val >= 0, "a finite number >= 0")
-    need("loss.t_alpha", lo.t_alpha, 0 < lo.t_alpha <= 1, "in (0, 1]")
-    need("loss.l_a", lo.l_a, math.isfinite(lo.l_a) and lo.l_a > 0, "> 0")
-    need("loss.u_a", lo.u_a, math.isfinite(lo.u_a) and lo.u_a > lo.l_a, f"> loss.l_a ({lo.l_a})")
-    need("loss.u_m", lo.u_m, math.isfinite(lo.u_m) and lo.u_m >= lo.l_m, f">= loss.l_m ({lo.l_m})")
-    need("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)")
-    need("optim.lr", o.lr, o.lr > 0, "> 0")
-    for key, val in {"optim.lr": o.lr, "optim.head_lr": o.head_lr}.items():
-        need(key, val, val is None or val <= MAX_LR, f"<= {MAX_LR:g} (a learning rate above that diverges at once; "
-             "face recognition recipes use 0.02-0.4)")
-    need("run.output", r.output, r.output.strip() != "",
-         "a folder (empty: an unset shell variable would put the run into the current directory)")
-    need("data.lock_timeout", d.lock_timeout, math.isfinite(d.lock_timeout) and d.lock_timeout > 0,
-         "a finite number of seconds > 0")
-    need("optim.head_lr", o.head_lr, o.head_lr is None or o.head_lr > 0, "> 0")
-    need("optim.min_lr", o.min_lr, o.min_lr <= o.lr, f"<= optim.lr ({o.lr})")
-    if len(o.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in o.betas):
-        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1) (Adam's beta1, beta2), "
-                          f"got {o.betas!r}")
-    if len(lo.margin_list) == 3:
-        m1, m2, m3 = lo.margin_list
-        need("loss.margin_list", lo.margin_list, all(math.isfinite(x) for x in lo.margin_list) and m1 > 0
-             and m2 >= 0 and m3 >= 0, "(m1, m2, m3) with m1 > 0, m2 >= 0, m3 >= 0")
-    if o.freeze_backbone_steps and cfg.engine.name == "deepspeed":
-        raise ConfigError("config key 'optim.freeze_backbone_steps' is supported with engine.name=ddp only "
-                          f"(got {o.freeze_backbone_steps} with deepspeed)")
-    need("run.seed", r.seed, 0 <= r.seed < 2**31, "an integer in [0, 2**31)")
-    e = cfg.engine  # fp16 loss scaling
-    need("engine.growth_interval", e.growth_interval, e.growth_interval >= 1, ">= 1")
-    need("engine.max_overflows", e.max_overflows, e.max_overflows >= 1, ">= 1")
-    for key, val in {"engine.init_scale": e.init_scale, "engine.min_scale": e.min_scale}.items():
-        need(key, val, math.isfinite(val) and val > 0, "a finite number > 0")
-    need("engine.init_scale", e.init_scale, e.init_scale >= e.min_scale, f">= engine.min_scale ({e.min_scale})")
-    for name in r.preempt_signals:
-        sig = getattr(signal, name, None) if name.startswith("SIG") and not name.startswith("SIG_") else None
-        if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):
-            raise ConfigError(f"config key 'run.preempt_signals': {name!r} is not a signal that can be caught "
-                              "(e.g. SIGTERM, SIGUSR1, SIGUSR2, SIGINT)")
 
 
 #: configuration keys a resumed run must share with its checkpoint (a section name covers
@@ -530,9 +292,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 
 
 def config_from_dict(data: dict) -> Config:
-    cfg = _build(Config, data)
-    _validate(cfg)
-    return cfg
+    return _build(Config, data)
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:

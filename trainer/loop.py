@@ -37,7 +37,7 @@ from trainer.heads import STATE_DTYPES, UNPG, PartialFC, PartialFCSGD, build_mar
 from trainer.imprint import FaceRecImages, imprint_head
 from trainer.io.atomic import atomic_open, atomic_torch_save
 from trainer.monitor import Monitor, setup_logging
-from trainer.optim import LRScheduler
+from trainer.optim import LRScheduler, optimizer_factory
 from trainer.ownership import RunLock, RunLockedError, die_with_parent, under_torchrun
 from trainer.preemption import Preempted, PreemptionHandler
 from trainer.pretrained import init_backbone
@@ -93,7 +93,7 @@ class Trainer:
         self.history: List[Dict[str, float]] = []   # per optimizer step: step, loss
 
     # ------------------------------------------------------------------ setup
-    def setup(self) -> "Trainer":
+    def setup(self) -> Trainer:
         cfg = self.cfg
         if under_torchrun():
             die_with_parent()  # no orphan keeps training if the agent dies
@@ -146,9 +146,12 @@ class Trainer:
         self.head, self.head_opt, head_lr = build_head(cfg, self.num_classes, d.device)
         self.accum = cfg.optim.grad_accum
         self.steps_per_epoch = max(1, len(self.loader) // self.accum)
-        self.total_steps = cfg.run.max_steps if cfg.run.max_steps is not None else cfg.run.num_epochs * self.steps_per_epoch
-        self.engine = build_engine(cfg.engine, cfg.optim, self.backbone, self.head, self.head_opt, d,
-                                   self.accum, cfg.data.batch_size, compile=cfg.model.compile)
+        self.total_steps = (
+            cfg.run.max_steps if cfg.run.max_steps is not None else cfg.run.num_epochs * self.steps_per_epoch
+        )
+        self.engine = build_engine(cfg.engine, optimizer_factory(cfg.optim), cfg.optim.clip_grad_norm, self.backbone,
+                                   self.head, self.head_opt, d, self.accum, cfg.data.batch_size,
+                                   compile=cfg.model.compile)
         self.precision = self.engine.precision
         self.engine.bn_frozen = cfg.model.bn_mode == "frozen"
         self.scheduler = LRScheduler([self.engine.backbone_opt, self.head_opt],
@@ -343,9 +346,12 @@ class Trainer:
                 self._overflows += 1
                 overflowed.append(step)
                 if scale < eng.min_scale or self._overflows >= eng.max_overflows:
-                    why = (f"the scale fell to {scale:g} < engine.min_scale={eng.min_scale:g}"
-                           if scale < eng.min_scale else
-                           f"{self._overflows} overflows in a row (engine.max_overflows={eng.max_overflows}), scale {scale:g}")
+                    why = (
+                        f"the scale fell to {scale:g} < engine.min_scale={eng.min_scale:g}"
+                        if scale < eng.min_scale
+                        else f"{self._overflows} overflows in a row (engine.max_overflows={eng.max_overflows}), "
+                        f"scale {scale:g}"
+                    )
                     raise LossScaleError(
                         f"fp16 loss scaling gave up at step {step}: {why}; the gradients are not finite at any scale "
                         "(no step was applied since the last good one); check lr and data, or train with "

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
-from trainer.config import LoggingConfig
+from trainer.section import LoggingConfig
 
 log = logging.getLogger("trainer")
 

@@ -48,7 +48,7 @@ class RunLock:
         self.path = self.folder / LOCK_FILE
         self.fd: Optional[int] = None
 
-    def acquire(self, wait_s: float = 0.0) -> "RunLock":
+    def acquire(self, wait_s: float = 0.0) -> RunLock:
         """Take the lock; ``wait_s`` > 0 retries that long (a restart of the same job: the
         previous holder may take a moment to be reaped)."""
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ class PreemptionHandler:
         self._group = None
         self._device = device
 
-    def install(self) -> "PreemptionHandler":
+    def install(self) -> PreemptionHandler:
         if threading.current_thread() is not threading.main_thread():
             log.warning("the trainer runs outside the main thread: preemption signals are not handled")
             return self

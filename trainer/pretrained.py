@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from trainer import checkpoint as ckpt
-from trainer.config import ConfigError
+from trainer.section import ConfigError
 
 log = logging.getLogger("trainer.pretrained")
 

@@ -71,7 +71,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     except Preempted as e:
         log.warning("%s", e)
         return e.code
-    except Exception as e:  # noqa: BLE001 - expected errors: one line + code; others re-raised
+    except Exception as e:
         code = exit_code(e)
         if code is None:
             raise

@@ -14,9 +14,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from trainer.config import ValidationConfig
 from trainer.distributed import DistInfo, barrier
 from trainer.io.atomic import atomic_torch_save
+from trainer.section import ValidationConfig
 from trainer.verification import embed_images, load_bin, verify_accuracy
 
 log = logging.getLogger("trainer")
@@ -51,7 +51,7 @@ class Validator:
         self.history: List[Dict[str, Any]] = []
 
     @classmethod
-    def build(cls, cfg: ValidationConfig, train_dir: str, d: DistInfo, out: Path, total_steps: int) -> "Validator":
+    def build(cls, cfg: ValidationConfig, train_dir: str, d: DistInfo, out: Path, total_steps: int) -> Validator:
         paths = resolve_targets(cfg.val_dir, cfg.targets, train_dir) if cfg.targets else {}
         return cls(cfg, paths, d, out, total_steps)
 

@@ -187,7 +187,9 @@ def embed_images(
 
 
 
-def verify_accuracy(emb: Union[torch.Tensor, np.ndarray], issame: Sequence[bool], nfolds: int = 10) -> Dict[str, object]:
+def verify_accuracy(
+    emb: Union[torch.Tensor, np.ndarray], issame: Sequence[bool], nfolds: int = 10
+) -> Dict[str, object]:
     """10-fold accuracy of embeddings of pairs (2k, 2k+1); they are L2-normalised here."""
     emb = emb.detach().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
     emb = emb.astype(np.float64)

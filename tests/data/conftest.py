@@ -1,6 +1,5 @@
 import shutil
 
-import numpy as np
 import pytest
 
 from data_tools.synth import generate_dataset

@@ -100,7 +100,7 @@ def test_bad_record_stops_the_run_before_dali_hands_it_over(synth_copy, monkeypa
     L = build_train_loader(synth_copy, 8, backend="dali", num_threads=1, shuffle=shuffle, seed=2)
     got = []
     with pytest.raises(decode_check.BadRecordError, match=r"train\.rec \(key 7\).*validate .*--write-index"):
-        for x, y in L:
+        for x, _y in L:
             for img in x.numpy():
                 got.append(ref.get(np.ascontiguousarray(img).tobytes(), ("garbled",))[0])
     assert "garbled" not in got and 7 not in got

@@ -100,7 +100,7 @@ def test_undecodable_image_names_record():
 def test_image_index_lists_only_images(synth_dir):
     ds = FaceRecDataset(synth_dir)
     lines = ds.image_index_path().read_text().splitlines()
-    assert sorted(int(l.split("\t")[0]) for l in lines) == ds.image_keys.tolist()
+    assert sorted(int(line.split("\t")[0]) for line in lines) == ds.image_keys.tolist()
 
 
 # --------------------------------------------------------------------------- vectorised scan, scan lock
@@ -240,7 +240,9 @@ def test_scan_lock_timeout_names_the_holder(synth_dir, tmp_path):
     from trainer.data.face_rec import ScanLock
 
     with ScanLock(tmp_path / "l.lock", "x.rec"):
-        with pytest.raises(TimeoutError, match=r"l\.lock: the label scan lock of x\.rec is held by pid \d+ on .*gave up after 0.1 s"):
+        with pytest.raises(
+            TimeoutError, match=r"l\.lock: the label scan lock of x\.rec is held by pid \d+ on .*gave up after 0.1 s"
+        ):
             with ScanLock(tmp_path / "l.lock", "x.rec", timeout=0.1):
                 pass
     with ScanLock(tmp_path / "l.lock", "x.rec", timeout=0.1):  # released on exit

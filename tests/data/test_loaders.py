@@ -170,7 +170,11 @@ def _corrupt_image(d, key):
 def test_undecodable_image_is_a_clear_error_not_a_crash(synth_copy, backend, tmp_path):
     _corrupt_image(synth_copy, 7)
     # own process: a DALI that segfaults (2.2-2.4) must fail this test, not kill pytest
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), UNPG_DATA_CACHE=str(tmp_path / "c2"))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        UNPG_DATA_CACHE=str(tmp_path / "c2"),
+    )
     p = subprocess.run([sys.executable, "-c", _CORRUPT, str(synth_copy), backend], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 3, f"rc={p.returncode} (negative = killed by a signal)\n{p.stdout}\n{p.stderr[-2000:]}"
@@ -329,9 +333,9 @@ def test_dali_reads_only_its_own_share(synth_dir):
     idx = [L._epoch_index(1) for L in loaders]
     lines = [Path(p).read_text().splitlines() for p in idx]
     assert [len(x) for x in lines] == [32, 32, 32]  # each index holds one rank's images only
-    offs = [[int(l.split("\t")[1]) for l in x] for x in lines]
+    offs = [[int(line.split("\t")[1]) for line in x] for x in lines]
     assert all(o == sorted(o) for o in offs)
-    keys = [int(l.split("\t")[0]) for x in lines for l in x]
+    keys = [int(line.split("\t")[0]) for x in lines for line in x]
     assert len(set(keys)) == 96
 
 
@@ -379,11 +383,12 @@ def test_dali_refuses_what_validate_rejects(synth_copy, monkeypatch):
     """The decode check the DALI loader runs: same verdict as validate, once, stored."""
     from data_tools.validate import validate
     from trainer.data import decode_check
+    from trainer.data.recordio import RecordIOError
     from trainer.data.torch_loader import decode_image
 
     _flip_entropy_bytes(synth_copy, 7)
     ds = FaceRecDataset(synth_copy)
-    with pytest.raises(Exception):
+    with pytest.raises(RecordIOError):
         decode_image(ds.read_image(7)[1], "key 7")  # the torch loader's decoder rejects it
     with pytest.raises(decode_check.BadRecordError, match=r"train\.rec \(key 7\).*validate .*--write-index"):
         decode_check.ensure_decodable(FaceRecDataset(synth_copy), num_threads=2)

@@ -100,10 +100,23 @@ def test_ratio_report_pairs_the_gain_by_seed(tmp_path):
     from bench.experiment import ratio_report
 
     def run(ids, arm, seed, tar4, within4):
-        return {"ids": ids, "families": True, "arm": arm, "seed": seed, "steps": 3, "loss": [3.0, 2.0, 1.0],
-                "start": 3.0, "end": 1.0, "trains": True, "flat": False, "accuracy": 0.9,
-                "tar_at_far": {"0.001": 0.5, "0.0001": tar4}, "tar_at_far_within_family": {"0.001": 0.4, "0.0001": within4},
-                "train_seconds": 10.0, "seconds": 12.0}
+        return {
+            "ids": ids,
+            "families": True,
+            "arm": arm,
+            "seed": seed,
+            "steps": 3,
+            "loss": [3.0, 2.0, 1.0],
+            "start": 3.0,
+            "end": 1.0,
+            "trains": True,
+            "flat": False,
+            "accuracy": 0.9,
+            "tar_at_far": {"0.001": 0.5, "0.0001": tar4},
+            "tar_at_far_within_family": {"0.001": 0.4, "0.0001": within4},
+            "train_seconds": 10.0,
+            "seconds": 12.0,
+        }
 
     plain = {0: 0.10, 1: 0.30, 2: 0.20}
     gain = {0: 0.05, 1: -0.01, 2: 0.02}   # paired gains; differences of unpaired means would hide the sign flip

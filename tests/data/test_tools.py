@@ -12,9 +12,9 @@ import simplejpeg
 
 from data_tools.cli import main
 from data_tools.synth import generate_dataset
-from trainer.io.binfile import read_bin
 from trainer.data.face_rec import FaceRecDataset
 from trainer.data.recordio import IndexedRecordReader
+from trainer.io.binfile import read_bin
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ def sha(p):
 def test_synth_deterministic_noise_and_val(tmp_path):
     a = generate_dataset(tmp_path / "a", 10, 5, seed=7, label_noise=0.2, val_identities=3, val_pairs=6, workers=2)
     b = generate_dataset(tmp_path / "b", 10, 5, seed=7, label_noise=0.2, val_identities=3, val_pairs=6, workers=1)
-    c = generate_dataset(tmp_path / "c", 10, 5, seed=8, label_noise=0.2, val_identities=3, val_pairs=6, workers=1)
+    generate_dataset(tmp_path / "c", 10, 5, seed=8, label_noise=0.2, val_identities=3, val_pairs=6, workers=1)
     for f in ("train.rec", "train.idx", "property", "val.bin"):
         assert sha(tmp_path / "a" / f) == sha(tmp_path / "b" / f), f  # independent of worker count
     assert sha(tmp_path / "a" / "train.rec") != sha(tmp_path / "c" / "train.rec")
@@ -198,8 +198,13 @@ def test_validate_reports_each_problem(synth_copy, damage, expect):
     assert not rep.ok and expect in text, text
     assert "train." in text
     # the CLI exits non-zero on it
-    p = subprocess.run([sys.executable, "-m", "data_tools", "validate", str(synth_copy), "--workers", "1"],
-                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))), capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "data_tools", "validate", str(synth_copy), "--workers", "1"],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))),
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 1 and "FAILED" in p.stdout
 
 
@@ -229,12 +234,36 @@ def test_every_command_has_help(cmd, capsys):
 
 
 def test_synth_cli(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "data_tools", "synth", "--out", str(tmp_path), "--identities", "5",
-                        "--images-per-identity", "4", "--seed", "1", "--label-noise", "0.1",
-                        "--val-identities", "3", "--val-pairs", "4"],
-                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))), capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_tools",
+            "synth",
+            "--out",
+            str(tmp_path),
+            "--identities",
+            "5",
+            "--images-per-identity",
+            "4",
+            "--seed",
+            "1",
+            "--label-noise",
+            "0.1",
+            "--val-identities",
+            "3",
+            "--val-pairs",
+            "4",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))),
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
-    assert "20 images of 5 identities (2 with noisy labels)" in p.stdout and "4 pairs (2 genuine, 2 impostor)" in p.stdout
+    assert (
+        "20 images of 5 identities (2 with noisy labels)" in p.stdout and "4 pairs (2 genuine, 2 impostor)" in p.stdout
+    )
     assert {"train.rec", "train.idx", "property", "val.bin"} <= set(os.listdir(tmp_path))
 
 

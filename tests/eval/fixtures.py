@@ -29,7 +29,9 @@ def identity_grid(identity: int, seed: int = 0) -> np.ndarray:
     return rng.integers(40, 200, size=(4, 4, 3)).astype(np.uint8)
 
 
-def aligned_face(identity: int, scale: int = 1, rng: np.random.Generator | None = None, dots: bool = True) -> np.ndarray:
+def aligned_face(
+    identity: int, scale: int = 1, rng: np.random.Generator | None = None, dots: bool = True
+) -> np.ndarray:
     """An aligned synthetic face (112*scale square, RGB uint8), small per-image noise if ``rng``."""
     s = 112 * scale
     grid = identity_grid(identity).astype(np.float64)
@@ -194,4 +196,9 @@ def make_ijb(root: Path, target: str = "IJBC", identities: int = 6, seed: int = 
     (root / "meta" / f"{t}_face_tid_mid.txt").write_text("\n".join(tid_lines) + "\n")
     (root / "meta" / f"{t}_name_5pts_score.txt").write_text("\n".join(lmk_lines) + "\n")
     (root / "meta" / f"{t}_template_pair_label.txt").write_text("\n".join(pair_lines) + "\n")
-    return {"template_identity": template_identity, "num_images": img_no - 1, "num_pairs": len(pair_lines), "faceness": faceness}
+    return {
+        "template_identity": template_identity,
+        "num_images": img_no - 1,
+        "num_pairs": len(pair_lines),
+        "faceness": faceness,
+    }

@@ -99,7 +99,9 @@ def make_release(
                 media_no += 1
             tid += 1
     tids = sorted(template_subject)
-    pair_lines = [f"{a} {b} {int(template_subject[a] == template_subject[b])}" for i, a in enumerate(tids) for b in tids[i + 1 :]]
+    pair_lines = [
+        f"{a} {b} {int(template_subject[a] == template_subject[b])}" for i, a in enumerate(tids) for b in tids[i + 1 :]
+    ]
     if max_pairs and len(pair_lines) > max_pairs:
         gen = [p for p in pair_lines if p.endswith(" 1")]
         imp = [p for p in pair_lines if p.endswith(" 0")]
@@ -120,15 +122,24 @@ def make_release(
         for key, fname in names.items():
             rows = ["TEMPLATE_ID,SUBJECT_ID,FILENAME,SIGHTING_ID"]
             for tid_ in split[key]:
-                rows += [f"{tid_},{template_subject[tid_] + 100},img/{n},{k}" for k, n in enumerate(template_images[tid_])]
+                rows += [
+                    f"{tid_},{template_subject[tid_] + 100},img/{n},{k}" for k, n in enumerate(template_images[tid_])
+                ]
             (root / "meta" / f"{t}_1N_{fname}.csv").write_text("\n".join(rows) + "\n")
-    return {"template_subject": template_subject, "num_images": img_no - 1, "num_pairs": len(pair_lines), "split": split}
+    return {
+        "template_subject": template_subject,
+        "num_images": img_no - 1,
+        "num_pairs": len(pair_lines),
+        "split": split,
+    }
 
 
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m tests.eval.ijb_release", description="write a generated IJB-layout release")
+    p = argparse.ArgumentParser(
+        prog="python -m tests.eval.ijb_release", description="write a generated IJB-layout release"
+    )
     p.add_argument("--root", required=True, help="e.g. /tmp/IJB_release/IJBC (the folder name gives the target)")
     p.add_argument("--subjects", type=int, default=30)
     p.add_argument("--family-size", type=int, default=3)
@@ -137,8 +148,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     root = Path(a.root)
-    t = make_release(root, root.name.upper(), a.subjects, a.family_size, a.templates_per_subject, a.seed, max_pairs=a.max_pairs)
-    print(f"{root}: {a.subjects} subjects, {len(t['template_subject'])} templates, {t['num_images']} images, {t['num_pairs']} pairs")
+    t = make_release(
+        root, root.name.upper(), a.subjects, a.family_size, a.templates_per_subject, a.seed, max_pairs=a.max_pairs
+    )
+    print(
+        f"{root}: {a.subjects} subjects, {len(t['template_subject'])} templates, {t['num_images']} images, "
+        f"{t['num_pairs']} pairs"
+    )
     return 0
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.io.binfile import UnsafePickleError, read_bin, write_bin
-from eval.verification import verify_embeddings
-from trainer.verification import embed_images, load_bin
 from eval import verify
+from eval.verification import verify_embeddings
 from tests.eval.fixtures import PatchNet, aligned_face, encode, make_bin, tiny_net
+from trainer.io.binfile import UnsafePickleError, read_bin, write_bin
+from trainer.verification import embed_images, load_bin
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -174,7 +174,10 @@ def test_verify_cli_state_dict_and_torchscript(tmp_path, capsys):
     d2 = json.loads((tmp_path / "out2" / "results.json").read_text())
     assert d2["results"]["lfw"]["accuracy"] == pytest.approx(lib["accuracy"])
     torch.jit.script(PatchNet()).save(str(tmp_path / "patch.ts"))
-    assert verify.main(["--model", str(tmp_path / "patch.ts"), "--bin", str(bins[0]), "--out", str(tmp_path / "out3")]) == 0
+    assert (
+        verify.main(["--model", str(tmp_path / "patch.ts"), "--bin", str(bins[0]), "--out", str(tmp_path / "out3")])
+        == 0
+    )
     d3 = json.loads((tmp_path / "out3" / "results.json").read_text())
     assert d3["results"]["lfw"]["accuracy"] == 1.0
 
@@ -196,9 +199,23 @@ def test_verify_cli_errors(tmp_path, capsys):
 def test_verify_cli_subprocess(tmp_path):
     make_bin(tmp_path / "lfw.bin", pairs=40)
     r = subprocess.run(
-        [sys.executable, "-m", "eval.verify", "--model", "tests.eval.fixtures:patch_net", "--bin", str(tmp_path / "lfw.bin"),
-         "--out", str(tmp_path / "o"), "--no-plots"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "eval.verify",
+            "--model",
+            "tests.eval.fixtures:patch_net",
+            "--bin",
+            str(tmp_path / "lfw.bin"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-plots",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert r.returncode == 0, r.stderr
     assert "| lfw | 100.00 ± 0.00 |" in r.stdout
@@ -213,8 +230,12 @@ def test_verify_cli_on_bin_made_by_data_tools(tmp_path, capsys):
         a, b = (k, k) if k % 2 == 0 else (k, k + 100)
         for j, ident in enumerate((a, b)):
             name = f"p{k}_{j}.{'png' if (k + j) % 3 == 0 else 'jpg'}"
-            (tmp_path / name).write_bytes(encode(aligned_face(ident, rng=rng), "PNG" if name.endswith("png") else "JPEG"))
-        lines.append(f"p{k}_0.{'png' if k % 3 == 0 else 'jpg'} p{k}_1.{'png' if (k + 1) % 3 == 0 else 'jpg'} {int(k % 2 == 0)}")
+            (tmp_path / name).write_bytes(
+                encode(aligned_face(ident, rng=rng), "PNG" if name.endswith("png") else "JPEG")
+            )
+        lines.append(
+            f"p{k}_0.{'png' if k % 3 == 0 else 'jpg'} p{k}_1.{'png' if (k + 1) % 3 == 0 else 'jpg'} {int(k % 2 == 0)}"
+        )
     (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
     mb.make_bin(tmp_path / "pairs.txt", tmp_path / "tiny.bin", progress=False)
     assert verify.main(["--model", "tests.eval.fixtures:patch_net", "--bin", str(tmp_path / "tiny.bin"),

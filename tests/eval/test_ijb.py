@@ -143,11 +143,13 @@ def test_alignment_matters(release, tmp_path):
     lines = (root / "meta" / "ijbc_name_5pts_score.txt").read_text().split("\n")
     fixed = " ".join(f"{v:.2f}" for v in (ARCFACE_REF + 30).reshape(-1))
     (bad / "meta" / "ijbc_name_5pts_score.txt").write_text(
-        "\n".join(f"{l.split()[0]} {fixed} {l.split()[-1]}" for l in lines if l.strip()) + "\n"
+        "\n".join(f"{line.split()[0]} {fixed} {line.split()[-1]}" for line in lines if line.strip()) + "\n"
     )
     good = ijb.evaluate_ijb(PatchNet(), root, workers=2, progress=False, readout="strict")
     misaligned = ijb.evaluate_ijb(PatchNet(), bad, workers=2, progress=False, readout="strict")
-    gap = lambda r: r["scores"][r["labels"]].mean() - r["scores"][~r["labels"]].mean()
+    def gap(r):
+        return r["scores"][r["labels"]].mean() - r["scores"][~r["labels"]].mean()
+
     assert gap(misaligned) < gap(good) - 0.2
     assert good["auc"] == 1.0 and misaligned["auc"] < 1.0
     assert misaligned["tar_at_far"][1e-2] < good["tar_at_far"][1e-2] == 1.0

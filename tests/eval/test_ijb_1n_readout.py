@@ -127,7 +127,9 @@ def _unequal_protocol(seed):
     g_t = np.arange(n_sub)
     p_subj = np.r_[rng.integers(0, n_sub, 300), rng.integers(0, 6, 40) + 20]
     p_t = np.arange(1000, 1000 + p_subj.size)
-    tf = np.concatenate([sub_feat + 0.6 * rng.normal(size=sub_feat.shape), sub_feat[p_subj] + 0.9 * rng.normal(size=(p_subj.size, 8))])
+    tf = np.concatenate(
+        [sub_feat + 0.6 * rng.normal(size=sub_feat.shape), sub_feat[p_subj] + 0.9 * rng.normal(size=(p_subj.size, 8))]
+    )
     tf /= np.linalg.norm(tf, axis=1, keepdims=True)
     tids = np.r_[g_t, p_t]
     protocol = {"probe": (p_t, p_subj), "G1": (g_t[:20], g_t[:20]), "G2": (g_t[20:], g_t[20:])}

@@ -99,7 +99,7 @@ def test_alignment_is_opencv_exactly(release):
     from eval.align import norm_crop
 
     root, _ = release
-    lines = [l for l in (root / "meta" / "ijbc_name_5pts_score.txt").read_text().split("\n") if l.strip()]
+    lines = [line for line in (root / "meta" / "ijbc_name_5pts_score.txt").read_text().split("\n") if line.strip()]
     ref = np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655],
                     [62.7299, 92.2041]], dtype=np.float32)
     ref[:, 0] += 8.0
@@ -207,7 +207,9 @@ def test_identify_against_brute_force(seed):
 def test_1n_on_release_against_brute_force(release):
     root, truth = release
     net = tiny_net(16)
-    res = ijb.evaluate_ijb(net, root, workers=2, progress=False, readout="strict")  # the default: test_ijb_1n_readout.py
+    res = ijb.evaluate_ijb(
+        net, root, workers=2, progress=False, readout="strict"
+    )  # the default: test_ijb_1n_readout.py
     _, _, tfeat = _independent_scores(root, net)
     one_n = res["identification_1n"]
     assert set(one_n["galleries"]) == {"G1", "G2"}
@@ -248,8 +250,10 @@ def test_1n_files_errors(release, tmp_path):
 def test_cli_protocol_readout_and_saved_scores(release, tmp_path, capsys):
     root, _ = release
     torch.jit.script(tiny_net(16)).save(str(tmp_path / "net.ts"))
-    for extra, proto, ro in (([], "insightface", "insightface"),
-                             (["--readout", "strict", "--no-norm-score"], "insightface+no-norm-score,readout-strict", "strict")):
+    for extra, proto, ro in (
+        ([], "insightface", "insightface"),
+        (["--readout", "strict", "--no-norm-score"], "insightface+no-norm-score,readout-strict", "strict"),
+    ):
         out = tmp_path / ro
         npy = tmp_path / f"{ro}.npy"
         assert ijb.main(["--model", str(tmp_path / "net.ts"), "--root", str(root), "--out", str(out), "--workers", "2",
@@ -276,8 +280,8 @@ def _restated_calculate_val(scores, labels, far_target=1e-3, nfolds=10):
     for k in range(nfolds):
         test = np.zeros(n, bool)
         test[bounds[k]:bounds[k + 1]] = True
-        d, l = dist[~test], labels[~test]
-        far_train = np.array([np.sum((d < t) & ~l) / np.sum(~l) for t in thresholds])
+        d, same = dist[~test], labels[~test]
+        far_train = np.array([np.sum((d < t) & ~same) / np.sum(~same) for t in thresholds])
         if far_train.max() >= far_target:
             j = np.nonzero(far_train <= far_target)[0].max()  # last grid point at or below
             if far_train[j] == far_target or j + 1 == thresholds.size:
@@ -287,9 +291,9 @@ def _restated_calculate_val(scores, labels, far_target=1e-3, nfolds=10):
                 thr = thresholds[j] + w * (thresholds[j + 1] - thresholds[j])
         else:
             thr = 0.0
-        d, l = dist[test], labels[test]
-        vals.append(np.sum((d < thr) & l) / np.sum(l))
-        fars.append(np.sum((d < thr) & ~l) / np.sum(~l))
+        d, same = dist[test], labels[test]
+        vals.append(np.sum((d < thr) & same) / np.sum(same))
+        fars.append(np.sum((d < thr) & ~same) / np.sum(~same))
     return np.mean(vals), np.std(vals), np.mean(fars)
 
 
@@ -305,13 +309,27 @@ def test_insightface_val_far_against_restatement():
 
 def test_verify_cli_reports_insightface_val(tmp_path, capsys):
     from eval import verify
-    from trainer.verification import embed_images, load_bin, pair_scores
     from tests.eval.fixtures import make_bin
+    from trainer.verification import embed_images, load_bin, pair_scores
 
     make_bin(tmp_path / "s.bin", pairs=40, seed=1)
     torch.jit.script(tiny_net(16)).save(str(tmp_path / "net.ts"))
-    assert verify.main(["--model", str(tmp_path / "net.ts"), "--bin", str(tmp_path / "s.bin"), "--out", str(tmp_path / "o"),
-                        "--device", "cpu", "--no-plots"]) == 0
+    assert (
+        verify.main(
+            [
+                "--model",
+                str(tmp_path / "net.ts"),
+                "--bin",
+                str(tmp_path / "s.bin"),
+                "--out",
+                str(tmp_path / "o"),
+                "--device",
+                "cpu",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "our own definition" in printed and "insightface val@far=1e-3" in printed
     data = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["s"]
@@ -339,8 +357,22 @@ def test_val_far_fold_without_impostors_is_reported_not_fatal(tmp_path, capsys):
 
     make_bin(tmp_path / "s.bin", pairs=10, seed=2)  # 10 pairs, 10 folds: each test fold has one class
     torch.jit.script(tiny_net(16)).save(str(tmp_path / "net.ts"))
-    assert verify.main(["--model", str(tmp_path / "net.ts"), "--bin", str(tmp_path / "s.bin"), "--out", str(tmp_path / "o"),
-                        "--device", "cpu", "--no-plots"]) == 0
+    assert (
+        verify.main(
+            [
+                "--model",
+                str(tmp_path / "net.ts"),
+                "--bin",
+                str(tmp_path / "s.bin"),
+                "--out",
+                str(tmp_path / "o"),
+                "--device",
+                "cpu",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     assert "| s | - | - |" in capsys.readouterr().out
     data = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["s"]
     assert "s.bin" in data["insightface_val"]["error"] and "accuracy" in data

@@ -4,8 +4,8 @@ import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from eval.metrics import evaluate_scores, tar_at_far
-from trainer.verification import contiguous_folds, kfold_accuracy
 from eval.verification import verify_embeddings
+from trainer.verification import contiguous_folds, kfold_accuracy
 
 
 def _sk_tar_at_far(scores, labels, far):
@@ -115,7 +115,8 @@ def test_verify_embeddings_contract_on_planted_embeddings():
     with pytest.raises(ValueError):
         verify_embeddings(emb[:-2], issame)
     with pytest.raises(ValueError, match="NaN"):
-        bad = emb.copy(); bad[0] = np.nan
+        bad = emb.copy()
+        bad[0] = np.nan
         verify_embeddings(bad, issame)
 
 

@@ -94,7 +94,12 @@ def test_backbone_kwargs_from_config_or_flag(tmp_path):
     torch.save(net.state_dict(), tmp_path / "bare.pt")
     with pytest.raises(ValueError, match="do not fit"):
         load_model(tmp_path / "bare.pt", network="tests.eval.fixtures:TinyNet")  # default width 8
-    assert _same(load_model(tmp_path / "bare.pt", network="tests.eval.fixtures:TinyNet", network_kwargs=parse_kwargs("{width: 4}")), net)
+    assert _same(
+        load_model(
+            tmp_path / "bare.pt", network="tests.eval.fixtures:TinyNet", network_kwargs=parse_kwargs("{width: 4}")
+        ),
+        net,
+    )
     with pytest.raises(argparse.ArgumentTypeError):
         parse_kwargs("[1, 2]")
 

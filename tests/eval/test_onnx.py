@@ -7,13 +7,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import helper, TensorProto
+from onnx import TensorProto, helper
 
 from eval import export_onnx as ex
 from eval import verify
 from eval.models import OnnxModule, load_model
-from trainer.verification import embed_images, load_bin
 from tests.eval.fixtures import TinyNet, make_bin, tiny_net
+from trainer.verification import embed_images, load_bin
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,9 @@ def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx")
     net = tiny_net(32)
     torch.save(net.state_dict(), d / "model.pt")
-    rc = ex.main(["--model", str(d / "model.pt"), "--network", "tests.eval.fixtures:TinyNet", "--out", str(d / "model.onnx")])
+    rc = ex.main(
+        ["--model", str(d / "model.pt"), "--network", "tests.eval.fixtures:TinyNet", "--out", str(d / "model.onnx")]
+    )
     assert rc == 0
     return net, d / "model.onnx"
 
@@ -99,7 +101,7 @@ def test_exported_graph_loader_pipeline_matches_pytorch(exported):
 
 
 def test_real_insightface_loader(exported):
-    insightface = pytest.importorskip("insightface", reason="insightface not installed (optional; see docs/eval.md)")
+    pytest.importorskip("insightface", reason="insightface not installed (optional; see docs/eval.md)")
     from insightface.model_zoo import get_model
 
     net, path = exported
@@ -123,7 +125,12 @@ def test_evaluator_accepts_onnx(exported, tmp_path):
     e_onnx = embed_images(onnx_model, images, batch_size=7)
     e_torch = embed_images(net, images)
     assert torch.allclose(e_onnx, e_torch, atol=1e-4)
-    assert verify.main(["--model", str(path), "--bin", str(tmp_path / "lfw.bin"), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    assert (
+        verify.main(
+            ["--model", str(path), "--bin", str(tmp_path / "lfw.bin"), "--out", str(tmp_path / "o"), "--no-plots"]
+        )
+        == 0
+    )
     assert "lfw" in json.loads((tmp_path / "o" / "results.json").read_text())["results"]
 
 

@@ -72,14 +72,15 @@ def test_autocast_within_tolerance(dtype, tol):
 def test_fp16_gradscaler_with_sparse_head():
     """The CPU test (tests/trainer/test_precision.py) on CUDA: an overflow skips both optimizers."""
     from trainer.backbones import get_backbone
-    from trainer.config import EngineConfig, OptimConfig
     from trainer.distributed import DistInfo
+    from trainer.engine.config import EngineConfig
     from trainer.engine.ddp import DDPEngine
+    from trainer.optim import OptimConfig, optimizer_factory
 
     dev = torch.device("cuda")
     bb = get_backbone("tiny", num_features=D, width=8, norm="none").to(dev)
     head = PartialFC(make_margin("arcface", 16.0), D, C, sample_rate=0.5, device=dev)
-    eng = DDPEngine(EngineConfig(precision="fp16"), OptimConfig(lr=0.01), bb, head,
+    eng = DDPEngine(EngineConfig(precision="fp16"), optimizer_factory(OptimConfig(lr=0.01)), 5.0, bb, head,
                     PartialFCSGD(head, lr=0.01), DistInfo(0, 1, 0, dev), 1, "fp16")
     eng.scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 24)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -88,7 +89,7 @@ def test_fp16_gradscaler_with_sparse_head():
     w0 = head.weight.detach().clone()
     eng.train_step(lambda: next(batches))
     assert torch.equal(w0, head.weight.detach()) and eng.loss_scale() == 2.0 ** 23
-    for step in range(2, 30):
+    for _step in range(2, 30):
         out = eng.train_step(lambda: next(batches))
         if not bool(out.skipped):
             break

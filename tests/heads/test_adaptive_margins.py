@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tests.distributed import run_world
-from tests.heads.reference_margins import INITIAL_STATE, PARAMS, make_margin, reference_loss
 from tests.heads.reference import rank_step
+from tests.heads.reference_margins import INITIAL_STATE, PARAMS, make_margin, reference_loss
 from trainer.heads import UNPG, PartialFC, class_range
 
 D, C = 6, 11

@@ -108,10 +108,10 @@ def _sampling_worker(rank, world, sizes):
 def test_sampling_matches_reference_on_sampled_centres(world):
     sizes = BATCHES[world]
     results = run_world(_sampling_worker, world, sizes)
-    x, labels, w = results[0]["x"], results[0]["labels"], results[0]["w"]
+    x, labels = results[0]["x"], results[0]["labels"]
     for step in range(2):
         sampled = []
-        for rank, res in enumerate(results):
+        for res in results:
             start, stop = res["range"]
             st = res["steps"][step]
             chosen = st["sampled"]

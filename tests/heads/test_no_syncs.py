@@ -76,7 +76,7 @@ def test_steady_state_head_step_has_no_host_sync(world):
 def test_counter_counts_item_and_boolean_mask():
     x = torch.randn(5)
     with SyncCounter() as counter:
-        y = x * 2
+        _ = x * 2
     assert counter.total == 0, counter.report()
     with SyncCounter() as counter:
         float(x.sum())

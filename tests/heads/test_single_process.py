@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from trainer.heads import UNPG, ArcFace, CosFace, PartialFC, PartialFCSGD
 from tests.heads.reference import MARGINS, make_margin, reference_loss
+from trainer.heads import UNPG, ArcFace, CosFace, PartialFC, PartialFCSGD
 
 D, C = 8, 7
 LABELS = {
@@ -173,7 +173,7 @@ def test_dense_optimizer_equals_torch_sgd():
     ref_w = torch.nn.Parameter(w.clone())
     ours = PartialFCSGD(head, lr=0.05, momentum=0.9, weight_decay=5e-4)
     theirs = torch.optim.SGD([ref_w], lr=0.05, momentum=0.9, weight_decay=5e-4)
-    for step in range(3):
+    for _step in range(3):
         ours.zero_grad()
         theirs.zero_grad()
         head(x, y).backward()

@@ -157,7 +157,9 @@ def _case_data(name, n_rows):
     labels = torch.randint(0, C, (n_rows,), generator=g)
     w = torch.randn(C, D, generator=g, dtype=torch.float64)
     if name == "ties":  # duplicate embeddings: many exactly tied similarities
-        x = x[torch.randint(0, 3, (n_rows,), generator=g)] * (1 + torch.arange(n_rows, dtype=torch.float64)).unsqueeze(1)
+        x = x[torch.randint(0, 3, (n_rows,), generator=g)] * (1 + torch.arange(n_rows, dtype=torch.float64)).unsqueeze(
+            1
+        )
         labels[:2] = labels[2]
     elif name == "all-negatives-equal":  # every row along e_0: every t_ij is exactly 1
         x = torch.zeros(n_rows, D, dtype=torch.float64)

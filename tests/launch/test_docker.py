@@ -217,8 +217,8 @@ def _ignored(path: str, patterns) -> bool:
 
 
 def test_dockerignore_keeps_what_the_build_copies_and_drops_the_rest():
-    patterns = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines()
-                if l.strip() and not l.startswith("#")]
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
     for src in ["requirements.txt", "docker/entrypoint.sh", "trainer/train.py", "launch/cli.py",
                 "configs/synth_demo.yaml"]:
         assert not _ignored(src, patterns), f".dockerignore drops {src}, which the image needs"

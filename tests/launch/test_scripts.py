@@ -198,7 +198,9 @@ def test_indexed_job_manifest():
     assert host == f"{job['metadata']['name']}-0.{svc['metadata']['name']}"  # pod 0's DNS name
     assert int(port) in {p["port"] for p in svc["spec"]["ports"]}
     assert parsed.nproc_per_node == int(c["resources"]["limits"]["nvidia.com/gpu"])
-    shutdown = int(next(f for f in cli.build_command(parsed, env={}) if f.startswith("--shutdown-timeout=")).split("=")[1])
+    shutdown = int(
+        next(f for f in cli.build_command(parsed, env={}) if f.startswith("--shutdown-timeout=")).split("=")[1]
+    )
     assert shutdown >= 120 and pod["terminationGracePeriodSeconds"] >= shutdown + 60
     assert parsed.target[0].endswith(".yaml")
 
@@ -230,7 +232,7 @@ def test_entrypoint_subcommands_and_passthrough():
 
 
 def test_entrypoint_applies_env_defaults_and_user_values_win():
-    show = "import os, json; print(json.dumps({k: os.environ.get(k) for k in %r}))" % list(env_defaults.DEFAULTS)
+    show = f"import os, json; print(json.dumps({{k: os.environ.get(k) for k in {list(env_defaults.DEFAULTS)!r}}}))"
     got = json.loads(_entry(sys.executable, "-c", show))
     assert got == {k: v for k, (v, _) in env_defaults.DEFAULTS.items()}
     got = json.loads(_entry(sys.executable, "-c", show, NCCL_DEBUG="INFO"))
@@ -244,9 +246,21 @@ def _cmd(*argv, env=None):
 
 def test_single_node_command():
     cmd = _cmd("single", "--nproc-per-node", "2", "--max-restarts", "1", "--", "c.yaml", "k=v")
-    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                   "--nproc-per-node=2", "--max-restarts=1", "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-                   "--shutdown-timeout=300", "-m", "trainer.train", "c.yaml", "k=v"]
+    assert cmd == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--max-restarts=1",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "--shutdown-timeout=300",
+        "-m",
+        "trainer.train",
+        "c.yaml",
+        "k=v",
+    ]
     assert "--shutdown-timeout=60" in _cmd("single", "--shutdown-timeout", "60", "--", "c.yaml")
     assert "--shutdown-timeout=90" in _cmd("single", "--", "c.yaml", env={"UNPG_SHUTDOWN_TIMEOUT": "90"})
 

@@ -32,7 +32,7 @@ def test_two_torchruns_form_one_two_rank_job(tmp_path, tiny_dataset):
     # One job of world size 2: every complete checkpoint has both ranks' head shards.
     metas = checkpoint_meta(output)
     assert sorted(metas) == [4, 8]
-    for step, meta in metas.items():
+    for _step, meta in metas.items():
         assert meta["world_size"] == 2
         assert {"shard_00000.pt", "shard_00001.pt", "trainer.pt"} <= set(meta["files"])
         (lo0, hi0), (lo1, hi1) = meta["class_ranges"]

@@ -31,7 +31,7 @@ def test_reshard_round_trip(tmp_path):
     _write(ckpt, w, m, 2)
     for R in (1, 3, 4):
         got_w, got_m = [], []
-        for r, rng in enumerate(_ranges(C, R)):
+        for _r, rng in enumerate(_ranges(C, R)):
             shard = ck.load_shard_for_range(ckpt, rng, ck.read_marker(ckpt)["class_ranges"])
             assert shard["head"]["weight"].shape[0] == rng[1] - rng[0]
             assert shard["optimizer"]["param_groups"][0]["lr"] == 0.1

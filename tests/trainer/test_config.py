@@ -27,7 +27,13 @@ def test_shipped_recipes_resolve():
     assert (c.model.backbone, c.loss.margin, c.loss.m, c.loss.unpg, c.loss.wisk) == ("r100", "arcface", 0.5, True, 1.5)
     assert c.data.num_classes == 93431 and c.optim.lr == 0.1 and c.data.batch_size == 128
     c = load_config(os.path.join(CONFIGS, "webface42m_r50_cosface.yaml"))
-    assert (c.model.backbone, c.loss.margin, c.loss.m, c.loss.unpg, c.loss.sample_rate) == ("r50", "cosface", 0.4, False, 0.2)
+    assert (c.model.backbone, c.loss.margin, c.loss.m, c.loss.unpg, c.loss.sample_rate) == (
+        "r50",
+        "cosface",
+        0.4,
+        False,
+        0.2,
+    )
 
 
 def test_base_inheritance_and_overrides(tmp_path):
@@ -138,3 +144,37 @@ def test_non_decimal_numbers_in_a_file_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"c\.yaml: '0x10' is not a decimal number"):
         load_config(tmp_path / "c.yaml")
     assert load_config(None, ["run.max_steps=1000", "run.seed=-0"]).run.max_steps == 1000
+
+
+def test_section_names_agree_with_the_registries():
+    """The torch-free name lists the sections check are exactly what the components register."""
+    from trainer.backbones import BACKBONES, available_backbones
+    from trainer.heads import MARGINS, STATE_DTYPE_NAMES, STATE_DTYPES, available_margins
+
+    assert sorted(BACKBONES) == available_backbones()
+    assert sorted(MARGINS) == list(available_margins())
+    assert tuple(STATE_DTYPES) == STATE_DTYPE_NAMES
+
+
+def test_registries_refuse_a_name_the_config_does_not_know():
+    from trainer.backbones import register_backbone
+    from trainer.heads import register_margin
+
+    with pytest.raises(ValueError, match="BACKBONES"):
+        register_backbone("r999")
+    with pytest.raises(ValueError, match="MARGINS"):
+        register_margin("sphereface")
+
+
+def test_a_section_checks_itself_when_built_directly():
+    """One place per rule: the section's own __post_init__, also without load_config."""
+    from trainer.engine.config import EngineConfig
+    from trainer.heads.config import LossConfig
+    from trainer.optim import OptimConfig
+
+    with pytest.raises(ConfigError, match="'loss.sample_rate' must be in"):
+        LossConfig(sample_rate=0.0)
+    with pytest.raises(ConfigError, match="'optim.lr' must be > 0"):
+        OptimConfig(lr=0.0)
+    with pytest.raises(ConfigError, match=r"'engine.name': 'ds' is not one of \['ddp', 'deepspeed'\]"):
+        EngineConfig(name="ds")

@@ -4,11 +4,17 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from tests.distributed import run_world  # noqa: E402
-from tests.trainer.workers import phases_worker  # noqa: E402
+from tests.distributed import run_world
+from tests.trainer.workers import phases_worker
 
 DATA = dict(identities=32, per_id=8, seed=0)
-COMMON = ["data.batch_size=16", "checkpoint.save_every=4", "checkpoint.keep_last=5", "loss.unpg=true", "run.max_steps=10"]
+COMMON = [
+    "data.batch_size=16",
+    "checkpoint.save_every=4",
+    "checkpoint.keep_last=5",
+    "loss.unpg=true",
+    "run.max_steps=10",
+]
 
 
 def _losses(res):

@@ -61,7 +61,7 @@ def test_a_stopped_scan_lock_holder_fails_the_run_within_the_timeout(tmp_path, t
     assert "ScanLockTimeout" in (out / "logs" / "error-rank0.log").read_text()
 
 
-def test_expected_errors_are_one_line_with_their_code_and_the_traceback_in_the_log(tmp_path, tiny_dataset):  # noqa: F811,E501
+def test_expected_errors_are_one_line_with_their_code_and_the_traceback_in_the_log(tmp_path, tiny_dataset):  # noqa: F811
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset, data)
     (data / "train.idx").unlink()

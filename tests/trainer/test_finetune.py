@@ -37,12 +37,15 @@ def _tiny(**kw):
 # ------------------------------------------------------------ init_from: sources
 def _source_files(tmp_path: Path, sd):
     files = {}
-    torch.save(sd, tmp_path / "plain.pth"); files["plain"] = tmp_path / "plain.pth"
-    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "ddp.pth"); files["ddp"] = tmp_path / "ddp.pth"
-    torch.save({"backbone": sd, "head_weight": torch.zeros(3, 32), "num_classes": 3, "step": 7},
-               tmp_path / "export.pt"); files["export"] = tmp_path / "export.pt"
+    files["plain"] = tmp_path / "plain.pth"
+    torch.save(sd, files["plain"])
+    files["ddp"] = tmp_path / "ddp.pth"
+    torch.save({"module." + k: v for k, v in sd.items()}, files["ddp"])
+    files["export"] = tmp_path / "export.pt"
+    torch.save({"backbone": sd, "head_weight": torch.zeros(3, 32), "num_classes": 3, "step": 7}, files["export"])
+    files["arcface_torch"] = tmp_path / "checkpoint_gpu_0.pt"
     torch.save({"epoch": 1, "global_step": 9, "state_dict_backbone": sd, "state_dict_softmax_fc": {}},
-               tmp_path / "checkpoint_gpu_0.pt"); files["arcface_torch"] = tmp_path / "checkpoint_gpu_0.pt"
+               files["arcface_torch"])
     return files
 
 
@@ -141,9 +144,13 @@ def test_init_from_run_folder_and_ignored_on_resume(tmp_path):
         assert torch.equal(ft["init"][k], v), k
     # resume: the checkpoint wins, init_from is not read (the file may be gone)
     torch.save(src["final"], tmp_path / "w.pth")
-    a = run_world(_run_worker, 1, str(tmp_path / "r"), base + ["run.max_steps=2", f"model.init_from={tmp_path / 'w.pth'}"])[0]
+    a = run_world(
+        _run_worker, 1, str(tmp_path / "r"), base + ["run.max_steps=2", f"model.init_from={tmp_path / 'w.pth'}"]
+    )[0]
     (tmp_path / "w.pth").unlink()
-    b = run_world(_run_worker, 1, str(tmp_path / "r"), base + ["run.max_steps=4", f"model.init_from={tmp_path / 'w.pth'}"])[0]
+    b = run_world(
+        _run_worker, 1, str(tmp_path / "r"), base + ["run.max_steps=4", f"model.init_from={tmp_path / 'w.pth'}"]
+    )[0]
     assert b["start"] == 2
     for k, v in a["final"].items():
         assert torch.equal(b["init"][k], v), k

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.trainer.synthetic import MemoryLoader, make_dataset
 from tests.trainer.workers import tiny_config

@@ -7,6 +7,7 @@ from trainer.config import EngineConfig, OptimConfig
 from trainer.distributed import DistInfo
 from trainer.engine.ddp import DDPEngine
 from trainer.heads import ArcFace, PartialFC, PartialFCSGD
+from trainer.optim import optimizer_factory
 
 C, D = 40, 32
 
@@ -16,7 +17,7 @@ def _engine(precision, seed=0, init_scale=None):
     backbone = get_backbone("tiny", num_features=D, width=8, norm="none")
     head = PartialFC(ArcFace(s=16.0, m=0.3), D, C, sample_rate=0.5)  # sparse head gradient
     head_opt = PartialFCSGD(head, lr=0.01, momentum=0.9, weight_decay=5e-4)
-    eng = DDPEngine(EngineConfig(precision=precision), OptimConfig(lr=0.01, clip_grad_norm=5.0), backbone, head,
+    eng = DDPEngine(EngineConfig(precision=precision), optimizer_factory(OptimConfig(lr=0.01)), 5.0, backbone, head,
                     head_opt, DistInfo(0, 1, 0, torch.device("cpu")), 1, precision)
     if init_scale is not None:
         eng.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
@@ -45,7 +46,7 @@ def test_fp16_scaler_skips_both_optimizers_on_inf_then_trains():
         torch.count_nonzero(v["momentum_buffer"]) == 0 for v in eng.head_opt.state_dict()["state"].values())
     assert eng.loss_scale() == 2.0 ** 23  # backed off
     # the scale keeps backing off until the gradients fit, then both optimizers step
-    for step in range(2, 30):
+    for _step in range(2, 30):
         out = eng.train_step(lambda: next(batches))
         if not bool(out.skipped):
             break
@@ -54,7 +55,7 @@ def test_fp16_scaler_skips_both_optimizers_on_inf_then_trains():
     assert any(not torch.equal(a, b) for a, b in zip(before[:-1], after[:-1]))  # backbone updated
     assert not torch.equal(before[-1], after[-1])  # head rows updated (sparse step)
     # and training goes on with finite losses
-    for k in range(5):
+    for _k in range(5):
         assert torch.isfinite(eng.train_step(lambda: next(batches)).loss)
 
 

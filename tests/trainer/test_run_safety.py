@@ -256,7 +256,9 @@ def test_deepspeed_files_naming_foreign_code_are_refused(tmp_path):
     ds.mkdir(parents=True)
     torch.save({"module": {"w": torch.zeros(2)}}, ds / "mp_rank_00_model_states.pt")
     check_deepspeed_files(tmp_path / "deepspeed")  # plain: fine
-    torch.save({"optimizer_state_dict": _Payload(tmp_path / "PAYLOAD_RAN")}, ds / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    torch.save(
+        {"optimizer_state_dict": _Payload(tmp_path / "PAYLOAD_RAN")}, ds / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    )
     with pytest.raises(ck.UnsafeCheckpointError, match=r"zero_pp_rank_0.*io.open"):
         check_deepspeed_files(tmp_path / "deepspeed")
     assert not (tmp_path / "PAYLOAD_RAN").exists()

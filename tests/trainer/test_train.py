@@ -1,7 +1,5 @@
 """End-to-end training on gloo ranks with the tiny backbone and an in-memory synthetic set."""
-import shutil
 
-import pytest
 import torch
 
 from tests.distributed import run_world
@@ -93,7 +91,13 @@ def test_resume_same_and_different_world_size(tmp_path):
 
 def test_corrupted_newest_checkpoint_falls_back(tmp_path):
     """(Also runs the bf16 autocast path of the DDP engine on CPU.)"""
-    common = ["run.max_steps=6", "checkpoint.save_every=2", "checkpoint.keep_last=5", "data.batch_size=16", "engine.precision=bf16"]
+    common = [
+        "run.max_steps=6",
+        "checkpoint.save_every=2",
+        "checkpoint.keep_last=5",
+        "data.batch_size=16",
+        "engine.precision=bf16",
+    ]
     ck = "a/checkpoints/"
     _, res = run_world(phases_worker, 2, str(tmp_path), [
         {"out": "a", "overrides": common},

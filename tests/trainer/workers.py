@@ -10,9 +10,20 @@ from tests.trainer.synthetic import MemoryLoader, make_dataset
 from trainer.config import load_config
 from trainer.loop import Trainer
 
-BASE = ["model.backbone=tiny", "model.embedding_size=32", "model.width=8",
-        "loss.s=32", "loss.m=0.3", "optim.lr=0.1", "logging.log_every=5", "validation.every=0", "checkpoint.save_every=0",
-        "logging.image_grid=false", "logging.progress_bar=off", "logging.hist_every=5"]
+BASE = [
+    "model.backbone=tiny",
+    "model.embedding_size=32",
+    "model.width=8",
+    "loss.s=32",
+    "loss.m=0.3",
+    "optim.lr=0.1",
+    "logging.log_every=5",
+    "validation.every=0",
+    "checkpoint.save_every=0",
+    "logging.image_grid=false",
+    "logging.progress_bar=off",
+    "logging.hist_every=5",
+]
 
 
 def tiny_config(out: Path, overrides: List[str], val: bool = False):
@@ -80,7 +91,7 @@ def phases_worker(rank: int, world: int, root: str, phases: List[Dict[str, Any]]
         dist.barrier()
         try:
             results.append(train_worker(rank, world, str(out), ph["overrides"], data, **ph.get("kw", {})))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if not ph.get("expect_error"):
                 raise
             results.append((type(e).__name__, str(e)))

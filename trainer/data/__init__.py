@@ -13,10 +13,10 @@ from __future__ import annotations
 import warnings
 from typing import Any, Mapping, Optional, Union
 
-__all__ = ["BACKENDS", "build_train_loader", "resolve_backend", "to_model_input"]
+from trainer.data.config import BACKENDS, SHUFFLE_MODES, DataConfig
 
-#: data.backend choices
-BACKENDS = ("auto", "dali", "torch")
+__all__ = ["BACKENDS", "SHUFFLE_MODES", "DataConfig", "build_train_loader", "resolve_backend", "to_model_input"]
+
 
 #: backend="auto" on CPU-only runs: DALI's CPU pipeline beat the torch fallback
 #: 1.2-2x in bench/data.py on the 2-core development machine (docs/data.md).
@@ -59,7 +59,7 @@ def resolve_backend(backend: str, device) -> str:
 
 def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int = 1,
                        device=None, backend: str = "auto", num_threads: int = 2, seed: int = 0,
-                       augment: Union[None, Mapping[str, Any], "AugmentConfig"] = None,  # noqa: F821
+                       augment: Union[None, Mapping[str, Any], AugmentConfig] = None,  # noqa: F821
                        shuffle: bool = True, flip: bool = True, shuffle_buffer: Optional[int] = None,
                        shuffle_mode: str = "block", block_bytes: Optional[int] = None,
                        lock_timeout: Optional[float] = None):
@@ -103,7 +103,7 @@ def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int
 
         return DaliFaceLoader(ds, **common)
     if backend == "auto" and getattr(device, "type", "cpu") == "cuda":
-        warnings.warn("nvidia-dali is not installed: using the slower torch DataLoader fallback")
+        warnings.warn("nvidia-dali is not installed: using the slower torch DataLoader fallback", stacklevel=2)
     from trainer.data.torch_loader import TorchFaceLoader
 
     return TorchFaceLoader(ds, **common)

@@ -36,7 +36,7 @@ class AugmentConfig:
         return any(getattr(self, k) > 0 for k in ("resize_prob", "blur_prob", "hsv_prob", "gray_prob"))
 
     @classmethod
-    def coerce(cls, value: Union[None, "AugmentConfig", Mapping[str, Any]]) -> Optional["AugmentConfig"]:
+    def coerce(cls, value: Union[None, AugmentConfig, Mapping[str, Any]]) -> Optional[AugmentConfig]:
         if value is None or isinstance(value, cls):
             return value
         if isinstance(value, Mapping):

@@ -54,9 +54,9 @@ DALI_VERSION = "2.1.1"
 
 def dali_available() -> bool:
     try:
-        import nvidia.dali  # noqa: F401
+        import nvidia.dali
         import nvidia.dali.plugin.pytorch  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001 - a DALI that fails to import (any error) is not available
         return False
     return True
 
@@ -91,9 +91,9 @@ def _build_pipeline(rec: str, idx: str, batch_size: int, num_threads: int, devic
 
 
 def _dali_reason(msg: str) -> str:
-    lines = [l.strip() for l in msg.splitlines() if l.strip()]
-    for i, l in enumerate(lines):
-        if l.startswith("encountered") and i + 1 < len(lines):
+    lines = [line.strip() for line in msg.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("encountered") and i + 1 < len(lines):
             return lines[i + 1]
     return lines[-1] if lines else msg
 
@@ -120,7 +120,8 @@ class DaliFaceLoader(FaceLoaderBase):
             warnings.warn(
                 f"nvidia-dali {nvidia.dali.__version__} is not the tested {DALI_VERSION}: DALI 2.2-2.4 "
                 "crash (segfault) on an undecodable image; run `python -m data_tools validate DATA "
-                "--write-index` first or install the pinned version"
+                "--write-index` first or install the pinned version",
+                stacklevel=2,
             )
         super().__init__(ds, batch_size, rank, world_size, device, num_threads, seed, augment,
                          shuffle, flip, image_size, shuffle_mode, block_bytes, shuffle_buffer)

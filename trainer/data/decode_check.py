@@ -236,7 +236,7 @@ class ChunkVerdicts:
     def __del__(self):
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - __del__ never raises
             pass
 
 

@@ -24,10 +24,10 @@ import numpy as np
 
 from trainer.data.recordio import (
     IR_SIZE,
-    ArrayIndexedRecordReader,
     MAGIC,
     MAX_EXACT_LABEL,
     MAX_LENGTH,
+    ArrayIndexedRecordReader,
     IndexedRecordReader,
     RecordIOError,
     class_id,
@@ -108,7 +108,8 @@ class FaceRecDataset:
                 # a cleaned index (`data_tools validate --write-index`) leaves bad records out
                 warnings.warn(
                     f"{self.reader.idx_path}: {self.missing_images} of the {first_id - 1} image keys "
-                    "the header lists are not in the index; they are skipped"
+                    "the header lists are not in the index; they are skipped",
+                    stacklevel=2,
                 )
         else:
             self.image_keys = keys
@@ -278,7 +279,7 @@ class FaceRecDataset:
             return None
         try:
             lab = np.load(cache, mmap_mode="r", allow_pickle=False)  # shared by the node's ranks
-        except Exception:
+        except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt (None: scan again)
             return None
         return lab if lab.shape == self.image_keys.shape and lab.dtype == np.int64 else None
 
@@ -484,7 +485,7 @@ class ScanLock:
         self.waited = False
         self._touched = 0.0
 
-    def __enter__(self) -> "ScanLock":
+    def __enter__(self) -> ScanLock:
         import fcntl
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)

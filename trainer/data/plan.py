@@ -32,9 +32,10 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from trainer.data.config import SHUFFLE_MODES as MODES  # data.shuffle_mode choices
+
 #: default block size of the block shuffle, in bytes of file.
 DEFAULT_BLOCK_BYTES = 4 << 20
-MODES = ("block", "global")
 
 
 def batches_per_rank(num_images: int, world_size: int, batch_size: int) -> int:

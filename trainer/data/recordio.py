@@ -24,9 +24,9 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -350,7 +350,7 @@ class IndexedRecordReader:
     def __del__(self):  # best effort
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - __del__ never raises
             pass
 
 
@@ -395,10 +395,10 @@ class IndexedRecordWriter:
         cm, self._rec_cm = self._rec_cm, None
         try:
             cm.__exit__(type(exc), exc, exc.__traceback__)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - cleanup while the caller's exception `exc` propagates
             pass
 
-    def __enter__(self) -> "IndexedRecordWriter":
+    def __enter__(self) -> IndexedRecordWriter:
         return self
 
     def __exit__(self, et, ev, tb) -> None:

@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 from trainer.batchnorm import bn_modules, set_bn_training
-from trainer.config import OptimConfig
 from trainer.distributed import DistInfo
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
+#: builds the backbone optimizer over a module's trainable parameters; ``fused=False`` where
+#: the engine steps it through a wrapper (DeepSpeed). trainer.optim.optimizer_factory makes one.
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -47,9 +49,9 @@ class Engine:
 
     name = "base"
 
-    def __init__(self, optim: OptimConfig, backbone: nn.Module, head: nn.Module, head_opt,
+    def __init__(self, clip_grad_norm: float, backbone: nn.Module, head: nn.Module, head_opt,
                  d: DistInfo, grad_accum: int, precision: str) -> None:
-        self.optim_cfg = optim
+        self.clip_grad_norm = clip_grad_norm  # backbone gradient norm bound; 0: no clipping
         self.backbone = backbone          # the plain module (state_dict in insightface format)
         self.head = head
         self.head_opt = head_opt
@@ -163,7 +165,7 @@ class Engine:
         params = [p for p in self.backbone.parameters() if p.grad is not None]
         if not params:  # backbone frozen this step: nothing to clip
             return torch.zeros((), device=self.d.device)
-        if self.optim_cfg.clip_grad_norm > 0:
-            return nn.utils.clip_grad_norm_(params, self.optim_cfg.clip_grad_norm)
+        if self.clip_grad_norm > 0:
+            return nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
                                                      for p in params]))

@@ -8,10 +8,9 @@ from typing import Any, ContextManager, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from trainer.config import EngineConfig, OptimConfig
 from trainer.distributed import DistInfo
-from trainer.engine.base import Engine
-from trainer.optim import build_backbone_optimizer
+from trainer.engine.base import Engine, OptimizerFactory
+from trainer.engine.config import EngineConfig
 
 
 def _grads_finite(opt: torch.optim.Optimizer) -> torch.Tensor:
@@ -28,10 +27,11 @@ def _grads_finite(opt: torch.optim.Optimizer) -> torch.Tensor:
 class DDPEngine(Engine):
     name = "ddp"
 
-    def __init__(self, cfg: EngineConfig, optim: OptimConfig, backbone: nn.Module, head, head_opt,
-                 d: DistInfo, grad_accum: int, precision: str, compile: bool = False) -> None:
-        super().__init__(optim, backbone, head, head_opt, d, grad_accum, precision)
-        self.backbone_opt = build_backbone_optimizer(backbone, optim)
+    def __init__(self, cfg: EngineConfig, make_optimizer: OptimizerFactory, clip_grad_norm: float,
+                 backbone: nn.Module, head, head_opt, d: DistInfo, grad_accum: int, precision: str,
+                 compile: bool = False) -> None:
+        super().__init__(clip_grad_norm, backbone, head, head_opt, d, grad_accum, precision)
+        self.backbone_opt = make_optimizer(backbone, fused=True)
         fwd: nn.Module = torch.compile(backbone) if compile else backbone
         if d.world_size > 1:
             fwd = nn.parallel.DistributedDataParallel(

@@ -22,10 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.config import EngineConfig, OptimConfig
 from trainer.distributed import DistInfo
-from trainer.engine.base import Engine
-from trainer.optim import build_backbone_optimizer
+from trainer.engine.base import Engine, OptimizerFactory
+from trainer.engine.config import EngineConfig
 
 log = __import__("logging").getLogger("trainer")
 
@@ -66,9 +65,10 @@ def check_deepspeed_files(ds_dir: Path) -> None:
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
-    def __init__(self, cfg: EngineConfig, optim: OptimConfig, backbone: nn.Module, head, head_opt,
-                 d: DistInfo, grad_accum: int, precision: str, batch_size: int, compile: bool = False) -> None:
-        super().__init__(optim, backbone, head, head_opt, d, grad_accum, precision)
+    def __init__(self, cfg: EngineConfig, make_optimizer: OptimizerFactory, clip_grad_norm: float,
+                 backbone: nn.Module, head, head_opt, d: DistInfo, grad_accum: int, precision: str,
+                 batch_size: int, compile: bool = False) -> None:
+        super().__init__(clip_grad_norm, backbone, head, head_opt, d, grad_accum, precision)
         if d.device.type == "cpu":
             _skip_shm_build()
         import deepspeed
@@ -89,7 +89,7 @@ class DeepSpeedEngine(Engine):
                                   "reduce_bucket_size": z.reduce_bucket_size,
                                   "allgather_bucket_size": z.allgather_bucket_size},
             "zero_allow_untested_optimizer": True,  # our SGD/AdamW are torch optimizers (no JIT build)
-            "gradient_clipping": optim.clip_grad_norm,
+            "gradient_clipping": clip_grad_norm,
             "steps_per_print": 1 << 30,
             "bf16": {"enabled": precision == "bf16"},
             "fp16": {"enabled": precision == "fp16"},
@@ -102,8 +102,9 @@ class DeepSpeedEngine(Engine):
                                    "initial_scale_power": max(0, round(math.log2(cfg.init_scale))),
                                    "min_loss_scale": max(1, int(cfg.min_scale))})
         fwd: nn.Module = torch.compile(backbone) if compile else backbone
-        engine, ds_opt, _, _ = deepspeed.initialize(model=fwd, optimizer=build_backbone_optimizer(backbone, optim, fused=False),
-                                                    config=ds_cfg)
+        engine, ds_opt, _, _ = deepspeed.initialize(
+            model=fwd, optimizer=make_optimizer(backbone, fused=False), config=ds_cfg
+        )
         self.ds = engine
         self.model = engine
         self._bad = False  # a non-finite micro-batch loss since the last boundary
@@ -150,7 +151,11 @@ class DeepSpeedEngine(Engine):
         if self.precision == "fp16":  # DeepSpeed skipped its step on a loss-scale overflow
             ov = bool(getattr(self.ds.optimizer, "overflow", False)) and not skip
             overflow, skip = torch.tensor(ov, device=dev), skip or ov
-        return (None if gn is None else torch.as_tensor(float(gn), device=dev)), torch.tensor(skip, device=dev), overflow
+        return (
+            (None if gn is None else torch.as_tensor(float(gn), device=dev)),
+            torch.tensor(skip, device=dev),
+            overflow,
+        )
 
     def loss_scale_tensor(self) -> Optional[torch.Tensor]:
         scale = self.loss_scale()

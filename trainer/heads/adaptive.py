@@ -236,3 +236,4 @@ class CurricularFace(AdaptiveMargin):
             return value, None
         deriv = torch.where(mask, t + 2.0 * cos, torch.ones_like(cos))
         return value, deriv
+

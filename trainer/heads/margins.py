@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 
 import torch
+
+from trainer.heads.config import MARGINS
 
 _SIN_EPS = 1e-12
 
@@ -141,28 +143,75 @@ def margin_from_list(margin_list: Tuple[float, float, float], s: float = 64.0) -
     return CombinedMargin(s=s, m1=m1, m2=m2, m3=m3)
 
 
-#: margin names accepted by :func:`build_margin` (and the config's ``loss.margin``)
-MARGINS = ("arcface", "cosface", "combined", "adaface", "magface", "curricularface")
+
+
+#: margin name -> builder ``fn(s, m, margin_list, options) -> margin``; the names are
+#: :data:`trainer.heads.config.MARGINS` (the config's ``loss.margin``)
+_MARGIN_BUILDERS: Dict[str, Callable[..., Any]] = {}
+
+
+def register_margin(name: str) -> Callable:
+    """Decorator: register a margin builder under ``name`` (one of ``MARGINS``, which the
+    configuration reads without torch)."""
+    if name not in MARGINS:
+        raise ValueError(f"margin {name!r} is not in trainer.heads.config.MARGINS; add it there")
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _MARGIN_BUILDERS:
+            raise ValueError(f"margin name {name!r} registered twice")
+        _MARGIN_BUILDERS[name] = fn
+        return fn
+    return deco
+
+
+def available_margins() -> Tuple[str, ...]:
+    return tuple(sorted(_MARGIN_BUILDERS))
+
+
+@register_margin("arcface")
+def _arcface(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> Margin:
+    return ArcFace(s=s, m=m)
+
+
+@register_margin("cosface")
+def _cosface(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> Margin:
+    return CosFace(s=s, m=m)
+
+
+@register_margin("combined")
+def _combined(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> Margin:
+    return margin_from_list(margin_list, s=s)
+
+
+# the adaptive margins (trainer/heads/adaptive.py) are built here too, imported on use:
+# adaptive.py then imports nothing of this module (no import circle)
+@register_margin("adaface")
+def _adaface(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> Any:
+    from trainer.heads.adaptive import AdaFace
+
+    return AdaFace(s=s, m=m, **{k: options[k] for k in ("h", "t_alpha") if k in options})
+
+
+@register_margin("magface")
+def _magface(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> Any:
+    from trainer.heads.adaptive import MagFace
+
+    return MagFace(s=s, **{k: options[k] for k in ("l_a", "u_a", "l_m", "u_m", "lambda_g") if k in options})
+
+
+@register_margin("curricularface")
+def _curricularface(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> Any:
+    from trainer.heads.adaptive import CurricularFace
+
+    return CurricularFace(s=s, m=m)
 
 
 def build_margin(name: str, s: float = 64.0, m: float = 0.5,
-                 margin_list: Tuple[float, float, float] = (1.0, 0.5, 0.0), **options: float) -> Margin:
-    """A margin by name. ``arcface`` / ``cosface`` / ``curricularface`` use ``m``; ``combined``
-    uses insightface's ``margin_list`` (m1, m2, m3) through :func:`margin_from_list`;
+                 margin_list: Tuple[float, float, float] = (1.0, 0.5, 0.0), **options: float) -> Any:
+    """A registered margin by name. ``arcface`` / ``cosface`` / ``curricularface`` use ``m``;
+    ``combined`` uses insightface's ``margin_list`` (m1, m2, m3) through :func:`margin_from_list`;
     ``adaface`` uses ``m`` and ``options`` h, t_alpha; ``magface`` uses ``options`` l_a, u_a,
     l_m, u_m, lambda_g (trainer/heads/adaptive.py). Options a margin does not use are ignored."""
-    from trainer.heads import adaptive
-
-    if name == "arcface":
-        return ArcFace(s=s, m=m)
-    if name == "cosface":
-        return CosFace(s=s, m=m)
-    if name == "combined":
-        return margin_from_list(margin_list, s=s)
-    if name == "adaface":
-        return adaptive.AdaFace(s=s, m=m, **{k: options[k] for k in ("h", "t_alpha") if k in options})
-    if name == "magface":
-        return adaptive.MagFace(s=s, **{k: options[k] for k in ("l_a", "u_a", "l_m", "u_m", "lambda_g") if k in options})
-    if name == "curricularface":
-        return adaptive.CurricularFace(s=s, m=m)
-    raise ValueError(f"unknown margin {name!r}; valid: {', '.join(MARGINS)}")
+    if name not in available_margins():
+        raise ValueError(f"unknown margin {name!r}; valid: {', '.join(MARGINS)}")
+    return _MARGIN_BUILDERS[name](s, m, margin_list, options)

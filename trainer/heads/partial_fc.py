@@ -32,6 +32,7 @@ from trainer.collectives import (
     world_info,
 )
 from trainer.heads.adaptive import AdaptiveMargin
+from trainer.heads.config import sample_rate_ok
 from trainer.heads.margins import Margin
 from trainer.heads.softmax import margin_softmax_parts
 from trainer.heads.unpg import UNPG, metric_negatives_lse, sharded_metric_negatives_lse
@@ -77,7 +78,7 @@ class PartialFC(nn.Module):
         if not isinstance(margin, (Margin, AdaptiveMargin)):
             raise TypeError("margin must be ArcFace/CosFace/CombinedMargin/AdaFace/MagFace/CurricularFace, "
                             f"got {type(margin).__name__}")
-        if not 0.0 < sample_rate <= 1.0:
+        if not sample_rate_ok(sample_rate):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if unpg is not None and not isinstance(unpg, UNPG):
             raise TypeError(f"unpg must be a trainer.heads.UNPG or None, got {type(unpg).__name__}")
@@ -163,7 +164,7 @@ class PartialFC(nn.Module):
         info = all_gather_object_ints(list(key), self.process_group).tolist()  # CPU ints
         if any(p for _, p in info):
             lines = []
-            for r, (b, p) in enumerate(info):
+            for r, (_b, p) in enumerate(info):
                 if p & _BAD_EMB_SHAPE:
                     lines.append(f"rank {r}: embeddings must be [batch, {self.embedding_size}]")
                 if p & _BAD_LABEL_SHAPE:

@@ -29,7 +29,6 @@ Two ways to compute ``V`` over the global batch (``negatives="global"``):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -42,8 +41,8 @@ from trainer.collectives import (
     order_statistics,
     world_info,
 )
+from trainer.heads.config import NEGATIVE_MODES, wisk_ok
 
-NEGATIVE_MODES = ("global", "local")
 _HIST_SAMPLE = 4096  # negative similarities kept for monitoring histograms
 
 
@@ -70,7 +69,7 @@ class UNPG:
     def __post_init__(self) -> None:
         if self.negatives not in NEGATIVE_MODES:
             raise ValueError(f"UNPG.negatives must be one of {NEGATIVE_MODES}, got {self.negatives!r}")
-        if not (self.wisk >= 0 and math.isfinite(self.wisk)):
+        if not wisk_ok(self.wisk):
             raise ValueError(f"UNPG.wisk must be a finite number >= 0, got {self.wisk!r}")
         if self.sharded not in (None, True, False):
             raise ValueError(f"UNPG.sharded must be None, True or False, got {self.sharded!r}")

@@ -33,7 +33,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file, encoding="bytes")
         self._path = path
 
-    def find_class(self, module: str, name: str):  # noqa: D401
+    def find_class(self, module: str, name: str):
         if (module, name) == ("_codecs", "encode"):
             # Python 3 pickles of bytes at protocol <= 2 rebuild them as
             # _codecs.encode(str, 'latin1'); allow exactly that and nothing else.

@@ -73,7 +73,7 @@ def jpeg_size(data: bytes, where: str = "image") -> Tuple[int, int]:
                 w, h = im.size
         else:
             w, h, _, _ = sj.decode_jpeg_header(data)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any decoder error becomes one naming the record
         raise ImageDecodeError(f"{where}: undecodable JPEG ({type(e).__name__}: {e})") from None
     return h, w
 
@@ -118,7 +118,7 @@ def decode_rgb(data: bytes, where: str = "image", size: Optional[Tuple[int, int]
             img = _pillow(data)
     except ImageDecodeError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any decoder error becomes one naming the record
         raise ImageDecodeError(f"{where}: undecodable image ({len(data)} bytes; {type(e).__name__}: {e})") from None
     if size is not None and img.shape[:2] != tuple(size):
         raise ImageDecodeError(f"{where}: image is {img.shape[1]}x{img.shape[0]}, expected {size[1]}x{size[0]}")
