@@ -307,29 +307,21 @@ def test_insightface_val_far_against_restatement():
     assert 0 < res["val"] < 1 and len(res["fold_val"]) == 10
 
 
-def test_verify_cli_reports_insightface_val(tmp_path, capsys):
+def _verify_scripted_net(tmp_path, bin_path) -> int:
+    """``eval.verify`` on ``bin_path`` with a TorchScript tiny net, results in ``tmp_path/o``."""
     from eval import verify
+
+    torch.jit.script(tiny_net(16)).save(str(tmp_path / "net.ts"))
+    return verify.main(["--model", str(tmp_path / "net.ts"), "--bin", str(bin_path), "--out", str(tmp_path / "o"),
+                        "--device", "cpu", "--no-plots"])
+
+
+def test_verify_cli_reports_insightface_val(tmp_path, capsys):
     from tests.eval.fixtures import make_bin
     from trainer.verification import embed_images, load_bin, pair_scores
 
     make_bin(tmp_path / "s.bin", pairs=40, seed=1)
-    torch.jit.script(tiny_net(16)).save(str(tmp_path / "net.ts"))
-    assert (
-        verify.main(
-            [
-                "--model",
-                str(tmp_path / "net.ts"),
-                "--bin",
-                str(tmp_path / "s.bin"),
-                "--out",
-                str(tmp_path / "o"),
-                "--device",
-                "cpu",
-                "--no-plots",
-            ]
-        )
-        == 0
-    )
+    assert _verify_scripted_net(tmp_path, tmp_path / "s.bin") == 0
     printed = capsys.readouterr().out
     assert "our own definition" in printed and "insightface val@far=1e-3" in printed
     data = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["s"]
@@ -352,27 +344,10 @@ def test_ijbb_layout_and_pair_subset(tmp_path):
 
 
 def test_val_far_fold_without_impostors_is_reported_not_fatal(tmp_path, capsys):
-    from eval import verify
     from tests.eval.fixtures import make_bin
 
     make_bin(tmp_path / "s.bin", pairs=10, seed=2)  # 10 pairs, 10 folds: each test fold has one class
-    torch.jit.script(tiny_net(16)).save(str(tmp_path / "net.ts"))
-    assert (
-        verify.main(
-            [
-                "--model",
-                str(tmp_path / "net.ts"),
-                "--bin",
-                str(tmp_path / "s.bin"),
-                "--out",
-                str(tmp_path / "o"),
-                "--device",
-                "cpu",
-                "--no-plots",
-            ]
-        )
-        == 0
-    )
+    assert _verify_scripted_net(tmp_path, tmp_path / "s.bin") == 0
     assert "| s | - | - |" in capsys.readouterr().out
     data = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["s"]
     assert "s.bin" in data["insightface_val"]["error"] and "accuracy" in data
