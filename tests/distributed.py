@@ -7,6 +7,8 @@ name (module-level functions in a test module or helper module).
 """
 from __future__ import annotations
 
+import faulthandler
+import gc
 import os
 import tempfile
 import traceback
@@ -18,6 +20,7 @@ import torch.multiprocessing as mp
 
 
 def _entry(rank: int, fn: Callable, world_size: int, workdir: str, args: tuple) -> None:
+    faulthandler.enable(all_threads=True)  # a native crash (abort, segfault) prints every thread's Python stack
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     dist.init_process_group(
@@ -31,6 +34,7 @@ def _entry(rank: int, fn: Callable, world_size: int, workdir: str, args: tuple) 
             f.write(traceback.format_exc())
         raise
     finally:
+        gc.collect()  # as trainer.train.main: objects in cycles that hold the group go first
         dist.destroy_process_group()
 
 
