@@ -457,7 +457,7 @@ def _e2e_synthetic_row(precision: str, dev, sz) -> Dict[str, Any]:
 def _meta_e2e_row(sz) -> Dict[str, Any]:
     """Engine.train_step (fp32: GradScaler and autocast have no meta kernels) with every
     module, the batch and the model input on ``meta``."""
-    from trainer.data import to_model_input
+    from trainer.data.model_input import to_model_input
 
     meta = torch.device("meta")
     eng = _engine("fp32", meta, sz, meta=True)
@@ -515,7 +515,7 @@ def _loader_only_row(a, dev, sz) -> Dict[str, Any]:
 
 
 def _with_loader_row(a, precision: str, dev, sz) -> Dict[str, Any]:
-    from trainer.data import to_model_input
+    from trainer.data.model_input import to_model_input
 
     n, warm = sz["loader_batches"], 5
     eng = _engine(precision, dev, sz)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.collectives import all_gather_rows, world_info
-from trainer.data import to_model_input
+from trainer.data.model_input import to_model_input
 
 log = logging.getLogger("trainer.imprint")
 

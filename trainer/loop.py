@@ -30,7 +30,7 @@ from trainer.backbones import get_backbone
 from trainer.batchnorm import recalibrate
 from trainer.checkpointer import CheckpointManager, Progress, is_restart
 from trainer.config import Config, ConfigError, to_yaml
-from trainer.data import to_model_input
+from trainer.data.model_input import to_model_input
 from trainer.distributed import DistInfo, all_ok, barrier, init_distributed
 from trainer.engine import LossScaleError, NonFiniteLossError, build_engine
 from trainer.heads import STATE_DTYPES, UNPG, PartialFC, PartialFCSGD, build_margin

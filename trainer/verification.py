@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from trainer.data.model_input import to_model_input
 from trainer.io.binfile import read_bin
 from trainer.io.images import decode_rgb, resize_rgb
 
@@ -129,11 +130,6 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def to_model_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB [N,3,H,W] -> float32 in [-1, 1] (insightface's (x - 127.5) / 127.5)."""
-    return images.float().sub_(127.5).div_(127.5)
-
-
 @torch.no_grad()
 def embed_images(
     model: torch.nn.Module,
@@ -164,7 +160,7 @@ def embed_images(
     try:
         starts = range(0, images.shape[0], batch_size)
         for s in tqdm(starts, desc=desc, disable=(None if progress is None else not progress), leave=False):
-            x = to_model_input(images[s : s + batch_size].to(device, non_blocking=True))
+            x = to_model_input(images[s : s + batch_size].to(device, non_blocking=True), layout="NCHW")
             n = x.shape[0]
             out = model(torch.cat([x, torch.flip(x, dims=[3])], dim=0) if flip else x)
             if isinstance(out, (tuple, list)):

@@ -15,24 +15,12 @@ from typing import Any, Mapping, Optional, Union
 
 from trainer.data.config import BACKENDS, SHUFFLE_MODES, DataConfig
 
-__all__ = ["BACKENDS", "SHUFFLE_MODES", "DataConfig", "build_train_loader", "resolve_backend", "to_model_input"]
+__all__ = ["BACKENDS", "SHUFFLE_MODES", "DataConfig", "build_train_loader", "resolve_backend"]
 
 
 #: backend="auto" on CPU-only runs: DALI's CPU pipeline beat the torch fallback
 #: 1.2-2x in bench/data.py on the 2-core development machine (docs/data.md).
 DEFAULT_CPU_BACKEND = "dali"
-
-
-def to_model_input(images):
-    """A loader's uint8 NHWC batch (on the training device) -> float32 NCHW in [-1, 1],
-    ``(x - 127.5) / 127.5``: the one cast + normalisation, done on the device inside the
-    step. The result has channels_last strides (fast convolutions on GPUs). Float input
-    (already normalised, e.g. a test's in-memory loader) is returned as it is."""
-    import torch
-
-    if images.dtype != torch.uint8:
-        return images
-    return images.permute(0, 3, 1, 2).float().sub_(127.5).div_(127.5)
 
 
 def resolve_backend(backend: str, device) -> str:
@@ -68,7 +56,7 @@ def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int
     Returns an object with ``num_classes``, ``num_images``, ``len()`` (batches per
     epoch per rank, equal on every rank, partial tail dropped), ``set_epoch(epoch,
     start_batch=0)`` and iteration yielding ``(images uint8 [B,112,112,3] RGB, flipped
-    where drawn, labels int64 [B])`` on ``device``; :func:`to_model_input` turns the
+    where drawn, labels int64 [B])`` on ``device``; :func:`trainer.data.model_input.to_model_input` turns the
     images into the model's float input on the device. ``flip``, ``shuffle_buffer``
     (local shuffle size, images), ``shuffle_mode`` ("block": permuted blocks of
     ``block_bytes`` of file read in order, then the shuffle buffer; "global": a

@@ -80,7 +80,7 @@ def _build_pipeline(rec: str, idx: str, batch_size: int, num_threads: int, devic
             images = apply_dali(images, augment, "gpu" if gpu else "cpu", size)
         mirror = fn.random.coin_flip(probability=0.5) if flip else 0
         # uint8 HWC out (a quarter of float32's bytes); the mirror is folded into this copy.
-        # Cast and normalisation happen on the training device (trainer.data.to_model_input).
+        # Cast and normalisation happen on the training device (trainer.data.model_input.to_model_input).
         images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", mirror=mirror)
         return images, labels[0:1]
 

@@ -9,7 +9,7 @@ reads in byte order, decode with simplejpeg (libjpeg-turbo; Pillow for non-JPEG)
 straight into the batch buffer, flip, and return uint8 NHWC (pinned memory on
 CUDA); the main process copies it to the device (``non_blocking``), as the DALI
 pipeline delivers it. Cast and normalisation happen once, on the training
-device, in the step (:func:`trainer.data.to_model_input`).
+device, in the step (:func:`trainer.data.model_input.to_model_input`).
 """
 from __future__ import annotations
 
