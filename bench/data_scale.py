@@ -57,17 +57,8 @@ import numpy as np
 
 from trainer.data import plan
 from trainer.data.face_rec import FaceRecDataset, write_property
-from trainer.data.recordio import (
-    IR_SIZE,
-    IRHeader,
-    class_id,
-    encode_record,
-    pack,
-    read_record_header,
-    unpack,
-    write_index,
-    write_index_arrays,
-)
+from trainer.data.irheader import IR_SIZE, IRHeader, class_id, pack, unpack
+from trainer.data.recordio import encode_record, read_record_header, write_index, write_index_arrays
 
 REC_BYTES = 36  # 8 framing + 24 IRHeader + 4 payload (--payload tiny)
 PAYLOAD = b"\xff\xd8\xff\xd9"

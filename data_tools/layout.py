@@ -18,7 +18,8 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple, Unio
 import numpy as np
 
 from trainer.data.face_rec import write_property
-from trainer.data.recordio import IndexedRecordWriter, IRHeader, check_label_exact, pack
+from trainer.data.irheader import IRHeader, check_label_exact, pack
+from trainer.data.recordio import IndexedRecordWriter
 
 PathLike = Union[str, os.PathLike]
 

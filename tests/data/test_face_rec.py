@@ -4,7 +4,8 @@ import pytest
 
 from data_tools.layout import write_face_rec
 from trainer.data.face_rec import FaceRecDataset, read_property
-from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, RecordIOError, pack, unpack
+from trainer.data.irheader import IRHeader, pack, unpack
+from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter, RecordIOError
 from trainer.data.torch_loader import decode_image
 
 

@@ -153,7 +153,8 @@ _CORRUPT = textwrap.dedent('''
 
 
 def _corrupt_image(d, key):
-    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, pack, unpack
+    from trainer.data.irheader import IRHeader, pack, unpack
+    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter
 
     r = IndexedRecordReader(d / "train.rec")
     recs = {k: r.read(k) for k in r.keys}
@@ -213,7 +214,8 @@ def test_augmentations(synth_dir, backend):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=dali_ok)])
 def test_face2rec_style_label_arrays(synth_dir, tmp_path, backend):
     """Records with flag 2 ([label, aligned], insightface face2rec) give the first label."""
-    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, pack, unpack
+    from trainer.data.irheader import IRHeader, pack, unpack
+    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter
 
     r = IndexedRecordReader(synth_dir / "train.rec")
     with IndexedRecordWriter(tmp_path / "train.rec") as w:
@@ -368,7 +370,8 @@ def test_to_model_input_is_the_normalisation_the_models_expect(synth_dir):
 def _flip_entropy_bytes(d, key):
     """Flip bytes inside the entropy-coded data of image ``key``: simplejpeg/PIL (validate,
     the torch loader) reject it; DALI's decoder returns garbled pixels without an error."""
-    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, pack, unpack
+    from trainer.data.irheader import IRHeader, pack, unpack
+    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter
 
     r = IndexedRecordReader(d / "train.rec")
     recs = {k: r.read(k) for k in r.keys}

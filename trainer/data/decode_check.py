@@ -51,7 +51,8 @@ from typing import Iterable, List, Optional, Tuple
 import numpy as np
 
 from trainer.data.face_rec import FaceRecDataset
-from trainer.data.recordio import MAX_LENGTH, RecordIOError, parse_record_at, unpack
+from trainer.data.irheader import unpack
+from trainer.data.recordio import MAX_LENGTH, RecordIOError, parse_record_at
 from trainer.io.images import ImageDecodeError, decode_rgb
 
 log = logging.getLogger("trainer")

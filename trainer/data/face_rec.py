@@ -22,16 +22,13 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
+from trainer.data.irheader import IR_SIZE, MAX_EXACT_LABEL, class_id, unpack
 from trainer.data.recordio import (
-    IR_SIZE,
     MAGIC,
-    MAX_EXACT_LABEL,
     MAX_LENGTH,
     ArrayIndexedRecordReader,
     IndexedRecordReader,
     RecordIOError,
-    class_id,
-    unpack,
     write_index_arrays,
 )
 
