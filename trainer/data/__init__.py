@@ -62,7 +62,7 @@ def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int
     ``block_bytes`` of file read in order, then the shuffle buffer; "global": a
     permutation of all images, random reads) are extensions of the contract. ``lock_timeout``:
     seconds to wait on the node's scan/index lock without progress by its holder
-    (None: ``trainer.data.face_rec.DEFAULT_LOCK_TIMEOUT``).
+    (None: ``trainer.data.node_cache.DEFAULT_LOCK_TIMEOUT``).
     """
     import torch
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +51,7 @@ import numpy as np
 
 from trainer.data.face_rec import FaceRecDataset
 from trainer.data.irheader import unpack
+from trainer.data.node_cache import cache_root
 from trainer.data.recordio import MAX_LENGTH, RecordIOError, parse_record_at
 from trainer.io.images import ImageDecodeError, decode_rgb
 
@@ -102,7 +102,7 @@ class ChunkVerdicts:
             log.warning("decode verdicts not stored (%s): %s", self.store, e)
 
     def _store_path(self) -> Path:
-        base = Path(os.environ.get("UNPG_DATA_CACHE", Path(tempfile.gettempdir()) / "unpg-data-cache"))
+        base = cache_root()
         tag = f"{self.ds.rec_path.resolve()}|{self.size}|{self.chunk_bytes}".encode()
         return base / "decode-verdicts" / f"{self.ds.rec_path.stem}-{hashlib.sha1(tag).hexdigest()[:16]}.bin"
 
