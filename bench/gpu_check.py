@@ -420,11 +420,11 @@ def stage_compile(res: Results, a) -> None:
 
 def _engine(precision: str, dev: torch.device, sz: Dict[str, Any], meta: bool = False):
     from trainer.backbones import get_backbone
-    from trainer.distributed import DistInfo
     from trainer.engine.config import EngineConfig
     from trainer.engine.ddp import DDPEngine
     from trainer.heads import PartialFC, PartialFCSGD, build_margin
     from trainer.optim import OptimConfig, optimizer_factory
+    from trainer.runtime.process_group import DistInfo
 
     kw = {"width": 8} if sz["e2e_backbone"] == "tiny" else {}
     backbone = get_backbone(sz["e2e_backbone"], **kw).to(dev).to(memory_format=torch.channels_last)

@@ -32,7 +32,7 @@ def exit_code(exc: BaseException) -> Optional[int]:
     from trainer.data.node_cache import ScanLockTimeout
     from trainer.data.recordio import RecordIOError
     from trainer.engine import NonFiniteLossError
-    from trainer.ownership import RunLockedError
+    from trainer.runtime.run_lock import RunLockedError
     from trainer.section import ConfigError
 
     if isinstance(exc, ConfigError):

@@ -28,7 +28,7 @@ groups), one ``global_step`` across files; the class count comes from
 (``num_classes``), never from the files' rows, so a missing rank file (the last
 one too) is an error: the world size is the number of files, and their rows must
 be arcface_torch's split of the class count over it. Errors name the file and the
-field. The import holds ``RUN_DIR``'s lock (``trainer.ownership``) while it
+field. The import holds ``RUN_DIR``'s lock (``trainer.runtime.run_lock``) while it
 writes and refuses a folder in use by a training job.
 """
 from __future__ import annotations
@@ -216,8 +216,8 @@ def _head_opt_state(momentum: Optional[torch.Tensor], group: Dict[str, Any]) -> 
 def import_run(src: Path, out: Path, network: Optional[str] = None,
                num_classes: Optional[int] = None) -> Path:
     """Write our checkpoint for the arcface_torch output ``src`` under ``out``; returns its folder.
-    Holds ``out``'s run-folder lock meanwhile (:class:`trainer.ownership.RunLockedError` if in use)."""
-    from trainer.ownership import RunLock
+    Holds ``out``'s run-folder lock meanwhile (:class:`trainer.runtime.run_lock.RunLockedError` if in use)."""
+    from trainer.runtime.run_lock import RunLock
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -326,7 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="class count to check the shards against (default: num_classes in the source's "
                         "training.log; required with model.pt only)")
     a = p.parse_args(argv)
-    from trainer.ownership import RunLockedError
+    from trainer.runtime.run_lock import RunLockedError
 
     try:
         ckpt = import_run(Path(a.src), Path(a.out), a.network, a.num_classes)

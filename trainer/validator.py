@@ -14,8 +14,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from trainer.distributed import DistInfo, barrier
 from trainer.io.atomic import atomic_torch_save
+from trainer.runtime.process_group import DistInfo, barrier
 from trainer.section import ValidationConfig
 from trainer.verification import embed_images, load_bin, verify_accuracy
 

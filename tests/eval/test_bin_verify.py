@@ -135,7 +135,7 @@ def test_patchnet_separates_identities_on_bin(tmp_path):
     assert res["accuracy"] == 1.0 and res["auc"] == 1.0
     # training's validator over several sets reports the same accuracy as the eval report
     from trainer.config import ValidationConfig
-    from trainer.distributed import DistInfo
+    from trainer.runtime.process_group import DistInfo
     from trainer.validator import Validator
 
     v = Validator(ValidationConfig(), {"lfw": p, "lfw_again": p}, DistInfo(0, 1, 0, torch.device("cpu")),

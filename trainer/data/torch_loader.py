@@ -25,7 +25,7 @@ from trainer.data.face_rec import FaceRecDataset, warn_if_identity_sorted
 from trainer.data.loader_base import FaceLoaderBase
 from trainer.data.recordio import RecordIOError
 from trainer.io.images import ImageDecodeError, decode_rgb, is_jpeg
-from trainer.preemption import own_process_group
+from trainer.runtime.preemption import own_process_group
 
 
 def decode_image(data: bytes, where: str, size: Tuple[int, int] = (112, 112),

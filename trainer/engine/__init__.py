@@ -25,8 +25,8 @@ from trainer.engine.config import ENGINES, PRECISIONS, DeepSpeedConfig, EngineCo
 if TYPE_CHECKING:
     import torch
 
-    from trainer.distributed import DistInfo
     from trainer.engine.base import Engine, LossScaleError, NonFiniteLossError, OptimizerFactory, StepOutput
+    from trainer.runtime.process_group import DistInfo
 
 _FROM_BASE = ("Engine", "LossScaleError", "NonFiniteLossError", "OptimizerFactory", "StepOutput")
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from trainer.batchnorm import bn_modules, set_bn_training
-from trainer.distributed import DistInfo
+from trainer.runtime.process_group import DistInfo
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 #: builds the backbone optimizer over a module's trainable parameters; ``fused=False`` where

@@ -8,9 +8,9 @@ from typing import Any, ContextManager, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from trainer.distributed import DistInfo
 from trainer.engine.base import Engine, OptimizerFactory
 from trainer.engine.config import EngineConfig
+from trainer.runtime.process_group import DistInfo
 
 
 def _grads_finite(opt: torch.optim.Optimizer) -> torch.Tensor:

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.distributed import DistInfo
 from trainer.engine.base import Engine, OptimizerFactory
 from trainer.engine.config import EngineConfig
+from trainer.runtime.process_group import DistInfo
 
 log = __import__("logging").getLogger("trainer")
 
