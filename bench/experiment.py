@@ -104,10 +104,9 @@ def train(run: Path, data_dir: Path, seed: int, loss: dict, config: str = "confi
 
 
 def evaluate(run: Path, data_dir: Path, gallery) -> dict:
-    from eval.metrics import roc, tar_at_far
-    from eval.verification import verify_embeddings
+    from eval.metrics import roc, tar_at_far, verify_embeddings
     from trainer.backbones import get_backbone
-    from trainer.verification import embed_images, load_bin
+    from trainer.verification_protocol import embed_images, load_bin
 
     model = get_backbone(BACKBONE, num_features=EMB)
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
@@ -278,10 +277,9 @@ def ratio_loss_stats(loss: Sequence[float]) -> dict:
 
 def ratio_evaluate(run: Path, data_dir: Path, gallery) -> dict:
     """val.bin accuracy; TAR@FAR on all gallery pairs and on genuine + within-family impostors."""
-    from eval.metrics import tar_at_far
-    from eval.verification import verify_embeddings
+    from eval.metrics import tar_at_far, verify_embeddings
     from trainer.backbones import get_backbone
-    from trainer.verification import embed_images, load_bin
+    from trainer.verification_protocol import embed_images, load_bin
 
     model = get_backbone(BACKBONE, num_features=EMB)
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True))

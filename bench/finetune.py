@@ -133,9 +133,9 @@ def gallery(out: Path) -> tuple:
 
 # --------------------------------------------------------------- evaluation
 def evaluate(model_file: Path, data_dir: Path, gal, summary: Optional[Path]) -> dict:
-    from eval.verification import verify_embeddings
+    from eval.metrics import verify_embeddings
     from trainer.backbones import get_backbone
-    from trainer.verification import embed_images, load_bin
+    from trainer.verification_protocol import embed_images, load_bin
 
     model = get_backbone("tiny", num_features=128)
     model.load_state_dict(torch.load(model_file, weights_only=True))
@@ -155,7 +155,7 @@ def evaluate(model_file: Path, data_dir: Path, gal, summary: Optional[Path]) -> 
 def _gallery_metrics(model, gal) -> dict:
     """TAR@FAR on all pairs of the held-out gallery and on genuine + within-family impostor pairs."""
     from eval.metrics import tar_at_far
-    from trainer.verification import embed_images
+    from trainer.verification_protocol import embed_images
 
     g_images, g_labels, g_fams = gal
     emb = torch.nn.functional.normalize(embed_images(model, g_images, progress=False).float(), dim=1).numpy()

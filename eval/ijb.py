@@ -45,9 +45,9 @@ from tqdm import tqdm
 from eval import report
 from eval.align import norm_crop
 from eval.metrics import DEFAULT_FARS, READOUTS, roc, tar_fpr_at_far
-from eval.models import add_model_args, model_from_args
+from eval.models import add_model_args, default_device, model_from_args
 from trainer.io.atomic import atomic_open
-from trainer.verification import embed_images
+from trainer.verification_protocol import embed_images
 
 IJB_FARS: Tuple[float, ...] = DEFAULT_FARS  # 1e-6 .. 1e-1
 
@@ -409,8 +409,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default="ijb_out")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    from eval.verify import default_device
-
     device = args.device or default_device()
     model = model_from_args(args, device)
     res = evaluate_ijb(model, args.root, args.target, faceness_weight=args.faceness_weight, batch_size=args.batch_size,

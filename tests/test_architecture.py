@@ -114,7 +114,7 @@ def test_imports_flow_one_way():
 
 
 @pytest.mark.parametrize("where, line", [
-    ("trainer/loop.py", "from eval.verification import verify_embeddings"),
+    ("trainer/loop.py", "from eval.metrics import verify_embeddings"),
     ("trainer/io/atomic.py", "from trainer.config import Config"),
     ("launch/cli.py", "import trainer.train"),
     ("data_tools/synth.py", "from eval import report"),

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from eval import verify
-from eval.verification import verify_embeddings
+from eval.metrics import verify_embeddings
 from tests.eval.fixtures import PatchNet, aligned_face, encode, make_bin, tiny_net
 from trainer.io.binfile import UnsafePickleError, read_bin, write_bin
-from trainer.verification import embed_images, load_bin
+from trainer.verification_protocol import embed_images, load_bin
 
 REPO = Path(__file__).resolve().parents[2]
 
