@@ -16,7 +16,7 @@ gradient.
 """
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ def bn_modules(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
-def set_bn_training(modules: List[nn.Module], training: bool) -> None:
+def set_bn_training(modules: Sequence[nn.Module], training: bool) -> None:
     """Host-side flag only (no device work): BN in train or eval mode."""
     for m in modules:
         if m.training != training:
