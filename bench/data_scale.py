@@ -52,6 +52,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -317,7 +318,10 @@ def decode_report(a, dec: dict, n: int, R: int) -> None:
 # --------------------------------------------------------------------------- read pattern, mixing
 def dali_labels(rec: Path, idx: Path, batch: int, buffer: int, batches: int, seed: int) -> np.ndarray:
     """Labels in the order DALI's mxnet reader + initial_fill buffer delivers them (CPU, no decode)."""
-    from nvidia.dali import fn, pipeline_def
+    import nvidia.dali
+
+    fn: Any = nvidia.dali.fn  # DALI's operators are generated at import time (no type stubs)
+    pipeline_def: Any = nvidia.dali.pipeline_def  # pyright: ignore[reportPrivateImportUsage]
 
     @pipeline_def
     def pipe():

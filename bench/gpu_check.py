@@ -217,7 +217,7 @@ def stage_env(res: Results, a) -> None:
         env.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(p.total_memory / 2**30, 1),
                    capability=f"{p.major}.{p.minor}")
         with contextlib.suppress(Exception):
-            env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+            env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))  # pyright: ignore[reportAttributeAccessIssue]
     try:
         q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                            capture_output=True, text=True, timeout=20)
@@ -264,8 +264,9 @@ def stage_gpu_tests(res: Results, a) -> None:
         import xml.etree.ElementTree as ET
 
         suite = ET.parse(xml).getroot()
-        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-        r.update({k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")})
+        found = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        if found is not None:
+            r.update({k: int(found.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")})
     res.data["gpu_tests"] = r
     res.write()
 
@@ -372,7 +373,8 @@ def _backbone_row(name: str, dtype, cl: bool, comp: bool, dev, sz, peaks, backen
     from trainer.backbones import get_backbone
 
     fmt = torch.channels_last if cl else torch.contiguous_format
-    model = get_backbone(name, **({"width": 8} if name == "tiny" else {})).to(dev).to(memory_format=fmt)
+    kw: Dict[str, Any] = {"width": 8} if name == "tiny" else {}
+    model = get_backbone(name, **kw).to(dev).to(memory_format=fmt)  # pyright: ignore[reportCallIssue] (torch accepts it)
     x = torch.randn(sz["bb_batch"], 3, 112, 112, device=dev).to(memory_format=fmt)
     flops = _flops_per_step(model, x, dtype)
     fwd = torch.compile(model, backend=backend) if comp else model
@@ -426,8 +428,8 @@ def _engine(precision: str, dev: torch.device, sz: Dict[str, Any], meta: bool = 
     from trainer.optim import OptimConfig, optimizer_factory
     from trainer.runtime.process_group import DistInfo
 
-    kw = {"width": 8} if sz["e2e_backbone"] == "tiny" else {}
-    backbone = get_backbone(sz["e2e_backbone"], **kw).to(dev).to(memory_format=torch.channels_last)
+    kw: Dict[str, Any] = {"width": 8} if sz["e2e_backbone"] == "tiny" else {}
+    backbone = get_backbone(sz["e2e_backbone"], **kw).to(dev).to(memory_format=torch.channels_last)  # pyright: ignore[reportCallIssue]
     head = PartialFC(build_margin("arcface"), 512, sz["e2e_classes"], sample_rate=0.1, device=dev)
     if meta:
         head.check_inputs = lambda: None  # a host read by design: no data on meta

@@ -7,7 +7,7 @@ what evaluation reports on top.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ def evaluate_scores(
     nfolds: int = 10,
     fars: Sequence[float] = DEFAULT_FARS,
     thresholds: np.ndarray = DEFAULT_THRESHOLDS,
-) -> Dict[str, object]:
+) -> Dict[str, Any]:
     """k-fold accuracy + TAR@FAR + AUC in one dict (the ``verify_embeddings`` result)."""
     res = kfold_accuracy(scores, labels, nfolds=nfolds, thresholds=thresholds)
     _, _, auc = roc(scores, labels)
@@ -115,7 +115,7 @@ def tar_fpr_at_far(
 
 def insightface_val_far(
     scores: np.ndarray, labels: np.ndarray, far_target: float = 1e-3, nfolds: int = 10
-) -> Dict[str, object]:
+) -> Dict[str, Any]:
     """insightface's ``val`` / ``far`` of ``eval/verification.py`` (``calculate_val``).
 
     On squared distances d = 2 - 2 cos (unit embeddings), "same" when d < threshold. For
@@ -166,10 +166,10 @@ def insightface_val_far(
 
 def verify_embeddings(
     emb: Union[torch.Tensor, np.ndarray],
-    issame: Sequence[bool],
+    issame: Union[Sequence[bool], np.ndarray],
     nfolds: int = 10,
     fars: Sequence[float] = DEFAULT_FARS,
-) -> Dict[str, object]:
+) -> Dict[str, Any]:
     """The standard protocol on embeddings of pairs (2k, 2k+1).
 
     Returns accuracy / accuracy_std (10 contiguous folds, threshold from a grid chosen on
@@ -177,11 +177,11 @@ def verify_embeddings(
     fold details and pair counts. Scores are cosine similarities of the embeddings
     (they are L2-normalised again here, so raw features are fine too).
     """
-    emb = emb.detach().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
-    emb = emb.astype(np.float64)
-    issame = np.asarray(issame, dtype=bool)
-    if emb.ndim != 2 or emb.shape[0] != 2 * issame.size:
-        raise ValueError(f"{emb.shape[0] if emb.ndim else 0} embeddings for {issame.size} pairs")
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    emb = emb / np.maximum(norms, 1e-12)
-    return evaluate_scores(pair_scores(emb), issame, nfolds=nfolds, fars=fars)
+    e = emb.detach().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
+    e = e.astype(np.float64)
+    same = np.asarray(issame, dtype=bool)
+    if e.ndim != 2 or e.shape[0] != 2 * same.size:
+        raise ValueError(f"{e.shape[0] if e.ndim else 0} embeddings for {same.size} pairs")
+    norms = np.linalg.norm(e, axis=1, keepdims=True)
+    e = e / np.maximum(norms, 1e-12)
+    return evaluate_scores(pair_scores(e), same, nfolds=nfolds, fars=fars)

@@ -28,7 +28,7 @@ TAR_AT_FAR_NOTE = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.verify", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eval.verify", description=(__doc__ or "").split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--bin", nargs="+", required=True, help="verification .bin files")
     p.add_argument("--image-size", type=int, default=112)

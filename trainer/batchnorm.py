@@ -60,6 +60,7 @@ def recalibrate(model: nn.Module, next_images: Callable[[], torch.Tensor], num_b
         ws = dist.get_world_size()
         for m in bns:
             for buf in (m.running_mean, m.running_var):
-                dist.all_reduce(buf)
-                buf.div_(ws)
+                if buf is not None:  # track_running_stats (bn_modules keeps only those)
+                    dist.all_reduce(buf)
+                    buf.div_(ws)
     return len(bns)

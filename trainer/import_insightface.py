@@ -258,7 +258,8 @@ def _import_run(src: Path, out: Path, network: Optional[str], num_classes: Optio
         backbone = first["state_dict_backbone"]
         weight = torch.cat([p["state_dict_softmax_fc"]["weight"] for p in parts])
         moms = [_head_momentum(p["state_optimizer"], n, f) for p, n, f in zip(parts, rows, files)]
-        momentum = None if any(m is None for m in moms) else torch.cat(moms)
+        have = [m for m in moms if m is not None]
+        momentum = torch.cat(have) if len(have) == len(moms) else None
         opt = first["state_optimizer"]
         head_group = opt["param_groups"][1]
         n_bb = len(opt["param_groups"][0]["params"])
@@ -318,7 +319,8 @@ def _embedding_size(backbone: Dict[str, torch.Tensor], where: Path) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.import_insightface", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m trainer.import_insightface",
+                                description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--src", required=True, help="arcface_torch output folder (checkpoint_gpu_*.pt, model.pt)")
     p.add_argument("--out", required=True, help="our run folder (config output:); resume: auto continues it")
     p.add_argument("--network", default=None, help="our backbone name (e.g. r100): checks the weights fit it")

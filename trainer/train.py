@@ -61,7 +61,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__ + "\nusage: unpg-train CONFIG.yaml [section.key=value ...] [--debug]")
+        print(f"{__doc__}\nusage: unpg-train CONFIG.yaml [section.key=value ...] [--debug]")
         return 0 if argv else 2
     try:
         cfg = load_config(argv[0], argv[1:])

@@ -15,7 +15,7 @@ on these functions.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ def kfold_accuracy(
     labels: np.ndarray,
     nfolds: int = 10,
     thresholds: np.ndarray = DEFAULT_THRESHOLDS,
-) -> Dict[str, object]:
+) -> Dict[str, Any]:
     """The LFW protocol: for each of ``nfolds`` contiguous folds pick the grid threshold
     with the best accuracy on the other folds, measure accuracy on the held-out fold.
 
@@ -184,13 +184,13 @@ def embed_images(
 
 
 def verify_accuracy(
-    emb: Union[torch.Tensor, np.ndarray], issame: Sequence[bool], nfolds: int = 10
-) -> Dict[str, object]:
+    emb: Union[torch.Tensor, np.ndarray], issame: Union[Sequence[bool], np.ndarray], nfolds: int = 10
+) -> Dict[str, Any]:
     """10-fold accuracy of embeddings of pairs (2k, 2k+1); they are L2-normalised here."""
-    emb = emb.detach().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
-    emb = emb.astype(np.float64)
-    issame = np.asarray(issame, dtype=bool)
-    if emb.ndim != 2 or emb.shape[0] != 2 * issame.size:
-        raise ValueError(f"{emb.shape[0] if emb.ndim else 0} embeddings for {issame.size} pairs")
-    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    return kfold_accuracy(pair_scores(emb), issame, nfolds=nfolds)
+    e = emb.detach().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
+    e = e.astype(np.float64)
+    same = np.asarray(issame, dtype=bool)
+    if e.ndim != 2 or e.shape[0] != 2 * same.size:
+        raise ValueError(f"{e.shape[0] if e.ndim else 0} embeddings for {same.size} pairs")
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    return kfold_accuracy(pair_scores(e), same, nfolds=nfolds)

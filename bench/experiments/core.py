@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -102,7 +102,7 @@ def gallery_metrics(model: torch.nn.Module, gallery, fars: Sequence[float]) -> d
     same = lab[iu[0]] == lab[iu[1]]
     within = ~same & (fam[iu[0]] == fam[iu[1]])
     del iu
-    res: Dict[str, object] = {
+    res: Dict[str, Any] = {
         "tar_at_far": {str(k): v for k, v in tar_at_far(scores, same, fars).items()},
         "pairs": {"genuine": int(same.sum()), "impostor": int((~same).sum()), "within_family": int(within.sum())}}
     if within.any():

@@ -36,7 +36,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -55,11 +55,11 @@ from bench.experiments.core import (
     val_accuracy,
 )
 
-SOURCE = dict(identities=300, images_per_identity=30, seed=0, val_identities=100, val_pairs=600)
+SOURCE: Dict[str, Any] = dict(identities=300, images_per_identity=30, seed=0, val_identities=100, val_pairs=600)
 SOURCE_STEPS = 600
 SOURCE_LOSS = dict(margin="arcface", s=32.0, m=0.3, unpg=False)
 TARGET_IDS, TARGET_SEED = 2000, 1
-FAMILY = dict(family_size=4, family_spread=0.25)
+FAMILY: Dict[str, Any] = dict(family_size=4, family_spread=0.25)
 IMAGES = (2, 8)
 GALLERY_FIRST, GALLERY_IDS, GALLERY_IMAGES = 100_000, 300, 16
 STEPS = 300
@@ -217,7 +217,7 @@ def best_ft_arm(out: Path) -> str:
             scores[arm] = float(np.mean([r["tar_at_far"]["0.0001"] for r in rs]))
     if not scores:
         raise SystemExit("--part bn needs the main fine-tune arms at 8 images first")
-    return max(scores, key=scores.get)
+    return max(scores, key=lambda arm: scores[arm])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -21,14 +21,14 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from bench.experiments.core import ROOT, load_model, synth_gallery, train, val_accuracy
 
-DATA = dict(identities=300, images_per_identity=20, seed=0, val_identities=100, val_pairs=1000)
+DATA: Dict[str, Any] = dict(identities=300, images_per_identity=20, seed=0, val_identities=100, val_pairs=1000)
 GALLERY_IMAGES = 10  # per held-out identity: 100 x 10 images -> 4,500 genuine / 495,000 impostor pairs
 FARS = (1e-3, 1e-4)
 GROUPS = ("core", "ablation", "state", "all")

@@ -17,7 +17,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ IMAGES = 10  # training images per identity, every count
 #: optimizer steps per identity count (equal for every arm of a count); the loss-flattening
 #: criterion (core.FLAT) is checked and reported, not used to stop runs
 STEPS = {300: 400, 1500: 500, 5000: 600, 8000: 700}
-FAMILY = dict(family_size=4, family_spread=0.25)  # "families on"; off: family_size 1
+FAMILY: Dict[str, Any] = dict(family_size=4, family_spread=0.25)  # "families on"; off: family_size 1
 VAL_IDS = 300  # held-out identities in val.bin (10-fold accuracy), after the training ones
 VAL_PAIRS = 600
 #: the held-out gallery (TAR@FAR): GALLERY_IDS identities from GALLERY_FIRST on (never
@@ -338,7 +338,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"\nplots: {args.doc_dir}/ratio_gain.png, {args.doc_dir}/ratio_loss.png; table: {args.out}/ratio_results.md")
 
 
-def add_args(ap: argparse.ArgumentParser) -> None:
+def add_args(ap: argparse._ActionsContainer) -> None:
     """The sweep's options (bench/experiment.py puts them in its ``--group ratio`` group)."""
     ap.add_argument("--ids", type=int, nargs="*", choices=IDS,
                     help=f"training identity counts (default {list(DEFAULT_IDS)})")

@@ -11,9 +11,12 @@ only when the DALI backend is built).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Union
 
 from trainer.data.config import BACKENDS, SHUFFLE_MODES, DataConfig
+
+if TYPE_CHECKING:  # torch-free at import time: the loaders import on use
+    from trainer.data.augment import AugmentConfig
 
 __all__ = ["BACKENDS", "SHUFFLE_MODES", "DataConfig", "build_train_loader", "resolve_backend"]
 
@@ -47,7 +50,7 @@ def resolve_backend(backend: str, device) -> str:
 
 def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int = 1,
                        device=None, backend: str = "auto", num_threads: int = 2, seed: int = 0,
-                       augment: Union[None, Mapping[str, Any], AugmentConfig] = None,  # noqa: F821
+                       augment: Union[None, Mapping[str, Any], AugmentConfig] = None,
                        shuffle: bool = True, flip: bool = True, shuffle_buffer: Optional[int] = None,
                        shuffle_mode: str = "block", block_bytes: Optional[int] = None,
                        lock_timeout: Optional[float] = None):
@@ -83,7 +86,7 @@ def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int
     aug = AugmentConfig.coerce(augment)
     ds = FaceRecDataset(data_dir, lock_timeout=lock_timeout)
     chosen = resolve_backend(backend, device)
-    common = dict(batch_size=batch_size, rank=rank, world_size=world_size, device=device,
+    common: Dict[str, Any] = dict(batch_size=batch_size, rank=rank, world_size=world_size, device=device,
                   num_threads=num_threads, seed=seed, augment=aug, shuffle=shuffle, flip=flip,
                   shuffle_buffer=shuffle_buffer, shuffle_mode=shuffle_mode, block_bytes=block_bytes)
     if chosen == "dali":

@@ -45,7 +45,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -186,7 +186,7 @@ class ChunkVerdicts:
             key = content_key(min(end, self.file_size))
             if not decode or self._stored(c) == key:
                 return key, [], 0
-        payloads: List[Tuple[int, object]] = []
+        payloads: List[Tuple[int, Union[bytes, RecordIOError]]] = []
         end = a
         for k, o in zip(keys.tolist(), offs.tolist()):
             try:
@@ -203,7 +203,7 @@ class ChunkVerdicts:
         bad: List[Tuple[int, str]] = []
         for k, p in payloads:
             try:
-                if isinstance(p, Exception):
+                if isinstance(p, RecordIOError):
                     raise p
                 _, img = unpack(p, f"{rec} (key {k})")
                 if not img:
@@ -378,6 +378,7 @@ _WORKER: Optional[ChunkVerdicts] = None
 
 def _worker_check(c: int):
     v = _WORKER
+    assert v is not None, "set before the pool forks"
     if v._fd is None:
         try:
             v._fd = os.open(v.store, os.O_RDWR | os.O_CREAT, 0o666)

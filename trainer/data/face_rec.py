@@ -23,7 +23,6 @@ from trainer.data.recordio import (
     MAGIC,
     MAX_LENGTH,
     ArrayIndexedRecordReader,
-    IndexedRecordReader,
     RecordIOError,
     write_index_arrays,
 )
@@ -75,7 +74,7 @@ class FaceRecDataset:
                 f"{self.data_dir} --write-index`)"
             )
         self._paths = (rec, idx)
-        self.reader: IndexedRecordReader = ArrayIndexedRecordReader(
+        self.reader = ArrayIndexedRecordReader(
             rec, idx, load_index_cached(cache_dir(rec, idx), idx, self.lock_timeout))
         prop = read_property(self.data_dir)
         self._property_classes = prop[0] if prop else None

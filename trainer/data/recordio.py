@@ -26,7 +26,7 @@ import struct
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import IO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -96,7 +96,8 @@ def read_record_header(buf_reader, pos: int, file_size: int, where: str) -> Tupl
     return lrec >> 29, lrec & MAX_LENGTH
 
 
-def parse_record_at(buf_reader, offset: int, file_size: int, where: str) -> Tuple[bytes, int]:
+def parse_record_at(buf_reader: Callable[[int, int], bytes], offset: int, file_size: int,
+                    where: Union[str, Callable[[], str]]) -> Tuple[bytes, int]:
     """Read one logical record starting at ``offset``; return (payload, next_offset).
 
     ``buf_reader(offset, n)`` returns up to n bytes at offset. ``where`` names the
@@ -361,7 +362,7 @@ class IndexedRecordWriter:
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
         self._rec_cm = atomic_open(self.rec_path, "wb")
-        self._rec: BinaryIO = self._rec_cm.__enter__()
+        self._rec: IO[bytes] = self._rec_cm.__enter__()
         self._pos = 0
         self._index: List[Tuple[int, int]] = []
         self._keys: set = set()
@@ -458,7 +459,7 @@ def read_index_arrays(idx_path: PathLike, chunk_bytes: int = 16 << 20,
                 if rest:  # last line without a newline
                     got = _parse_index_chunk(rest + b"\n")
                     ok = got is not None
-                    if ok:
+                    if got is not None:
                         add(got)
                 break
             block = rest + block
@@ -466,7 +467,7 @@ def read_index_arrays(idx_path: PathLike, chunk_bytes: int = 16 << 20,
             rest = block[cut:]
             got = _parse_index_chunk(block[:cut])
             ok = got is not None
-            if ok:
+            if got is not None:
                 add(got)
             del got
             if tick is not None:
@@ -581,9 +582,10 @@ class ArrayIndexedRecordReader(IndexedRecordReader):
 
     @property
     def keys(self) -> List[int]:  # type: ignore[override]
-        if self._keys_list is None:
-            self._keys_list = self.offsets.key_array.tolist()
-        return self._keys_list
+        keys = self._keys_list
+        if keys is None:
+            keys = self._keys_list = self.offsets.key_array.tolist()
+        return keys
 
     def __contains__(self, key: int) -> bool:
         return key in self.offsets
