@@ -187,7 +187,7 @@ def meta_autocast():
     CPU's autocast state instead (which leaves meta tensors alone)."""
     real = torch.autocast
 
-    class _Autocast(real):  # type: ignore[misc, valid-type]
+    class _Autocast(real):
         def __init__(self, device_type, *args, **kwargs):
             super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
 

@@ -581,7 +581,7 @@ class ArrayIndexedRecordReader(IndexedRecordReader):
         self._lock = threading.Lock()
 
     @property
-    def keys(self) -> List[int]:  # type: ignore[override]
+    def keys(self) -> List[int]:
         keys = self._keys_list
         if keys is None:
             keys = self._keys_list = self.offsets.key_array.tolist()
