@@ -39,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     if args.group == "ratio":
         if args.out == ap.get_default("out"):
-            args.out = ratio.ROOT / "bench_out" / "ratio"
+            args.out = ratio.core.ROOT / "bench_out" / "ratio"
         args.out.mkdir(parents=True, exist_ok=True)
         ratio.run(args)
         return

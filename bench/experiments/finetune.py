@@ -41,19 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from bench.experiments.core import (
-    ROOT,
-    gallery_metrics,
-    history,
-    kept_pairs,
-    load_model,
-    orthogonal_loss,
-    save_grid,
-    sd,
-    synth_gallery,
-    train,
-    val_accuracy,
-)
+from bench.experiments import core
 
 SOURCE: Dict[str, Any] = dict(identities=300, images_per_identity=30, seed=0, val_identities=100, val_pairs=600)
 SOURCE_STEPS = 600
@@ -92,7 +80,7 @@ def domain_grid(out: Path, seed: int = 0, identities: int = 6, images: int = 4) 
         a = [make_pixels(seed, t, i, domain="A") for i in range(images)]
         b = [make_pixels(seed, t, i, domain="B") for i in range(images)]
         rows.append(a + [np.full_like(a[0][:, :8], 255)] + b)
-    return save_grid(out, rows)
+    return core.save_grid(out, rows)
 
 
 # ------------------------------------------------------------------ data
@@ -118,30 +106,30 @@ def target_data(out: Path, images: int) -> Path:
 
 def gallery(out: Path) -> tuple:
     """(uint8 NCHW images, identities, families) of the held-out domain-B gallery."""
-    return synth_gallery(out / "data" / "gallery_B.pt", TARGET_SEED, GALLERY_FIRST, GALLERY_IDS, GALLERY_IMAGES,
+    return core.synth_gallery(out / "data" / "gallery_B.pt", TARGET_SEED, GALLERY_FIRST, GALLERY_IDS, GALLERY_IMAGES,
                          FAMILY, domain="B")
 
 
 # --------------------------------------------------------------- evaluation
 def evaluate(model_file: Path, data_dir: Path, gal, summary: Optional[Path]) -> dict:
-    model = load_model(model_file)
-    res: dict = {"accuracy": val_accuracy(model, data_dir)}
+    model = core.load_model(model_file)
+    res: dict = {"accuracy": core.val_accuracy(model, data_dir)}
     if gal is not None:
-        res.update(gallery_metrics(model, gal, FARS))
+        res.update(core.gallery_metrics(model, gal, FARS))
     if summary is not None:
-        res.update(history(summary))
+        res.update(core.history(summary))
     return res
 
 
 def l0(r: dict, classes: int) -> float:
     """L0 of a run (all-orthogonal embeddings; docs/RESULTS.md), P from its last 10 % of kept pairs."""
-    return orthogonal_loss(classes, 32.0, 0.3, kept_pairs(r.get("kept_fraction"), PAIRS) or 0.0)
+    return core.orthogonal_loss(classes, 32.0, 0.3, core.kept_pairs(r.get("kept_fraction"), PAIRS) or 0.0)
 
 
 # --------------------------------------------------------------------- runs
 #: every finished run's metrics and the source model, committed: a later session (a fresh
 #: work tree) continues the study where it stopped instead of running it again
-DOC = ROOT / "docs" / "results" / "finetune"
+DOC = core.ROOT / "docs" / "results" / "finetune"
 
 
 def _restore(out: Path, name: str) -> None:
@@ -170,9 +158,9 @@ def run_source(out: Path) -> Path:
     if not ((run / "metrics.json").is_file() and (run / "model.pt").is_file()):
         d = source_data(out)
         t0 = time.time()
-        train(run, d, 0, SOURCE_LOSS, config=CONFIG, extra=[f"run.max_steps={SOURCE_STEPS}", *SCRATCH])
+        core.train(run, d, 0, SOURCE_LOSS, config=CONFIG, extra=[f"run.max_steps={SOURCE_STEPS}", *SCRATCH])
         m = evaluate(run / "model.pt", d, None, run / "summary.json")
-        m.update(seconds=time.time() - t0, l0=orthogonal_loss(SOURCE["identities"], 32.0, 0.3))
+        m.update(seconds=time.time() - t0, l0=core.orthogonal_loss(SOURCE["identities"], 32.0, 0.3))
         (run / "metrics.json").write_text(json.dumps(m))
         print(f"source: loss {m['start']:.2f} -> {m['end']:.2f} (L0 {m['l0']:.2f}), domain-A val acc "
               f"{m['accuracy']:.4f} ({m['seconds']:.0f} s)", flush=True)
@@ -192,7 +180,7 @@ def run_arm(out: Path, images: int, arm: str, seed: int, extra: Sequence[str], l
     source = run_source(out)
     d = target_data(out, images)
     t0 = time.time()
-    train(run, d, seed, dict(margin="arcface", s=32.0, m=0.3, **loss), config=CONFIG,
+    core.train(run, d, seed, dict(margin="arcface", s=32.0, m=0.3, **loss), config=CONFIG,
           extra=[f"run.max_steps={STEPS}", *(e.format(source=source) for e in extra)])
     m = evaluate(run / "model.pt", d, gal, run / "summary.json")
     m.update(images=images, arm=arm, seed=seed, seconds=time.time() - t0)
@@ -223,7 +211,7 @@ def best_ft_arm(out: Path) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ROOT / "bench_out" / "finetune")
+    p.add_argument("--out", type=Path, default=core.ROOT / "bench_out" / "finetune")
     p.add_argument("--grid", type=Path, help="only write the domain A / B picture grid here")
     p.add_argument("--part", choices=["source", "main", "bn"], default="main")
     p.add_argument("--images", type=int, nargs="*", default=list(IMAGES), choices=IMAGES)
@@ -280,7 +268,7 @@ def report(out: Path) -> str:
                      f"{100 * z['accuracy']:.2f} |")
 
     def ms(vals):
-        return f"{100 * np.mean(vals):.2f} ± {100 * sd(vals):.2f}"
+        return f"{100 * np.mean(vals):.2f} ± {100 * core.sd(vals):.2f}"
 
     cells: Dict[tuple, List[dict]] = {}
     for r in runs:
@@ -323,7 +311,7 @@ def _plots(out: Path, cells: Dict[tuple, List[dict]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    doc = ROOT / "docs" / "results"
+    doc = core.ROOT / "docs" / "results"
     doc.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(IMAGES), figsize=(6 * len(IMAGES), 4), squeeze=False)
     for ax, images in zip(axes[0], IMAGES):
@@ -331,7 +319,7 @@ def _plots(out: Path, cells: Dict[tuple, List[dict]]) -> None:
         for j, arm in enumerate(arms):
             for k, r in enumerate(cells[(images, arm)]):
                 ax.plot(r["loss"], color=f"C{j % 10}", lw=0.6, alpha=0.8, label=arm if k == 0 else None)
-        ax.axhline(orthogonal_loss(TARGET_IDS, 32.0, 0.3), color="k", ls=":", lw=1, label="L0 (plain)")
+        ax.axhline(core.orthogonal_loss(TARGET_IDS, 32.0, 0.3), color="k", ls=":", lw=1, label="L0 (plain)")
         ax.set(title=f"{images} images per identity", xlabel="step", ylabel="training loss")
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
@@ -342,7 +330,7 @@ def _plots(out: Path, cells: Dict[tuple, List[dict]]) -> None:
     for ax, images in zip(axes[0], IMAGES):
         arms = [a for (i, a) in sorted(cells) if i == images]
         vals = [[100 * r["tar_at_far"]["0.0001"] for r in cells[(images, a)]] for a in arms]
-        ax.bar(range(len(arms)), [np.mean(v) for v in vals], yerr=[sd(v) for v in vals], capsize=3)
+        ax.bar(range(len(arms)), [np.mean(v) for v in vals], yerr=[core.sd(v) for v in vals], capsize=3)
         ax.set_xticks(range(len(arms)), arms, rotation=60, ha="right", fontsize=7)
         ax.set(title=f"{images} images per identity", ylabel="TAR@FAR=1e-4 (%)")
     fig.tight_layout()

@@ -22,19 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from bench.experiments.core import (
-    ROOT,
-    gallery_metrics,
-    history,
-    kept_pairs,
-    load_model,
-    orthogonal_loss,
-    save_grid,
-    sd,
-    synth_gallery,
-    train,
-    val_accuracy,
-)
+from bench.experiments import core
 
 FARS = (1e-3, 1e-4)
 
@@ -94,7 +82,7 @@ def make_data(out: Path, ids: int, families: bool) -> Path:
 
 def make_gallery(out: Path, families: bool) -> tuple:
     """(uint8 images NCHW, identity labels, family labels) of the held-out gallery."""
-    return synth_gallery(out / "data" / f"gallery_fam{'on' if families else 'off'}.pt", 0, GALLERY_FIRST,
+    return core.synth_gallery(out / "data" / f"gallery_fam{'on' if families else 'off'}.pt", 0, GALLERY_FIRST,
                          GALLERY_IDS, GALLERY_IMAGES, family(families))
 
 
@@ -104,9 +92,9 @@ def slug(ids: int, families: bool, arm: str, seed: int) -> str:
 
 def evaluate(run: Path, data_dir: Path, gallery) -> dict:
     """val.bin accuracy; TAR@FAR on all gallery pairs and on genuine + within-family impostors."""
-    model = load_model(run / "model.pt")
-    res = {"accuracy": val_accuracy(model, data_dir), **gallery_metrics(model, gallery, FARS)}
-    res.update(history(run / "summary.json"))
+    model = core.load_model(run / "model.pt")
+    res = {"accuracy": core.val_accuracy(model, data_dir), **core.gallery_metrics(model, gallery, FARS)}
+    res.update(core.history(run / "summary.json"))
     return res
 
 
@@ -119,9 +107,9 @@ def run_orthogonal_loss(r: dict) -> float:
     loss = ARMS[r["arm"]][1]
     pairs = 0.0
     if loss["unpg"]:
-        kept = kept_pairs(r.get("kept_fraction"), PAIRS)
+        kept = core.kept_pairs(r.get("kept_fraction"), PAIRS)
         pairs = float(PAIRS) if kept is None else kept
-    return orthogonal_loss(r["ids"], loss["s"], loss["m"], pairs)
+    return core.orthogonal_loss(r["ids"], loss["s"], loss["m"], pairs)
 
 
 def report(out: Path, results: Dict[tuple, dict], doc_dir: Path) -> str:
@@ -133,7 +121,7 @@ def report(out: Path, results: Dict[tuple, dict], doc_dir: Path) -> str:
 
     def ms(vals, scale=100.0):
         vals = [v for v in vals if v is not None]
-        return f"{scale * np.mean(vals):.2f} ± {scale * sd(vals):.2f}" if vals else "-"
+        return f"{scale * np.mean(vals):.2f} ± {scale * core.sd(vals):.2f}" if vals else "-"
 
     cells: Dict[tuple, List[dict]] = {}
     for (ids, fam, arm, _seed), r in sorted(results.items()):
@@ -192,7 +180,7 @@ def report(out: Path, results: Dict[tuple, dict], doc_dir: Path) -> str:
                 gain_lines.append(f"| {ids} | {PAIRS / ids:.1f}:1 | {'on' if fam else 'off'} | {arm} | {plain} | "
                                   f"{len(seeds)} | {ms(g3)} | {ms(g)} | {sum(v > 0 for v in g)}/{len(g)} | "
                                   f"{ms(gw3) if gw else '-'} | {ms(gw) if gw else '-'} | {ms(ga)} |")
-                series.setdefault((fam, arm), []).append((PAIRS / ids, 100 * np.mean(g), 100 * sd(g)))
+                series.setdefault((fam, arm), []).append((PAIRS / ids, 100 * np.mean(g), 100 * core.sd(g)))
     # the budget actually spent per part (training + evaluation of every finished run)
     budget = [
         "| ids | families | runs | steps per run | train s per run (mean) | total min |",
@@ -274,7 +262,7 @@ def family_grid(path: Path, members: int = 4, images: int = 5, identity: int = G
     from data_tools.synth import make_pixels
 
     first = identity - identity % FAMILY["family_size"]
-    return save_grid(path, [[make_pixels(0, first + r, 10_000 + c, **FAMILY) for c in range(images)]
+    return core.save_grid(path, [[make_pixels(0, first + r, 10_000 + c, **FAMILY) for c in range(images)]
                             for r in range(members)])
 
 
@@ -314,7 +302,7 @@ def run(args: argparse.Namespace) -> None:
             gallery = make_gallery(args.out, fam)
             steps = args.max_steps or STEPS[ids]
             t0 = time.time()
-            train(run_dir, data_dir, seed, ARMS[arm][1], config=CONFIG, extra=[f"run.max_steps={steps}"])
+            core.train(run_dir, data_dir, seed, ARMS[arm][1], config=CONFIG, extra=[f"run.max_steps={steps}"])
             t_train = time.time() - t0
             m = evaluate(run_dir, data_dir, gallery)
             m.update(ids=ids, families=fam, arm=arm, seed=seed, steps=steps, train_seconds=t_train,
@@ -351,7 +339,7 @@ def add_args(ap: argparse._ActionsContainer) -> None:
         "paper, plus working for the (ids, families) cells where a paper plain ArcFace run did not train",
     )
     ap.add_argument("--max-steps", type=int, help="override the steps per count (pilots only: use another --out)")
-    ap.add_argument("--doc-dir", type=Path, default=ROOT / "docs" / "results",
+    ap.add_argument("--doc-dir", type=Path, default=core.ROOT / "docs" / "results",
                     help="where the ratio plots go (default docs/results)")
     ap.add_argument("--family-grid", type=Path, help="only write the PNG grid of one family (4 x 5) here")
 
@@ -359,7 +347,7 @@ def add_args(ap: argparse._ActionsContainer) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.experiments.ratio", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench_out" / "ratio")
+    ap.add_argument("--out", type=Path, default=core.ROOT / "bench_out" / "ratio")
     ap.add_argument("--arms", nargs="*", help=f"subset of: {list(ARMS)}")
     ap.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
     ap.add_argument("--report-only", action="store_true")
