@@ -52,22 +52,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from trainer.data import plan
 from trainer.data.face_rec import FaceRecDataset, write_property
-from trainer.data.recordio import (
-    IR_SIZE,
-    IRHeader,
-    class_id,
-    encode_record,
-    pack,
-    read_record_header,
-    unpack,
-    write_index,
-    write_index_arrays,
-)
+from trainer.data.irheader import IR_SIZE, IRHeader, class_id, pack, unpack
+from trainer.data.recordio import encode_record, read_record_header, write_index, write_index_arrays
 
 REC_BYTES = 36  # 8 framing + 24 IRHeader + 4 payload (--payload tiny)
 PAYLOAD = b"\xff\xd8\xff\xd9"
@@ -326,7 +318,10 @@ def decode_report(a, dec: dict, n: int, R: int) -> None:
 # --------------------------------------------------------------------------- read pattern, mixing
 def dali_labels(rec: Path, idx: Path, batch: int, buffer: int, batches: int, seed: int) -> np.ndarray:
     """Labels in the order DALI's mxnet reader + initial_fill buffer delivers them (CPU, no decode)."""
-    from nvidia.dali import fn, pipeline_def
+    import nvidia.dali
+
+    fn: Any = nvidia.dali.fn  # DALI's operators are generated at import time (no type stubs)
+    pipeline_def: Any = nvidia.dali.pipeline_def  # pyright: ignore[reportPrivateImportUsage]
 
     @pipeline_def
     def pipe():

@@ -187,7 +187,7 @@ def meta_autocast():
     CPU's autocast state instead (which leaves meta tensors alone)."""
     real = torch.autocast
 
-    class _Autocast(real):  # type: ignore[misc, valid-type]
+    class _Autocast(real):
         def __init__(self, device_type, *args, **kwargs):
             super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
 
@@ -217,7 +217,7 @@ def stage_env(res: Results, a) -> None:
         env.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(p.total_memory / 2**30, 1),
                    capability=f"{p.major}.{p.minor}")
         with contextlib.suppress(Exception):
-            env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+            env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))  # pyright: ignore[reportAttributeAccessIssue]
     try:
         q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                            capture_output=True, text=True, timeout=20)
@@ -264,8 +264,9 @@ def stage_gpu_tests(res: Results, a) -> None:
         import xml.etree.ElementTree as ET
 
         suite = ET.parse(xml).getroot()
-        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-        r.update({k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")})
+        found = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        if found is not None:
+            r.update({k: int(found.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")})
     res.data["gpu_tests"] = r
     res.write()
 
@@ -372,7 +373,8 @@ def _backbone_row(name: str, dtype, cl: bool, comp: bool, dev, sz, peaks, backen
     from trainer.backbones import get_backbone
 
     fmt = torch.channels_last if cl else torch.contiguous_format
-    model = get_backbone(name, **({"width": 8} if name == "tiny" else {})).to(dev).to(memory_format=fmt)
+    kw: Dict[str, Any] = {"width": 8} if name == "tiny" else {}
+    model = get_backbone(name, **kw).to(dev).to(memory_format=fmt)  # pyright: ignore[reportCallIssue] (torch accepts it)
     x = torch.randn(sz["bb_batch"], 3, 112, 112, device=dev).to(memory_format=fmt)
     flops = _flops_per_step(model, x, dtype)
     fwd = torch.compile(model, backend=backend) if comp else model
@@ -420,14 +422,14 @@ def stage_compile(res: Results, a) -> None:
 
 def _engine(precision: str, dev: torch.device, sz: Dict[str, Any], meta: bool = False):
     from trainer.backbones import get_backbone
-    from trainer.distributed import DistInfo
     from trainer.engine.config import EngineConfig
     from trainer.engine.ddp import DDPEngine
     from trainer.heads import PartialFC, PartialFCSGD, build_margin
     from trainer.optim import OptimConfig, optimizer_factory
+    from trainer.runtime.process_group import DistInfo
 
-    kw = {"width": 8} if sz["e2e_backbone"] == "tiny" else {}
-    backbone = get_backbone(sz["e2e_backbone"], **kw).to(dev).to(memory_format=torch.channels_last)
+    kw: Dict[str, Any] = {"width": 8} if sz["e2e_backbone"] == "tiny" else {}
+    backbone = get_backbone(sz["e2e_backbone"], **kw).to(dev).to(memory_format=torch.channels_last)  # pyright: ignore[reportCallIssue]
     head = PartialFC(build_margin("arcface"), 512, sz["e2e_classes"], sample_rate=0.1, device=dev)
     if meta:
         head.check_inputs = lambda: None  # a host read by design: no data on meta
@@ -457,7 +459,7 @@ def _e2e_synthetic_row(precision: str, dev, sz) -> Dict[str, Any]:
 def _meta_e2e_row(sz) -> Dict[str, Any]:
     """Engine.train_step (fp32: GradScaler and autocast have no meta kernels) with every
     module, the batch and the model input on ``meta``."""
-    from trainer.data import to_model_input
+    from trainer.data.model_input import to_model_input
 
     meta = torch.device("meta")
     eng = _engine("fp32", meta, sz, meta=True)
@@ -515,7 +517,7 @@ def _loader_only_row(a, dev, sz) -> Dict[str, Any]:
 
 
 def _with_loader_row(a, precision: str, dev, sz) -> Dict[str, Any]:
-    from trainer.data import to_model_input
+    from trainer.data.model_input import to_model_input
 
     n, warm = sz["loader_batches"], 5
     eng = _engine(precision, dev, sz)

@@ -28,7 +28,7 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import spawn
 
 from bench.memory import peak_mb, reset_peak, rss_mb
 
@@ -159,7 +159,7 @@ def _dense_pfc_rank(rank, world, store, classes, rate, steps, threads, out):
 
 def _spawn(target, args):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(target, args=(2, f"{tmp}/store", *args, tmp), nprocs=2)
+        spawn(target, args=(2, f"{tmp}/store", *args, tmp), nprocs=2)
         ranks = [torch.load(f"{tmp}/r{r}.pt") for r in range(2)]
     return dict(time=max(r["time"] for r in ranks), mem=max(r["mem"] for r in ranks),
                 state=max(r["state"] for r in ranks), bpc=ranks[0].get("bpc", 2 * DIM * 4))

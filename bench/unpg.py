@@ -34,7 +34,7 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import spawn
 
 from bench.memory import reset_peak, status_kb
 
@@ -107,7 +107,7 @@ def _rank(rank, world, store, compare_sizes, series_size, repeat, out):
 def run_world(world: int, compare_sizes, series_size, repeat: int) -> dict:
     """One gloo world of ``world`` ranks: {(N, compared): {"sharded": max over ranks, "replicated": rank 0}}."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank, args=(world, f"{tmp}/store", list(compare_sizes), series_size, repeat, tmp),
+        spawn(_rank, args=(world, f"{tmp}/store", list(compare_sizes), series_size, repeat, tmp),
                  nprocs=world, join=True)
         results = [torch.load(f"{tmp}/rank{r}.pt", weights_only=False) for r in range(world)]
     points = {}

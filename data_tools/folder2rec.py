@@ -117,7 +117,7 @@ def _encode(path: Path) -> bytes:
         return data
     img = decode_rgb(data, str(path), lenient=True)
     if img.shape[:2] != size:
-        img = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR))
+        img = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.Resampling.BILINEAR))
     return encode_jpeg(img, quality)
 
 

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from trainer.data.face_rec import write_property
-from trainer.data.recordio import IndexedRecordWriter, IRHeader, check_label_exact, pack
+from trainer.data.irheader import IRHeader, check_label_exact, pack
+from trainer.data.recordio import IndexedRecordWriter
 
 PathLike = Union[str, os.PathLike]
 
 
-def plan_layout(labels: Sequence[int], num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+def plan_layout(labels: Union[Sequence[int], np.ndarray], num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
     """Stable order of images grouped by label, and [first, end) key ranges per class.
 
     Returns ``(order, ranges)``: ``order[j]`` = index into ``labels`` of image key ``j+1``;
@@ -43,7 +44,7 @@ def plan_layout(labels: Sequence[int], num_classes: int) -> Tuple[np.ndarray, np
 
 def write_face_rec(
     out_dir: PathLike,
-    labels: Sequence[int],
+    labels: Union[Sequence[int], np.ndarray],
     num_classes: int,
     payloads: Callable[[Sequence[int]], Iterable[bytes]],
     shuffle_seed: Optional[int] = None,
@@ -66,7 +67,7 @@ def write_face_rec(
     if shuffle_seed is not None:
         phys = np.random.default_rng(shuffle_seed).permutation(n)
     src = order[phys]
-    it: Iterator[bytes] = iter(payloads(src.tolist()))
+    it: Iterable[bytes] = iter(payloads(src.tolist()))
     if progress:
         from tqdm import tqdm
 

@@ -35,7 +35,7 @@ import multiprocessing as mp
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -50,7 +50,7 @@ _U0 = (_XX - (RENDER - 1) / 2) / (RENDER / 2)
 _V0 = (_YY - (RENDER - 1) / 2) / (RENDER / 2)
 
 
-def _draw_params(r: np.random.Generator) -> Dict[str, np.ndarray]:
+def _draw_params(r: np.random.Generator) -> Dict[str, Any]:
     """One independent draw of every identity parameter from ``r``."""
     skin = np.array([0.55, 0.42, 0.33]) + r.uniform(-0.25, 0.3) + r.normal(0, 0.06, 3)
     out = {
@@ -113,7 +113,7 @@ def identity_params(
         return own
     if not 0.0 <= family_spread <= 1.0:
         raise ValueError(f"family_spread must be in [0, 1], got {family_spread}")
-    base = _draw_params(np.random.default_rng([seed, 5, family_of(int(identity), family_size)]))
+    base = _draw_params(np.random.default_rng([seed, 5, int(family_of(int(identity), family_size))]))
     x = np.float32(family_spread)
     out = {k: ((1 - x) * base[k] + x * own[k]).astype(np.float32) for k in base if k != "marks"}
     use_own = np.random.default_rng([seed, 6, identity]).random() < family_spread
@@ -259,7 +259,7 @@ def render(p: Dict[str, np.ndarray], r: np.random.Generator) -> np.ndarray:
         img = (cs[k:, k:] - cs[:-k, k:] - cs[k:, :-k] + cs[:-k, :-k]) / (k * k)
     assert img.dtype == np.float32, img.dtype
     small = Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
-    big = np.asarray(small.resize((SIZE, SIZE), Image.BILINEAR), dtype=np.float32)
+    big = np.asarray(small.resize((SIZE, SIZE), Image.Resampling.BILINEAR), dtype=np.float32)
     bank = _noise_bank()
     noise = bank[int(r.integers(0, bank.shape[0]))]
     noise = np.roll(noise, (int(r.integers(0, SIZE)), int(r.integers(0, SIZE))), axis=(0, 1))
@@ -278,7 +278,7 @@ def domain_b(img: np.ndarray, r: np.random.Generator) -> np.ndarray:
     y0 = int(r.integers(0, h - ch + 1))
     x0 = int(r.integers(0, w - cw + 1))
     crop = Image.fromarray(np.ascontiguousarray(img[y0:y0 + ch, x0:x0 + cw]))
-    g = np.asarray(crop.resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
+    g = np.asarray(crop.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     grey = g.mean(axis=2, keepdims=True)
     g = 0.25 * g + 0.75 * grey
     g = g * np.array([0.88, 1.04, 0.86], np.float32)
@@ -347,7 +347,7 @@ def generate_dataset(
     label_noise: float = 0.0,
     val_identities: int = 0,
     val_pairs: int = 0,
-    workers: int = None,
+    workers: Optional[int] = None,
     shuffle: bool = True,
     progress: bool = False,
     family_size: int = 1,

@@ -30,15 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from trainer.data.face_rec import read_property
-from trainer.data.recordio import (
-    MAGIC,
-    RecordIOError,
-    class_id,
-    parse_record_at,
-    read_index,
-    unpack,
-    write_index,
-)
+from trainer.data.irheader import class_id, unpack
+from trainer.data.recordio import MAGIC, RecordIOError, parse_record_at, read_index, write_index
 from trainer.io.images import ImageDecodeError, decode_rgb
 
 _MAGIC = MAGIC.to_bytes(4, "little")

@@ -1,6 +1,6 @@
 """``unpg-eval <command> ...``: the evaluation command lines under one name.
 
-    unpg-eval verify  --model run_dir --bin lfw.bin cfp_fp.bin     (= python -m eval.verify)
+    unpg-eval verify  --model run_dir --bin lfw.bin cfp_fp.bin     (= python -m eval.verify, code: eval/verify_bin.py)
     unpg-eval ijb     --model run_dir --root IJB_release/IJBC      (= python -m eval.ijb)
     unpg-eval export-onnx --model model.pt --network r100 --out model.onnx   (= python -m eval.export_onnx)
 """
@@ -10,7 +10,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-COMMANDS = {"verify": "eval.verify", "ijb": "eval.ijb", "export-onnx": "eval.export_onnx"}
+COMMANDS = {"verify": "eval.verify_bin", "ijb": "eval.ijb", "export-onnx": "eval.export_onnx"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -22,7 +22,7 @@ import io
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union, cast
 
 import numpy as np
 import onnx
@@ -70,7 +70,7 @@ def sanitize_node_names(model: onnx.ModelProto) -> int:
 def _export_bytes(model: torch.nn.Module, image_size: int, opset: int) -> bytes:
     dummy = torch.zeros(2, 3, image_size, image_size)
     buf = io.BytesIO()
-    kwargs = dict(
+    kwargs: Dict[str, Any] = dict(
         input_names=["input"],
         output_names=["output"],
         opset_version=opset,
@@ -82,9 +82,10 @@ def _export_bytes(model: torch.nn.Module, image_size: int, opset: int) -> bytes:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         try:
             # TorchScript-based exporter: no onnxscript dependency, stable node naming
-            torch.onnx.export(model, (dummy,), buf, dynamo=False, **kwargs)
+            # (a file object is accepted; the annotation names paths only)
+            torch.onnx.export(model, (dummy,), cast(Any, buf), dynamo=False, **kwargs)
         except TypeError:  # a torch without the dynamo switch
-            torch.onnx.export(model, (dummy,), buf, **kwargs)
+            torch.onnx.export(model, (dummy,), cast(Any, buf), **kwargs)
     return buf.getvalue()
 
 
@@ -100,7 +101,7 @@ def check_parity(
     with torch.no_grad():
         ref = model(x).float().numpy()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    got = np.asarray(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
     if got.shape != ref.shape:
         raise ValueError(f"{onnx_path}: onnxruntime output shape {got.shape} != PyTorch {ref.shape}")
     return float(np.max(np.abs(got - ref))), float(np.max(np.abs(ref)))

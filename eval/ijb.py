@@ -36,7 +36,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -45,9 +45,9 @@ from tqdm import tqdm
 from eval import report
 from eval.align import norm_crop
 from eval.metrics import DEFAULT_FARS, READOUTS, roc, tar_fpr_at_far
-from eval.models import add_model_args, model_from_args
+from eval.models import add_model_args, default_device, model_from_args
 from trainer.io.atomic import atomic_open
-from trainer.verification import embed_images
+from trainer.verification_protocol import embed_images
 
 IJB_FARS: Tuple[float, ...] = DEFAULT_FARS  # 1e-6 .. 1e-1
 
@@ -311,7 +311,7 @@ def evaluate_ijb(
     flip: bool = True,
     readout: str = "insightface",
     identification: bool = True,
-) -> Dict[str, object]:
+) -> Dict[str, Any]:
     """Full evaluation under :class:`IJBProtocol` (defaults: insightface's published one).
 
     Result: protocol, readout, tar_at_far {far: tar}, fpr_at_far {far: FPR reached}, auc,
@@ -330,7 +330,7 @@ def evaluate_ijb(
     scores = score_pairs(tids, tfeats, meta.pairs)
     fpr, tpr, auc = roc(scores, meta.labels)
     read = tar_fpr_at_far(scores, meta.labels, fars, readout=readout)
-    res: Dict[str, object] = {
+    res: Dict[str, Any] = {
         "target": meta.target,
         "protocol": proto.name,
         "protocol_switches": {**{k: v for k, v in asdict(proto).items() if k != "readout"}, "align": "cv2.warpAffine"},
@@ -357,7 +357,7 @@ def _fmt_far(f: float) -> str:
     return f"{f:.0e}".replace("e-0", "e-")
 
 
-def ijb_markdown(res: Dict[str, object]) -> str:
+def ijb_markdown(res: Dict[str, Any]) -> str:
     """1:1 table (TAR % with the FPR reached in brackets), plus the 1:N table when present."""
     fars = list(res["tar_at_far"].keys())
     out = f"{res['target']} 1:1, protocol `{res['protocol']}`, read-out `{res['readout']}` (TAR % (FPR reached))\n\n"
@@ -409,8 +409,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default="ijb_out")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    from eval.verify import default_device
-
     device = args.device or default_device()
     model = model_from_args(args, device)
     res = evaluate_ijb(model, args.root, args.target, faceness_weight=args.faceness_weight, batch_size=args.batch_size,

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -141,7 +141,7 @@ def identify(
     fpirs: Sequence[float] = FPIRS,
     ranks: Sequence[int] = RANKS,
     readout: str = "insightface",
-) -> Dict[str, object]:
+) -> Dict[str, Any]:
     """CMC rank-k and TPIR@FPIR under ``readout`` (module docstring) of L2-normalised
     template features; ``rank_hits`` holds the counts behind rank-k (for pooled means)."""
     _check_readout(readout)
@@ -151,7 +151,7 @@ def identify(
     pos = np.searchsorted(subjects, probe_subjects)
     pos = np.clip(pos, 0, subjects.size - 1)
     mated = subjects[pos] == probe_subjects
-    res: Dict[str, object] = {
+    res: Dict[str, Any] = {
         "readout": readout,
         "num_gallery_templates": int(sim.shape[1]),
         "num_gallery_subjects": int(subjects.size),
@@ -184,7 +184,7 @@ def evaluate_1n(
     fpirs: Sequence[float] = FPIRS,
     ranks: Sequence[int] = RANKS,
     readout: str = "insightface",
-) -> Dict[str, object]:
+) -> Dict[str, Any]:
     """Each gallery of ``protocol`` against its mixed probes, plus the mean over galleries
     (rank-k pooled under ``insightface``, equal-weight under ``strict``; module docstring)."""
     _check_readout(readout)
@@ -200,7 +200,7 @@ def evaluate_1n(
 
     p_t, p_s = protocol["probe"]
     pf = feats(p_t, "probe_mixed")
-    out: Dict[str, object] = {"readout": readout, "galleries": {}}
+    out: Dict[str, Any] = {"readout": readout, "galleries": {}}
     for name, (g_t, g_s) in protocol.items():
         if name == "probe":
             continue
@@ -228,7 +228,7 @@ def _fmt(f: float) -> str:
     return f"{f:.0e}".replace("e-0", "e-")
 
 
-def markdown(res: Dict[str, object], target: str) -> str:
+def markdown(res: Dict[str, Any], target: str) -> str:
     """The 1:N table: per gallery and the mean, TPIR % (FPIR reached) and rank-k %, titled
     with the read-out and followed by a line saying which mean is shown."""
     readout = res.get("readout", "strict")

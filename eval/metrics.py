@@ -1,17 +1,25 @@
-"""Verification metrics on similarity scores: TAR@FAR, ROC, the full report.
+"""Verification metrics on similarity scores: TAR@FAR, ROC, the full report
+(:func:`verify_embeddings`: the whole ``.bin`` report from embeddings of pairs).
 
 The 10-fold accuracy protocol and the pair scores live in
-:mod:`trainer.verification` (training validates with them); this module adds
+:mod:`trainer.verification_protocol` (training validates with them); this module adds
 what evaluation reports on top.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Sequence, Tuple
+from typing import Any, Dict, Iterable, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from trainer.verification import DEFAULT_THRESHOLDS, check_scores, contiguous_folds, kfold_accuracy
+from trainer.verification_protocol import (
+    DEFAULT_THRESHOLDS,
+    check_scores,
+    contiguous_folds,
+    kfold_accuracy,
+    pair_scores,
+)
 
 DEFAULT_FARS: Tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -52,7 +60,7 @@ def evaluate_scores(
     nfolds: int = 10,
     fars: Sequence[float] = DEFAULT_FARS,
     thresholds: np.ndarray = DEFAULT_THRESHOLDS,
-) -> Dict[str, object]:
+) -> Dict[str, Any]:
     """k-fold accuracy + TAR@FAR + AUC in one dict (the ``verify_embeddings`` result)."""
     res = kfold_accuracy(scores, labels, nfolds=nfolds, thresholds=thresholds)
     _, _, auc = roc(scores, labels)
@@ -107,7 +115,7 @@ def tar_fpr_at_far(
 
 def insightface_val_far(
     scores: np.ndarray, labels: np.ndarray, far_target: float = 1e-3, nfolds: int = 10
-) -> Dict[str, object]:
+) -> Dict[str, Any]:
     """insightface's ``val`` / ``far`` of ``eval/verification.py`` (``calculate_val``).
 
     On squared distances d = 2 - 2 cos (unit embeddings), "same" when d < threshold. For
@@ -154,3 +162,26 @@ def insightface_val_far(
         "fold_far": fars,
         "fold_threshold_d2": thrs,
     }
+
+
+def verify_embeddings(
+    emb: Union[torch.Tensor, np.ndarray],
+    issame: Union[Sequence[bool], np.ndarray],
+    nfolds: int = 10,
+    fars: Sequence[float] = DEFAULT_FARS,
+) -> Dict[str, Any]:
+    """The standard protocol on embeddings of pairs (2k, 2k+1).
+
+    Returns accuracy / accuracy_std (10 contiguous folds, threshold from a grid chosen on
+    the other 9), threshold, auc, tar_at_far {far: tar} (incl. 1e-3 and 1e-4), plus
+    fold details and pair counts. Scores are cosine similarities of the embeddings
+    (they are L2-normalised again here, so raw features are fine too).
+    """
+    e = emb.detach().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
+    e = e.astype(np.float64)
+    same = np.asarray(issame, dtype=bool)
+    if e.ndim != 2 or e.shape[0] != 2 * same.size:
+        raise ValueError(f"{e.shape[0] if e.ndim else 0} embeddings for {same.size} pairs")
+    norms = np.linalg.norm(e, axis=1, keepdims=True)
+    e = e / np.maximum(norms, 1e-12)
+    return evaluate_scores(pair_scores(e), same, nfolds=nfolds, fars=fars)

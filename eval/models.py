@@ -271,6 +271,11 @@ def load_model(
     return model.to(device).eval()
 
 
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu`` (the CLIs' ``--device`` default)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def add_model_args(
     p: argparse.ArgumentParser, what: str = "model.pt | checkpoint dir | TorchScript | model.onnx | module:factory"
 ) -> None:

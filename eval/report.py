@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def plot_score_hist(
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=bool)
     fig, ax = plt.subplots(figsize=(6, 4))
-    bins = np.linspace(-1, 1, 101)
+    bins = np.linspace(-1, 1, 101).tolist()
     ax.hist(scores[~labels], bins=bins, density=True, alpha=0.55, label=f"impostor ({(~labels).sum()})")
     ax.hist(scores[labels], bins=bins, density=True, alpha=0.55, label=f"genuine ({labels.sum()})")
     if threshold is not None:
@@ -84,7 +84,7 @@ def _fmt_far(far: float) -> str:
     return f"{far:.0e}".replace("e-0", "e-")
 
 
-def markdown_table(rows: Mapping[str, Mapping[str, object]], fars: Sequence[float] = (1e-4, 1e-3)) -> str:
+def markdown_table(rows: Mapping[str, Mapping[str, Any]], fars: Sequence[float] = (1e-4, 1e-3)) -> str:
     """Markdown table: set | accuracy ± std | threshold | AUC | TAR@FAR... (missing keys shown as '-')."""
     head = ["set", "accuracy (%)", "threshold", "AUC"] + [f"TAR@FAR={_fmt_far(f)} (%)" for f in fars]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

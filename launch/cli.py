@@ -16,7 +16,7 @@ Preemption: torchrun forwards the signals it handles to the workers and kills th
 after its shutdown timeout. The launcher adds SIGUSR1 (SLURM's ``--signal``) to
 torchrun's signals (``--signals-to-handle``) and sets ``--shutdown-timeout``
 (``--shutdown-timeout`` here, default 300 s, or $UNPG_SHUTDOWN_TIMEOUT) so the
-workers have time to save a checkpoint (trainer.preemption).
+workers have time to save a checkpoint (trainer.runtime.preemption).
 
 Exit codes: ``python -m launch`` (``unpg-launch``) runs torchrun as its child and
 exits with the **workers'** code (torchrun itself exits 1 whatever they

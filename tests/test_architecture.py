@@ -5,8 +5,9 @@ Layers, lowest first; a module may import its own package and the packages below
     trainer.io  <  trainer (the rest)  <  eval, data_tools  (side by side, never each other)  <  bench
     launch stands alone: it imports nothing of the project; nothing imports bench.
 
-Inside ``trainer``: ``trainer.io`` and ``trainer.section`` (what every config section
-shares) import nothing else of the project; ``trainer.heads`` / ``trainer.collectives``
+Inside ``trainer``: ``trainer.io``, ``trainer.section`` (what every config section
+shares) and ``trainer.runtime`` (process group, run lock, preemption) import nothing
+else of the project; ``trainer.heads`` / ``trainer.collectives``
 (the algorithm) and ``trainer.backbones`` import no orchestration; and the components
 (``trainer.engine``, ``trainer.optim``, ``trainer.heads``, ``trainer.data``,
 ``trainer.backbones``) never import the composition (``trainer.config``) or the loop
@@ -32,6 +33,7 @@ ALLOWED: List[Tuple[str, Tuple[str, ...]]] = [
     ("trainer.section", ()),
     ("trainer.heads", ("trainer.collectives", "trainer.section")),
     ("trainer.collectives", ()),
+    ("trainer.runtime", ()),
     ("trainer.backbones", ("trainer.section",)),
     ("trainer", ("trainer",)),
     ("eval", ("trainer",)),
@@ -112,7 +114,7 @@ def test_imports_flow_one_way():
 
 
 @pytest.mark.parametrize("where, line", [
-    ("trainer/loop.py", "from eval.verification import verify_embeddings"),
+    ("trainer/loop.py", "from eval.metrics import verify_embeddings"),
     ("trainer/io/atomic.py", "from trainer.config import Config"),
     ("launch/cli.py", "import trainer.train"),
     ("data_tools/synth.py", "from eval import report"),
@@ -128,6 +130,9 @@ def test_imports_flow_one_way():
     ("trainer/heads/config.py", "from trainer.optim import OptimConfig"),
     # the config sections' shared module is a leaf
     ("trainer/section.py", "from trainer.data.config import DataConfig"),
+    # the runtime (process group, run lock, preemption) knows nothing of the trainer
+    ("trainer/runtime/preemption.py", "from trainer.checkpointer import CheckpointManager"),
+    ("trainer/runtime/process_group.py", "from trainer.io.atomic import atomic_open"),
     # bench sits on top: nothing imports it, it imports no launch
     ("trainer/loop.py", "from bench.memory import peak_mb"),
     ("eval/cli.py", "import bench.head"),

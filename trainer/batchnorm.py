@@ -16,7 +16,7 @@ gradient.
 """
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ def bn_modules(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
-def set_bn_training(modules: List[nn.Module], training: bool) -> None:
+def set_bn_training(modules: Sequence[nn.Module], training: bool) -> None:
     """Host-side flag only (no device work): BN in train or eval mode."""
     for m in modules:
         if m.training != training:
@@ -60,6 +60,7 @@ def recalibrate(model: nn.Module, next_images: Callable[[], torch.Tensor], num_b
         ws = dist.get_world_size()
         for m in bns:
             for buf in (m.running_mean, m.running_var):
-                dist.all_reduce(buf)
-                buf.div_(ws)
+                if buf is not None:  # track_running_stats (bn_modules keeps only those)
+                    dist.all_reduce(buf)
+                    buf.div_(ws)
     return len(bns)

@@ -32,6 +32,7 @@ checks their pickles against an allow-list first.)
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import pickle
@@ -103,10 +104,10 @@ def _legacy_globals() -> list:
     """What checkpoints of earlier versions hold besides plain values: numpy's RNG state
     (an ``ndarray`` of uint32). Building an array runs no user code."""
     try:
-        from numpy._core.multiarray import _reconstruct
+        multiarray = importlib.import_module("numpy._core.multiarray")
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    out = [_reconstruct, np.ndarray, np.dtype]
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    out = [multiarray._reconstruct, np.ndarray, np.dtype]
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
         out += [dtypes.UInt32DType, dtypes.Int64DType, dtypes.Float64DType]

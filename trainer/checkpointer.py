@@ -38,8 +38,8 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer.collectives import class_range
 from trainer.config import CheckpointConfig, Config, ConfigError, config_diff, to_dict
-from trainer.distributed import DistInfo, all_ok, barrier, gather_strings
 from trainer.io.atomic import atomic_torch_save
+from trainer.runtime.process_group import DistInfo, all_ok, barrier, gather_strings
 
 log = logging.getLogger("trainer")
 

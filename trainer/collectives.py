@@ -12,12 +12,22 @@ gradient per rank: :func:`scale_grad` does that.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.distributed as dist
 
 ProcessGroup = Optional["dist.ProcessGroup"]
+
+
+# torch.distributed's collectives are not fully annotated (their parameters are partly
+# Unknown to a type checker): the two this module calls go through one typed door each.
+def _dist_all_gather(out: List[torch.Tensor], x: torch.Tensor, group: ProcessGroup) -> None:
+    dist.all_gather(out, x, group=group)  # pyright: ignore[reportUnknownMemberType]
+
+
+def _dist_all_reduce(x: torch.Tensor, op: Any, group: ProcessGroup) -> None:
+    dist.all_reduce(x, op=op, group=group)  # pyright: ignore[reportUnknownMemberType]
 
 
 def world_info(group: ProcessGroup = None) -> Tuple[int, int]:
@@ -46,14 +56,14 @@ def all_gather_object_ints(values: Sequence[int], group: ProcessGroup = None) ->
     Used for batch sizes and error flags before any data collective, so that
     every rank takes the same decision and no rank is left hanging.
     """
-    rank, world = world_info(group)
+    _, world = world_info(group)
     local = torch.tensor(list(values), dtype=torch.int64)
     if world == 1:
         return local.unsqueeze(0)
     device = _collective_device(group)
     local = local.to(device)
     out = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(out, local, group=group)
+    _dist_all_gather(out, local, group)
     return torch.stack(out).cpu()
 
 
@@ -74,23 +84,23 @@ def _gather_padded(local: torch.Tensor, sizes: List[int], group: ProcessGroup) -
     else:
         padded = local.contiguous()
     out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded, group=group)
+    _dist_all_gather(out, padded, group)
     return torch.cat([o[:n] for o, n in zip(out, sizes)])
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local: torch.Tensor, sizes: List[int], group: ProcessGroup) -> torch.Tensor:
+    def forward(ctx: Any, local: torch.Tensor, sizes: List[int], group: ProcessGroup) -> torch.Tensor:
         rank, _ = world_info(group)
         ctx.group, ctx.start = group, sum(sizes[:rank])
         ctx.stop = ctx.start + sizes[rank]
         return _gather_padded(local, sizes, group)
 
     @staticmethod
-    def backward(ctx, grad_global: torch.Tensor):
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
         # Sum every rank's share of the gradient, keep the rows this rank owns.
-        grad_global = grad_global.contiguous()
-        dist.all_reduce(grad_global, op=dist.ReduceOp.SUM, group=ctx.group)
+        grad_global = grad_outputs[0].contiguous()
+        _dist_all_reduce(grad_global, dist.ReduceOp.SUM, ctx.group)
         return grad_global[ctx.start : ctx.stop], None, None
 
 
@@ -106,26 +116,28 @@ def all_gather_rows(
     if world == 1:
         return local
     if local.requires_grad:
-        return _AllGatherWithGrad.apply(local, list(sizes), group)
+        apply = cast(Callable[..., torch.Tensor], _AllGatherWithGrad.apply)  # pyright: ignore[reportUnknownMemberType]
+        return apply(local, list(sizes), group)
     return _gather_padded(local, list(sizes), group)
 
 
 class _ScaleGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
         ctx.factor = factor
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.factor, None
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        return grad_outputs[0] * ctx.factor, None
 
 
 def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     """Identity in the forward pass, multiplies the gradient by ``factor``."""
     if factor == 1.0 or not x.requires_grad:
         return x
-    return _ScaleGrad.apply(x, factor)
+    apply = cast(Callable[..., torch.Tensor], _ScaleGrad.apply)  # pyright: ignore[reportUnknownMemberType]
+    return apply(x, factor)
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum", group: ProcessGroup = None) -> torch.Tensor:
@@ -133,7 +145,7 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum", group: ProcessGroup = Non
     _, world = world_info(group)
     if world > 1:
         reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
-        dist.all_reduce(tensor, op=reduce_op, group=group)
+        _dist_all_reduce(tensor, reduce_op, group)
     return tensor
 
 
@@ -174,7 +186,7 @@ def _histogram(index: torch.Tensor, size: int) -> torch.Tensor:
 
 def order_statistics(
     local: torch.Tensor,
-    positions,
+    positions: Callable[[torch.Tensor], Any],
     group: ProcessGroup = None,
     chunk_elements: int = 1 << 20,
     local_only: bool = False,
@@ -207,7 +219,8 @@ def order_statistics(
     chunk_rows = max(1, int(chunk_elements) // max(1, rows.shape[1]))
     device = local.device
     nb, half = _RADIX_BINS, _RADIX_BINS >> 1
-    ranks = prefix = n = None
+    # set by pass 0 (the global count, the target ranks, the digits chosen so far)
+    n = ranks = prefix = target_prefix = torch.zeros(0, dtype=torch.int64, device=device)
     for p in range(bits // _RADIX_BITS):
         shift = bits - _RADIX_BITS * (p + 1)
         m = 1 if p == 0 else ranks.numel()  # pass 0 has no prefix yet: one shared histogram

@@ -28,7 +28,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union, cast
 
 import yaml
 
@@ -94,7 +94,7 @@ class _DecimalLoader(yaml.SafeLoader):
     config those are typos far more often than intent, so only decimal integers are numbers."""
 
 
-def _decimal_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+def _decimal_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     text = str(node.value)
     if not re.fullmatch(r"[-+]?(0|[1-9][0-9]*)", text):
         raise ConfigError(f"{text!r} is not a decimal number (YAML would read it as "
@@ -199,7 +199,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
                     raise ConfigError(f"config key '{prefix}{k}' is now a section; the old key moved to "
                                       f"'{MOVED_KEYS[prefix + k]}'")
                 raise ConfigError(f"config key '{prefix}{k}' is a section, expected a mapping, got {v!r}")
-            kwargs[k] = _build(tp, v, f"{prefix}{k}.")
+            kwargs[k] = _build(cast(type, tp), v, f"{prefix}{k}.")
         else:
             kwargs[k] = _check(v, tp, prefix + k)
     return cls(**kwargs)

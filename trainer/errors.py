@@ -29,10 +29,10 @@ EXIT_DATA = 5
 def exit_code(exc: BaseException) -> Optional[int]:
     """The documented code of an expected error; None for anything else (a bug)."""
     from trainer.checkpointer import ResumeError
-    from trainer.data.face_rec import ScanLockTimeout
+    from trainer.data.node_cache import ScanLockTimeout
     from trainer.data.recordio import RecordIOError
     from trainer.engine import NonFiniteLossError
-    from trainer.ownership import RunLockedError
+    from trainer.runtime.run_lock import RunLockedError
     from trainer.section import ConfigError
 
     if isinstance(exc, ConfigError):

@@ -28,7 +28,7 @@ groups), one ``global_step`` across files; the class count comes from
 (``num_classes``), never from the files' rows, so a missing rank file (the last
 one too) is an error: the world size is the number of files, and their rows must
 be arcface_torch's split of the class count over it. Errors name the file and the
-field. The import holds ``RUN_DIR``'s lock (``trainer.ownership``) while it
+field. The import holds ``RUN_DIR``'s lock (``trainer.runtime.run_lock``) while it
 writes and refuses a folder in use by a training job.
 """
 from __future__ import annotations
@@ -216,8 +216,8 @@ def _head_opt_state(momentum: Optional[torch.Tensor], group: Dict[str, Any]) -> 
 def import_run(src: Path, out: Path, network: Optional[str] = None,
                num_classes: Optional[int] = None) -> Path:
     """Write our checkpoint for the arcface_torch output ``src`` under ``out``; returns its folder.
-    Holds ``out``'s run-folder lock meanwhile (:class:`trainer.ownership.RunLockedError` if in use)."""
-    from trainer.ownership import RunLock
+    Holds ``out``'s run-folder lock meanwhile (:class:`trainer.runtime.run_lock.RunLockedError` if in use)."""
+    from trainer.runtime.run_lock import RunLock
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -258,7 +258,8 @@ def _import_run(src: Path, out: Path, network: Optional[str], num_classes: Optio
         backbone = first["state_dict_backbone"]
         weight = torch.cat([p["state_dict_softmax_fc"]["weight"] for p in parts])
         moms = [_head_momentum(p["state_optimizer"], n, f) for p, n, f in zip(parts, rows, files)]
-        momentum = None if any(m is None for m in moms) else torch.cat(moms)
+        have = [m for m in moms if m is not None]
+        momentum = torch.cat(have) if len(have) == len(moms) else None
         opt = first["state_optimizer"]
         head_group = opt["param_groups"][1]
         n_bb = len(opt["param_groups"][0]["params"])
@@ -318,7 +319,8 @@ def _embedding_size(backbone: Dict[str, torch.Tensor], where: Path) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.import_insightface", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m trainer.import_insightface",
+                                description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--src", required=True, help="arcface_torch output folder (checkpoint_gpu_*.pt, model.pt)")
     p.add_argument("--out", required=True, help="our run folder (config output:); resume: auto continues it")
     p.add_argument("--network", default=None, help="our backbone name (e.g. r100): checks the weights fit it")
@@ -326,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="class count to check the shards against (default: num_classes in the source's "
                         "training.log; required with model.pt only)")
     a = p.parse_args(argv)
-    from trainer.ownership import RunLockedError
+    from trainer.runtime.run_lock import RunLockedError
 
     try:
         ckpt = import_run(Path(a.src), Path(a.out), a.network, a.num_classes)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from typing import Optional, Protocol, Tuple
+from typing import Optional, Protocol, Sequence, Tuple, cast
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.collectives import all_gather_rows, world_info
-from trainer.data import to_model_input
+from trainer.data.model_input import to_model_input
 
 log = logging.getLogger("trainer.imprint")
 
@@ -46,7 +46,7 @@ class FaceRecImages:
     """:class:`ImageSource` over a face-rec dataset (decoded on the host, unflipped)."""
 
     def __init__(self, ds, size: Tuple[int, int] = (112, 112)) -> None:
-        self.ds, self.size = ds, tuple(size)
+        self.ds, self.size = ds, (int(size[0]), int(size[1]))
         self.labels = np.asarray(ds.scan())
 
     def read(self, indices: np.ndarray) -> torch.Tensor:
@@ -125,11 +125,12 @@ def imprint_head(head: nn.Module, backbone: nn.Module, source: ImageSource, devi
                  batch_size: int = 256, max_per_class: Optional[int] = None) -> int:
     """Write the imprinted centres into ``head.weight`` (this rank's shard, any dtype) for the
     classes with at least one image; returns how many classes had none (kept random)."""
-    centres, counts = imprint_centres(backbone, source, tuple(head.class_range), int(head.weight.shape[1]),
-                                      device, batch_size, max_per_class)
+    w = cast(torch.Tensor, head.weight)
+    start, stop = cast(Tuple[int, int], tuple(cast(Sequence[int], head.class_range)))
+    centres, counts = imprint_centres(backbone, source, (start, stop), int(w.shape[1]), device, batch_size,
+                                      max_per_class)
     have = counts > 0
     with torch.no_grad():
-        w = head.weight
         w.copy_(torch.where(have[:, None], centres.to(w.device), w.float()).to(w.dtype))
     empty = int((~have).sum())
     return empty

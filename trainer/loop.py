@@ -8,11 +8,11 @@ the one step path), the LR schedule (``trainer.optim``), the checkpoint manager
 (``trainer.monitor``). :meth:`Trainer.train` only sequences them.
 
 Order of :meth:`Trainer.setup`, so that a refused run changes nothing: take the
-run folder's lock (rank 0, :mod:`trainer.ownership`), move a previous run aside
+run folder's lock (rank 0, :mod:`trainer.runtime.run_lock`), move a previous run aside
 (``resume: none``) or refuse a finished one, build the components, check the
 data's class count, resume (checkpoint and configuration checks), and only then
 write ``config.yaml``. :meth:`Trainer.train` stops on a preemption signal after
-a checkpoint at the current step (:mod:`trainer.preemption`).
+a checkpoint at the current step (:mod:`trainer.runtime.preemption`).
 """
 from __future__ import annotations
 
@@ -30,17 +30,17 @@ from trainer.backbones import get_backbone
 from trainer.batchnorm import recalibrate
 from trainer.checkpointer import CheckpointManager, Progress, is_restart
 from trainer.config import Config, ConfigError, to_yaml
-from trainer.data import to_model_input
-from trainer.distributed import DistInfo, all_ok, barrier, init_distributed
+from trainer.data.model_input import to_model_input
 from trainer.engine import LossScaleError, NonFiniteLossError, build_engine
 from trainer.heads import STATE_DTYPES, UNPG, PartialFC, PartialFCSGD, build_margin
 from trainer.imprint import FaceRecImages, imprint_head
 from trainer.io.atomic import atomic_open, atomic_torch_save
 from trainer.monitor import Monitor, setup_logging
 from trainer.optim import LRScheduler, optimizer_factory
-from trainer.ownership import RunLock, RunLockedError, die_with_parent, under_torchrun
-from trainer.preemption import Preempted, PreemptionHandler
 from trainer.pretrained import init_backbone
+from trainer.runtime.preemption import Preempted, PreemptionHandler
+from trainer.runtime.process_group import DistInfo, all_ok, barrier, init_distributed
+from trainer.runtime.run_lock import RunLock, RunLockedError, die_with_parent, under_torchrun
 from trainer.validator import Validator
 
 log = logging.getLogger("trainer")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from trainer.section import ConfigError, finite, need, non_negative_count, one_of
 
@@ -74,6 +74,7 @@ def build_backbone_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = T
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
+    kw: Dict[str, Any]
     if cfg.optimizer == "sgd":
         cls, kw = torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "adamw":

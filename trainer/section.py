@@ -58,7 +58,7 @@ class RunConfig:
     max_steps: Optional[int] = None    # optimizer steps; overrides num_epochs
     nan_policy: str = "stop"           # stop | skip (both engines)
     max_skips: int = 10                # nan_policy=skip: give up after this many in a row
-    # signals that stop the run with a checkpoint at the current step (trainer.preemption);
+    # signals that stop the run with a checkpoint at the current step (trainer.runtime.preemption);
     # [] disables: the signal then acts as the default (the process ends at once)
     preempt_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 

@@ -10,7 +10,7 @@ changed), 3 non-finite loss, 4 run folder refused (in use by another job, or
 checkpoints present but none loadable), 5 data error (a dataset file missing or
 bad, a node's scan lock held without progress), 128+N stopped by signal N of
 ``run.preempt_signals`` after a checkpoint at the current step (143 for SIGTERM,
-138 for SIGUSR1; ``trainer.preemption``). An expected error prints one line,
+138 for SIGUSR1; ``trainer.runtime.preemption``). An expected error prints one line,
 ``error: <message>``, on stderr; its traceback goes to ``<output>/logs/`` (or to
 stderr with ``--debug``; trainer.errors).
 """
@@ -28,8 +28,8 @@ import torch.distributed as dist
 from trainer.config import ConfigError, load_config
 from trainer.errors import EXIT_CONFIG, exit_code, report
 from trainer.loop import run
-from trainer.ownership import RunLockedError
-from trainer.preemption import Preempted
+from trainer.runtime.preemption import Preempted
+from trainer.runtime.run_lock import RunLockedError
 
 log = logging.getLogger("trainer")
 
@@ -61,7 +61,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__ + "\nusage: unpg-train CONFIG.yaml [section.key=value ...] [--debug]")
+        print(f"{__doc__}\nusage: unpg-train CONFIG.yaml [section.key=value ...] [--debug]")
         return 0 if argv else 2
     try:
         cfg = load_config(argv[0], argv[1:])

@@ -1,7 +1,7 @@
 """Periodic verification on ``.bin`` sets and the best-model policy.
 
 Rank 0 decodes the sets once and evaluates the backbone with
-:mod:`trainer.verification` (the same code ``python -m eval.verify`` reports
+:mod:`trainer.verification_protocol` (the same code ``python -m eval.verify`` reports
 with); the other ranks wait at a barrier. The best model is the one with the
 highest sum of accuracies over the configured sets: ``<out>/model_best.pt``.
 """
@@ -14,10 +14,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from trainer.distributed import DistInfo, barrier
 from trainer.io.atomic import atomic_torch_save
+from trainer.runtime.process_group import DistInfo, barrier
 from trainer.section import ValidationConfig
-from trainer.verification import embed_images, load_bin, verify_accuracy
+from trainer.verification_protocol import embed_images, load_bin, verify_accuracy
 
 log = logging.getLogger("trainer")
 

@@ -13,7 +13,7 @@ from trainer.data.face_rec import FaceRecDataset
 def _flip_in_place(d, key):
     """Garble the entropy-coded data of image ``key`` inside train.rec without changing the
     file's size, inode or mtime (a rewrite in place that a stat-based key cannot see)."""
-    from trainer.data.recordio import unpack
+    from trainer.data.irheader import unpack
 
     ds = FaceRecDataset(d)
     off = int(ds.reader.offsets[key])
@@ -152,7 +152,8 @@ def test_dali_reader_reads_within_the_bound(tmp_path, batch, fill, shuffle):
     from PIL import Image
 
     from trainer.data.decode_check import records_before_batch
-    from trainer.data.recordio import IndexedRecordWriter, IRHeader, pack
+    from trainer.data.irheader import IRHeader, pack
+    from trainer.data.recordio import IndexedRecordWriter
 
     buf = io.BytesIO()
     Image.new("RGB", (1, 1)).save(buf, format="PNG")

@@ -4,7 +4,9 @@ import pytest
 
 from data_tools.layout import write_face_rec
 from trainer.data.face_rec import FaceRecDataset, read_property
-from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, RecordIOError, pack, unpack
+from trainer.data.irheader import IRHeader, pack, unpack
+from trainer.data.node_cache import load_labels
+from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter, RecordIOError
 from trainer.data.torch_loader import decode_image
 
 
@@ -233,11 +235,11 @@ def test_one_scan_per_node_and_a_killed_scanner_does_not_block(synth_dir, tmp_pa
                 p.kill()
                 p.wait()
     ds = FaceRecDataset(synth_dir)
-    assert ds._load_labels(ds._cache_dir() / "labels.npy") is not None  # the cache is in place
+    assert load_labels(ds.cache_dir / "labels.npy", ds.image_keys.shape) is not None  # the cache is in place
 
 
 def test_scan_lock_timeout_names_the_holder(synth_dir, tmp_path):
-    from trainer.data.face_rec import ScanLock
+    from trainer.data.node_cache import ScanLock
 
     with ScanLock(tmp_path / "l.lock", "x.rec"):
         with pytest.raises(
@@ -270,10 +272,10 @@ def test_index_parse_waits_for_the_process_holding_the_lock(synth_copy, capfd):
     import threading
     import time
 
-    from trainer.data.face_rec import ScanLock
+    from trainer.data.node_cache import ScanLock
 
     first = FaceRecDataset(synth_copy)
-    d = first._cache_dir()
+    d = first.cache_dir
     saved = {n: (d / n).read_bytes() for n in ("idx_keys.npy", "idx_offsets.npy")}
     for n in saved:
         (d / n).unlink()
@@ -302,7 +304,7 @@ def test_a_stopped_scan_lock_holder_fails_the_wait_naming_it(synth_dir, tmp_path
     import signal
     import time
 
-    from trainer.data.face_rec import ScanLockTimeout
+    from trainer.data.node_cache import ScanLockTimeout
 
     marker, go = tmp_path / "scanning", tmp_path / "go"
     a = _spawn([synth_dir, marker, go], tmp_path, "a")
@@ -328,7 +330,7 @@ def test_a_holder_making_progress_is_waited_for_past_the_timeout(tmp_path):
     import threading
     import time
 
-    from trainer.data.face_rec import ScanLock
+    from trainer.data.node_cache import ScanLock
 
     holder = ScanLock(tmp_path / "l.lock", "x.rec")
     holder.TOUCH_S = 0.05
@@ -348,10 +350,10 @@ def test_a_holder_making_progress_is_waited_for_past_the_timeout(tmp_path):
 
 
 def test_the_index_lock_is_bounded_too(synth_copy):
-    from trainer.data.face_rec import ScanLock, ScanLockTimeout
+    from trainer.data.node_cache import ScanLock, ScanLockTimeout
 
     first = FaceRecDataset(synth_copy)
-    d = first._cache_dir()
+    d = first.cache_dir
     for n in ("idx_keys.npy", "idx_offsets.npy"):
         (d / n).unlink()
     with ScanLock(d / "index.lock", "holder", task="index parse"):
@@ -384,4 +386,4 @@ def test_an_image_label_disagreeing_with_its_identity_record_is_counted_and_refu
                                             rf"identity record key \d+ lists it under identity {labels[7]}\)"):
         FaceRecDataset(synth_copy).scan(progress=False)
     d = FaceRecDataset(synth_copy)
-    assert not (d._cache_dir() / "labels.npy").exists()  # never cached as good
+    assert not (d.cache_dir / "labels.npy").exists()  # never cached as good

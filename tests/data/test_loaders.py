@@ -153,7 +153,8 @@ _CORRUPT = textwrap.dedent('''
 
 
 def _corrupt_image(d, key):
-    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, pack, unpack
+    from trainer.data.irheader import IRHeader, pack, unpack
+    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter
 
     r = IndexedRecordReader(d / "train.rec")
     recs = {k: r.read(k) for k in r.keys}
@@ -194,7 +195,7 @@ def test_validate_clean_index_makes_loaders_skip_bad_record(synth_copy):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=dali_ok)])
 def test_augmentations(synth_dir, backend):
-    from trainer.data import to_model_input
+    from trainer.data.model_input import to_model_input
 
     kw = dict(backend=backend, shuffle=False, flip=False, num_threads=1)
     plain = to_model_input(next(iter(build_train_loader(synth_dir, 16, **kw)))[0])
@@ -213,7 +214,8 @@ def test_augmentations(synth_dir, backend):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=dali_ok)])
 def test_face2rec_style_label_arrays(synth_dir, tmp_path, backend):
     """Records with flag 2 ([label, aligned], insightface face2rec) give the first label."""
-    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, pack, unpack
+    from trainer.data.irheader import IRHeader, pack, unpack
+    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter
 
     r = IndexedRecordReader(synth_dir / "train.rec")
     with IndexedRecordWriter(tmp_path / "train.rec") as w:
@@ -348,7 +350,8 @@ def test_bad_selection_options_are_named(synth_dir):
 
 def test_to_model_input_is_the_normalisation_the_models_expect(synth_dir):
     """uint8 NHWC -> float NCHW in [-1, 1] on the device: the same tensor the float pipeline gave."""
-    from trainer.data import build_train_loader, to_model_input
+    from trainer.data import build_train_loader
+    from trainer.data.model_input import to_model_input
 
     images, _ = next(iter(build_train_loader(synth_dir, 8, backend="torch", num_threads=0, seed=1)))
     x = to_model_input(images)
@@ -357,12 +360,18 @@ def test_to_model_input_is_the_normalisation_the_models_expect(synth_dir):
     assert (x.double() - ref).abs().max() <= 1e-6
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert to_model_input(x) is x
+    # the .bin sets' NCHW batches go through the same rule (one rule, a layout argument)
+    nchw = to_model_input(images.permute(0, 3, 1, 2).contiguous(), layout="NCHW")
+    assert nchw.shape == x.shape and torch.equal(nchw, x)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        to_model_input(images, layout="HWC")
 
 
 def _flip_entropy_bytes(d, key):
     """Flip bytes inside the entropy-coded data of image ``key``: simplejpeg/PIL (validate,
     the torch loader) reject it; DALI's decoder returns garbled pixels without an error."""
-    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, pack, unpack
+    from trainer.data.irheader import IRHeader, pack, unpack
+    from trainer.data.recordio import IndexedRecordReader, IndexedRecordWriter
 
     r = IndexedRecordReader(d / "train.rec")
     recs = {k: r.read(k) for k in r.keys}

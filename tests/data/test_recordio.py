@@ -6,18 +6,15 @@ import struct
 import numpy as np
 import pytest
 
+from trainer.data.irheader import IRHeader, class_id, pack, unpack
 from trainer.data.recordio import (
     MAGIC,
     IndexedRecordReader,
     IndexedRecordWriter,
-    IRHeader,
     RecordIOError,
-    class_id,
     encode_record,
     iter_records,
-    pack,
     read_index,
-    unpack,
 )
 
 M = struct.pack("<I", 0xCED7230A)

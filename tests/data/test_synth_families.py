@@ -84,7 +84,7 @@ def test_families_change_the_data_and_reject_split_families(tmp_path):
 
 
 def test_ratio_sweep_flags_an_arm_that_does_not_train():
-    from bench.experiment import ratio_loss_stats
+    from bench.experiments.core import loss_stats as ratio_loss_stats
 
     steps = np.arange(300)
     trains = ratio_loss_stats(list(40 * np.exp(-steps / 40) + 10))
@@ -97,7 +97,7 @@ def test_ratio_sweep_flags_an_arm_that_does_not_train():
 
 def test_ratio_report_pairs_the_gain_by_seed(tmp_path):
     """The gain is UNPG minus plain of the same seed (mean ± sample std), not a difference of means."""
-    from bench.experiment import ratio_report
+    from bench.experiments.ratio import report as ratio_report
 
     def run(ids, arm, seed, tar4, within4):
         return {
@@ -142,7 +142,7 @@ def test_orthogonal_loss_is_the_loss_of_orthogonal_embeddings(wisk):
     """L0 (the 'ends near L0' check of the sweep) against the loss's definition (tests/heads/reference.py)."""
     import torch
 
-    from bench.experiment import orthogonal_loss
+    from bench.experiments.core import orthogonal_loss
     from tests.heads.reference import reference_loss
 
     classes, n, s, m = 7, 5, 64.0, 0.5

@@ -158,7 +158,8 @@ def _run_validate(d, *extra):
     ("identity", "identity"),
 ])
 def test_validate_reports_each_problem(synth_copy, damage, expect):
-    from trainer.data.recordio import IndexedRecordWriter, IRHeader, pack, unpack
+    from trainer.data.irheader import IRHeader, pack, unpack
+    from trainer.data.recordio import IndexedRecordWriter
 
     rec, idx = synth_copy / "train.rec", synth_copy / "train.idx"
     r = IndexedRecordReader(rec)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from eval import verify
-from eval.verification import verify_embeddings
+from eval.metrics import verify_embeddings
 from tests.eval.fixtures import PatchNet, aligned_face, encode, make_bin, tiny_net
 from trainer.io.binfile import UnsafePickleError, read_bin, write_bin
-from trainer.verification import embed_images, load_bin
+from trainer.verification_protocol import embed_images, load_bin
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -135,7 +135,7 @@ def test_patchnet_separates_identities_on_bin(tmp_path):
     assert res["accuracy"] == 1.0 and res["auc"] == 1.0
     # training's validator over several sets reports the same accuracy as the eval report
     from trainer.config import ValidationConfig
-    from trainer.distributed import DistInfo
+    from trainer.runtime.process_group import DistInfo
     from trainer.validator import Validator
 
     v = Validator(ValidationConfig(), {"lfw": p, "lfw_again": p}, DistInfo(0, 1, 0, torch.device("cpu")),

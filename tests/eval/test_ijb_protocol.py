@@ -318,7 +318,7 @@ def _verify_scripted_net(tmp_path, bin_path) -> int:
 
 def test_verify_cli_reports_insightface_val(tmp_path, capsys):
     from tests.eval.fixtures import make_bin
-    from trainer.verification import embed_images, load_bin, pair_scores
+    from trainer.verification_protocol import embed_images, load_bin, pair_scores
 
     make_bin(tmp_path / "s.bin", pairs=40, seed=1)
     assert _verify_scripted_net(tmp_path, tmp_path / "s.bin") == 0

@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from eval.metrics import evaluate_scores, tar_at_far
-from eval.verification import verify_embeddings
-from trainer.verification import contiguous_folds, kfold_accuracy
+from eval.metrics import evaluate_scores, tar_at_far, verify_embeddings
+from trainer.verification_protocol import contiguous_folds, kfold_accuracy
 
 
 def _sk_tar_at_far(scores, labels, far):

@@ -13,7 +13,7 @@ from eval import export_onnx as ex
 from eval import verify
 from eval.models import OnnxModule, load_model
 from tests.eval.fixtures import TinyNet, make_bin, tiny_net
-from trainer.verification import embed_images, load_bin
+from trainer.verification_protocol import embed_images, load_bin
 
 
 @pytest.fixture(scope="module")

@@ -72,10 +72,10 @@ def test_autocast_within_tolerance(dtype, tol):
 def test_fp16_gradscaler_with_sparse_head():
     """The CPU test (tests/trainer/test_precision.py) on CUDA: an overflow skips both optimizers."""
     from trainer.backbones import get_backbone
-    from trainer.distributed import DistInfo
     from trainer.engine.config import EngineConfig
     from trainer.engine.ddp import DDPEngine
     from trainer.optim import OptimConfig, optimizer_factory
+    from trainer.runtime.process_group import DistInfo
 
     dev = torch.device("cuda")
     bb = get_backbone("tiny", num_features=D, width=8, norm="none").to(dev)

@@ -113,7 +113,7 @@ def test_workers_die_with_their_agent(tmp_path, tiny_dataset):
             time.sleep(0.2)
         assert not any(_alive(w) for w in workers), "workers outlived their agent"
         # the folder's lock went with them: a new job gets it
-        from trainer.ownership import RunLock
+        from trainer.runtime.run_lock import RunLock
 
         RunLock(output).acquire(wait_s=10).release()
     finally:

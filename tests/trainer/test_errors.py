@@ -12,9 +12,10 @@ from tests.launch.e2e import ROOT, tiny_config, tiny_dataset  # noqa: F401  (ses
 _HOLDER = """
 import sys, time
 from pathlib import Path
-from trainer.data.face_rec import FaceRecDataset, ScanLock
+from trainer.data.face_rec import FaceRecDataset
+from trainer.data.node_cache import ScanLock
 ds = FaceRecDataset(sys.argv[1])
-lock = ScanLock(ds._cache_dir() / "labels.lock", "holder").__enter__()
+lock = ScanLock(ds.cache_dir / "labels.lock", "holder").__enter__()
 Path(sys.argv[2]).write_text("held")
 time.sleep(600)
 """

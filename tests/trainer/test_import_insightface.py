@@ -290,14 +290,14 @@ def test_import_refuses_a_run_folder_in_use(tmp_path, capsys):
     import sys
     from pathlib import Path
 
-    from trainer.ownership import RunLockedError
+    from trainer.runtime.run_lock import RunLockedError
 
     make_source(tmp_path / "src")
     run = tmp_path / "run"
     run.mkdir()
     root = Path(__file__).resolve().parents[2]
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                               "from trainer.ownership import RunLock\nRunLock(Path(sys.argv[1])).acquire()\n"
+                               "from trainer.runtime.run_lock import RunLock\nRunLock(Path(sys.argv[1])).acquire()\n"
                                "print('held', flush=True)\ntime.sleep(120)", str(run)],
                               cwd=root, stdout=subprocess.PIPE, text=True)
     try:

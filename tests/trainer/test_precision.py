@@ -4,10 +4,10 @@ import torch
 
 from trainer.backbones import get_backbone
 from trainer.config import EngineConfig, OptimConfig
-from trainer.distributed import DistInfo
 from trainer.engine.ddp import DDPEngine
 from trainer.heads import ArcFace, PartialFC, PartialFCSGD
 from trainer.optim import optimizer_factory
+from trainer.runtime.process_group import DistInfo
 
 C, D = 40, 32
 

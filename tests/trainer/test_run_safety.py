@@ -17,7 +17,7 @@ from trainer import checkpoint as ck
 from trainer.checkpointer import ResumeError
 from trainer.config import ConfigError
 from trainer.loop import Trainer
-from trainer.ownership import RunLock, RunLockedError
+from trainer.runtime.run_lock import RunLock, RunLockedError
 
 IMGS, LABELS = make_dataset(identities=8, per_id=4, val_identities=2, val_pairs=4, seed=0)
 SHORT = ["data.batch_size=8", "run.max_steps=4", "checkpoint.save_every=2", "checkpoint.keep_last=5"]
@@ -168,7 +168,7 @@ def test_second_owner_of_a_run_folder_is_refused(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from trainer.ownership import RunLock; RunLock(sys.argv[1]).acquire(); "
+        "import sys, time; from trainer.runtime.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
         "print('locked', flush=True); time.sleep(60)"), str(out)],
         stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
     try:
@@ -201,7 +201,7 @@ def test_class_count_must_match_the_labels(tmp_path):
 def test_signal_stops_the_run_with_a_checkpoint_at_the_current_step(tmp_path):
     import signal
 
-    from trainer.preemption import Preempted
+    from trainer.runtime.preemption import Preempted
 
     out = tmp_path / "run"
     t = _trainer(out, ["run.max_steps=50", "checkpoint.save_every=1000"]).setup()
@@ -227,7 +227,7 @@ def test_signal_stops_the_run_with_a_checkpoint_at_the_current_step(tmp_path):
 
 SECOND_SIGNAL = """
 import os, signal, sys, time
-from trainer.preemption import PreemptionHandler
+from trainer.runtime.preemption import PreemptionHandler
 h = PreemptionHandler(["SIGTERM"]).install()
 os.kill(os.getpid(), signal.SIGTERM)
 os.kill(os.getpid(), signal.SIGTERM)   # the same request delivered twice: ignored

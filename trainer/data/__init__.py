@@ -11,28 +11,19 @@ only when the DALI backend is built).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Union
 
 from trainer.data.config import BACKENDS, SHUFFLE_MODES, DataConfig
 
-__all__ = ["BACKENDS", "SHUFFLE_MODES", "DataConfig", "build_train_loader", "resolve_backend", "to_model_input"]
+if TYPE_CHECKING:  # torch-free at import time: the loaders import on use
+    from trainer.data.augment import AugmentConfig
+
+__all__ = ["BACKENDS", "SHUFFLE_MODES", "DataConfig", "build_train_loader", "resolve_backend"]
 
 
 #: backend="auto" on CPU-only runs: DALI's CPU pipeline beat the torch fallback
 #: 1.2-2x in bench/data.py on the 2-core development machine (docs/data.md).
 DEFAULT_CPU_BACKEND = "dali"
-
-
-def to_model_input(images):
-    """A loader's uint8 NHWC batch (on the training device) -> float32 NCHW in [-1, 1],
-    ``(x - 127.5) / 127.5``: the one cast + normalisation, done on the device inside the
-    step. The result has channels_last strides (fast convolutions on GPUs). Float input
-    (already normalised, e.g. a test's in-memory loader) is returned as it is."""
-    import torch
-
-    if images.dtype != torch.uint8:
-        return images
-    return images.permute(0, 3, 1, 2).float().sub_(127.5).div_(127.5)
 
 
 def resolve_backend(backend: str, device) -> str:
@@ -59,7 +50,7 @@ def resolve_backend(backend: str, device) -> str:
 
 def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int = 1,
                        device=None, backend: str = "auto", num_threads: int = 2, seed: int = 0,
-                       augment: Union[None, Mapping[str, Any], AugmentConfig] = None,  # noqa: F821
+                       augment: Union[None, Mapping[str, Any], AugmentConfig] = None,
                        shuffle: bool = True, flip: bool = True, shuffle_buffer: Optional[int] = None,
                        shuffle_mode: str = "block", block_bytes: Optional[int] = None,
                        lock_timeout: Optional[float] = None):
@@ -68,13 +59,13 @@ def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int
     Returns an object with ``num_classes``, ``num_images``, ``len()`` (batches per
     epoch per rank, equal on every rank, partial tail dropped), ``set_epoch(epoch,
     start_batch=0)`` and iteration yielding ``(images uint8 [B,112,112,3] RGB, flipped
-    where drawn, labels int64 [B])`` on ``device``; :func:`to_model_input` turns the
+    where drawn, labels int64 [B])`` on ``device``; :func:`trainer.data.model_input.to_model_input` turns the
     images into the model's float input on the device. ``flip``, ``shuffle_buffer``
     (local shuffle size, images), ``shuffle_mode`` ("block": permuted blocks of
     ``block_bytes`` of file read in order, then the shuffle buffer; "global": a
     permutation of all images, random reads) are extensions of the contract. ``lock_timeout``:
     seconds to wait on the node's scan/index lock without progress by its holder
-    (None: ``trainer.data.face_rec.DEFAULT_LOCK_TIMEOUT``).
+    (None: ``trainer.data.node_cache.DEFAULT_LOCK_TIMEOUT``).
     """
     import torch
 
@@ -95,7 +86,7 @@ def build_train_loader(data_dir, batch_size: int, rank: int = 0, world_size: int
     aug = AugmentConfig.coerce(augment)
     ds = FaceRecDataset(data_dir, lock_timeout=lock_timeout)
     chosen = resolve_backend(backend, device)
-    common = dict(batch_size=batch_size, rank=rank, world_size=world_size, device=device,
+    common: Dict[str, Any] = dict(batch_size=batch_size, rank=rank, world_size=world_size, device=device,
                   num_threads=num_threads, seed=seed, augment=aug, shuffle=shuffle, flip=flip,
                   shuffle_buffer=shuffle_buffer, shuffle_mode=shuffle_mode, block_bytes=block_bytes)
     if chosen == "dali":

@@ -63,8 +63,8 @@ def apply_numpy(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -
     h, w = img.shape[:2]
     if cfg.resize_prob > 0 and rng.random() < cfg.resize_prob:
         f = rng.uniform(cfg.resize_min, 1.0)
-        small = Image.fromarray(img).resize((max(1, int(w * f)), max(1, int(h * f))), Image.BILINEAR)
-        img = np.asarray(small.resize((w, h), Image.BILINEAR))
+        small = Image.fromarray(img).resize((max(1, int(w * f)), max(1, int(h * f))), Image.Resampling.BILINEAR)
+        img = np.asarray(small.resize((w, h), Image.Resampling.BILINEAR))
     if cfg.blur_prob > 0 and rng.random() < cfg.blur_prob:
         img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(rng.uniform(0.1, cfg.blur_sigma))))
     if cfg.hsv_prob > 0 and rng.random() < cfg.hsv_prob:
@@ -80,7 +80,11 @@ def apply_numpy(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -
 
 def apply_dali(images, cfg: AugmentConfig, device: str, size):
     """The same augmentations as DALI operators (images: HWC uint8 DataNode)."""
-    from nvidia.dali import fn, types
+    import nvidia.dali
+
+    # DALI's operators are generated at import time; its type stubs lack most of them
+    fn: Any = nvidia.dali.fn
+    types: Any = nvidia.dali.types
 
     h, w = size
     if cfg.resize_prob > 0:

@@ -37,7 +37,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Iterator, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -64,7 +64,12 @@ def dali_available() -> bool:
 def _build_pipeline(rec: str, idx: str, batch_size: int, num_threads: int, device_id: Optional[int],
                     shard_id: int, num_shards: int, shuffle: bool, initial_fill: int, seed: int,
                     flip: bool, augment: Optional[AugmentConfig], size: Tuple[int, int]):
-    from nvidia.dali import fn, pipeline_def, types
+    import nvidia.dali
+
+    # DALI's operators are generated at import time; its type stubs lack most of them
+    fn: Any = nvidia.dali.fn
+    types: Any = nvidia.dali.types
+    pipeline_def: Any = nvidia.dali.pipeline_def  # pyright: ignore[reportPrivateImportUsage]
 
     gpu = device_id is not None
 
@@ -80,7 +85,7 @@ def _build_pipeline(rec: str, idx: str, batch_size: int, num_threads: int, devic
             images = apply_dali(images, augment, "gpu" if gpu else "cpu", size)
         mirror = fn.random.coin_flip(probability=0.5) if flip else 0
         # uint8 HWC out (a quarter of float32's bytes); the mirror is folded into this copy.
-        # Cast and normalisation happen on the training device (trainer.data.to_model_input).
+        # Cast and normalisation happen on the training device (trainer.data.model_input.to_model_input).
         images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", mirror=mirror)
         return images, labels[0:1]
 
@@ -145,7 +150,10 @@ class DaliFaceLoader(FaceLoaderBase):
         return path
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        import nvidia.dali.plugin.pytorch as dali_torch
+
+        DALIGenericIterator: Any = dali_torch.DALIGenericIterator
+        LastBatchPolicy: Any = dali_torch.LastBatchPolicy  # pyright: ignore[reportPrivateImportUsage]
 
         epoch, start = self.epoch, self.start_batch
         self.start_batch = 0

@@ -42,16 +42,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
 from trainer.data.face_rec import FaceRecDataset
-from trainer.data.recordio import MAX_LENGTH, RecordIOError, parse_record_at, unpack
+from trainer.data.irheader import unpack
+from trainer.data.node_cache import cache_root
+from trainer.data.recordio import MAX_LENGTH, RecordIOError, parse_record_at
 from trainer.io.images import ImageDecodeError, decode_rgb
 
 log = logging.getLogger("trainer")
@@ -101,7 +102,7 @@ class ChunkVerdicts:
             log.warning("decode verdicts not stored (%s): %s", self.store, e)
 
     def _store_path(self) -> Path:
-        base = Path(os.environ.get("UNPG_DATA_CACHE", Path(tempfile.gettempdir()) / "unpg-data-cache"))
+        base = cache_root()
         tag = f"{self.ds.rec_path.resolve()}|{self.size}|{self.chunk_bytes}".encode()
         return base / "decode-verdicts" / f"{self.ds.rec_path.stem}-{hashlib.sha1(tag).hexdigest()[:16]}.bin"
 
@@ -185,7 +186,7 @@ class ChunkVerdicts:
             key = content_key(min(end, self.file_size))
             if not decode or self._stored(c) == key:
                 return key, [], 0
-        payloads: List[Tuple[int, object]] = []
+        payloads: List[Tuple[int, Union[bytes, RecordIOError]]] = []
         end = a
         for k, o in zip(keys.tolist(), offs.tolist()):
             try:
@@ -202,7 +203,7 @@ class ChunkVerdicts:
         bad: List[Tuple[int, str]] = []
         for k, p in payloads:
             try:
-                if isinstance(p, Exception):
+                if isinstance(p, RecordIOError):
                     raise p
                 _, img = unpack(p, f"{rec} (key {k})")
                 if not img:
@@ -377,6 +378,7 @@ _WORKER: Optional[ChunkVerdicts] = None
 
 def _worker_check(c: int):
     v = _WORKER
+    assert v is not None, "set before the pool forks"
     if v._fd is None:
         try:
             v._fd = os.open(v.store, os.O_RDWR | os.O_CREAT, 0o666)

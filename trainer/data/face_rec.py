@@ -9,29 +9,21 @@ an image. The physical order in the file may differ from key order.
 """
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
-import socket
 import sys
-import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
+from trainer.data.irheader import IR_SIZE, MAX_EXACT_LABEL, class_id, unpack
+from trainer.data.node_cache import DEFAULT_LOCK_TIMEOUT, cache_dir, cached_labels, load_index_cached
 from trainer.data.recordio import (
-    IR_SIZE,
     MAGIC,
-    MAX_EXACT_LABEL,
     MAX_LENGTH,
     ArrayIndexedRecordReader,
-    IndexedRecordReader,
     RecordIOError,
-    class_id,
-    unpack,
     write_index_arrays,
 )
 
@@ -82,7 +74,8 @@ class FaceRecDataset:
                 f"{self.data_dir} --write-index`)"
             )
         self._paths = (rec, idx)
-        self.reader: IndexedRecordReader = ArrayIndexedRecordReader(rec, idx, self._load_index_cache())
+        self.reader = ArrayIndexedRecordReader(
+            rec, idx, load_index_cached(cache_dir(rec, idx), idx, self.lock_timeout))
         prop = read_property(self.data_dir)
         self._property_classes = prop[0] if prop else None
         self.header: Optional[Tuple[int, int]] = None
@@ -153,93 +146,34 @@ class FaceRecDataset:
         return cid, img
 
     # ------------------------------------------------------------------ label scan
-    def _load_index_cache(self) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-        """(keys, offsets) of ``train.idx`` from the cache (memory-mapped: the ranks of a node share
-        the pages). On a miss one process per node parses and writes it (:class:`ScanLock`) while
-        the others wait for it."""
-        from trainer.data.recordio import read_index_arrays
-
-        d = self._cache_dir()
-        got = self._index_from_cache(d)
-        if got is not None:
-            return got
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            lock: Optional[ScanLock] = ScanLock(d / "index.lock", str(self._paths[1]), self.lock_timeout,
-                                                task="index parse")
-        except OSError:
-            return read_index_arrays(self._paths[1])
-        with lock:
-            got = self._index_from_cache(d)
-            if got is not None:
-                return got
-            keys, offs = read_index_arrays(self._paths[1], tick=lock.progress)
-            try:
-                from trainer.io.atomic import atomic_open
-
-                for name, arr in (("idx_keys.npy", keys), ("idx_offsets.npy", offs)):
-                    with atomic_open(d / name, "wb") as f:
-                        np.save(f, arr)
-            except OSError:
-                pass
-        return keys, offs
-
-    @staticmethod
-    def _index_from_cache(d: Path) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-        try:
-            keys = np.load(d / "idx_keys.npy", mmap_mode="r", allow_pickle=False)
-            offs = np.load(d / "idx_offsets.npy", mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError):
-            return None
-        if keys.shape == offs.shape and keys.ndim == 1 and keys.dtype == offs.dtype == np.int64:
-            return keys, offs
-        return None
-
-    def _cache_dir(self) -> Path:
-        rec_path, idx_path = self._paths
-        st_r, st_i = rec_path.stat(), idx_path.stat()
-        tag = (f"{rec_path.resolve()}|{st_r.st_ino}|{st_r.st_size}|{st_r.st_mtime_ns}|"
-               f"{st_i.st_ino}|{st_i.st_size}|{st_i.st_mtime_ns}")
-        digest = hashlib.sha1(tag.encode()).hexdigest()[:16]
-        base = Path(os.environ.get("UNPG_DATA_CACHE", Path(tempfile.gettempdir()) / "unpg-data-cache"))
-        return base / f"{rec_path.stem}-{digest}"
+    @property
+    def cache_dir(self) -> Path:
+        """This dataset's folder in the node's cache (:func:`trainer.data.node_cache.cache_dir`)."""
+        return cache_dir(*self._paths)
 
     def scan(self, progress: Optional[bool] = None, lock_timeout: Optional[float] = None) -> np.ndarray:
         """Labels of every image record (int64, aligned with ``image_keys``).
 
         Reads only the record headers (plus the IRHeader), checks framing, that
         the image is not empty and the label is an exact integer in range.
-        Cached on disk keyed by the files' size and mtime. One process per
-        cache directory scans (a lock file, :class:`ScanLock`); the others wait
-        for its cache file, and scan themselves if the scanner died.
+        Cached on disk keyed by the files' size and mtime
+        (:func:`trainer.data.node_cache.cached_labels`: one process per node scans, the
+        others wait for its cache file, and scan themselves if the scanner died).
         ``progress``: a tqdm bar (None: when stderr is a terminal). ``lock_timeout``:
         seconds to wait without progress by the lock's holder (None: the dataset's
-        ``lock_timeout``), then :class:`ScanLockTimeout`.
+        ``lock_timeout``), then :class:`~trainer.data.node_cache.ScanLockTimeout`.
         """
         if self.labels is not None:
             return self.labels
-        cache = self._cache_dir() / "labels.npy"
-        lab = self._load_labels(cache)
-        if lab is None:
-            try:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                lock: Optional[ScanLock] = ScanLock(
-                    cache.parent / "labels.lock", str(self.rec_path),
-                    timeout=self.lock_timeout if lock_timeout is None else lock_timeout)
-            except OSError:
-                lock = None  # read-only cache location: scan without sharing
-            if lock is None:
-                lab = self._scan_records(progress)
-                self.check_identity_records(lab)
-            else:
-                with lock:
-                    lab = self._load_labels(cache)  # written by the process we waited for
-                    if lab is None:
-                        lab = self._scan_records(progress, tick=lock.progress)
-                        self.check_identity_records(lab)  # a failing dataset is never cached
-                        self._save_labels(cache, lab)
-        self.labels = lab
-        return lab
+
+        def compute(tick: Optional[Callable[[], None]]) -> np.ndarray:
+            lab = self._scan_records(progress, tick)
+            self.check_identity_records(lab)  # a failing dataset is never cached
+            return lab
+
+        self.labels = cached_labels(self.cache_dir / "labels.npy", str(self.rec_path), self.image_keys.shape,
+                                    compute, self.lock_timeout if lock_timeout is None else lock_timeout)
+        return self.labels
 
     def check_identity_records(self, labels: np.ndarray) -> None:
         """Every image's label equals the identity whose record lists its key (insightface
@@ -274,25 +208,6 @@ class FaceRecDataset:
                 f"key {where[int(expected[i])]} lists it under identity {int(expected[i])}); "
                 f"check the dataset with `python -m data_tools validate {self.data_dir}`")
 
-    def _load_labels(self, cache: Path) -> Optional[np.ndarray]:
-        if not cache.is_file():
-            return None
-        try:
-            lab = np.load(cache, mmap_mode="r", allow_pickle=False)  # shared by the node's ranks
-        except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt (None: scan again)
-            return None
-        return lab if lab.shape == self.image_keys.shape and lab.dtype == np.int64 else None
-
-    @staticmethod
-    def _save_labels(cache: Path, labels: np.ndarray) -> None:
-        try:
-            from trainer.io.atomic import atomic_open
-
-            with atomic_open(cache, "wb") as f:
-                np.save(f, labels)
-        except OSError:
-            pass
-
     def _scan_records(self, progress: Optional[bool], tick: Optional[Callable[[], None]] = None) -> np.ndarray:
         """Vectorised header scan: large sequential reads, numpy checks; any record the
         fast path does not accept (split records, errors) goes through :meth:`_scan_one`
@@ -325,7 +240,7 @@ class FaceRecDataset:
         DALI's mxnet reader reads every offset in the .idx, ignoring keys; the
         header and identity records would come out as 0-byte images.
         """
-        p = self._cache_dir() / "images.idx"
+        p = self.cache_dir / "images.idx"
         if not p.is_file():
             p.parent.mkdir(parents=True, exist_ok=True)
             write_index_arrays(p, self.image_keys, self.image_offsets)
@@ -433,145 +348,6 @@ def scan_labels(rec_path: PathLike, offsets: np.ndarray, file_size: int, num_cla
         if bar is not None:
             bar.close()
     return labels, ok
-
-
-#: seconds a waiter for a node's scan/index lock accepts without progress by its holder
-#: (``data.lock_timeout``); the holder touches the lock file at every piece it scans, so a
-#: 42M-record scan on slow storage never comes near it, while a stopped holder fails the wait.
-DEFAULT_LOCK_TIMEOUT = 300.0
-
-
-class ScanLockTimeout(TimeoutError):
-    """A node's scan/index lock stayed held without progress for ``lock_timeout`` seconds."""
-
-
-def _process_state(pid: int) -> str:
-    """What this host knows of process ``pid``: running, stopped, in I/O wait, not running."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return "not running"
-        except OSError:
-            return "alive"
-        return "alive"
-    return {"T": "alive but stopped (SIGSTOP or a debugger)", "t": "alive but stopped by a debugger",
-            "D": "alive, blocked in uninterruptible I/O (hung storage?)", "Z": "not running (a zombie)",
-            "X": "not running"}.get(state, "alive and running")
-
-
-class ScanLock:
-    """An exclusive ``flock`` on ``path`` (context manager) so one process per node scans.
-
-    The kernel drops the lock when its holder exits or is killed, so a crashed
-    scanner never blocks the others: they then find no cache and scan
-    themselves. The holder writes ``pid host time`` into the file and touches it
-    (:meth:`progress`) as it works; a waiter names it on stderr. ``timeout``
-    (seconds, None = no limit): a waiter gives up with :class:`ScanLockTimeout`
-    when the holder has shown no progress (file mtime) for that long, naming the
-    lock file, the holder (pid, host, since when, alive or stopped, last progress)
-    and how to clear it. Where ``flock`` is unsupported (some network
-    filesystems) it does nothing.
-    """
-
-    POLL_S = 0.2
-    TOUCH_S = 1.0
-
-    def __init__(self, path: PathLike, what: str, timeout: Optional[float] = None, task: str = "label scan"):
-        self.path, self.what, self.timeout, self.task = Path(path), what, timeout, task
-        self.fd: Optional[int] = None
-        self.waited = False
-        self._touched = 0.0
-
-    def __enter__(self) -> ScanLock:
-        import fcntl
-
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        t0 = time.time()
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                        os.close(fd)  # ENOLCK etc.: no locking here, scan unshared
-                        return self
-                if not self.waited:
-                    self.waited = True
-                    print(f"{self.what}: waiting for the {self.task} by {self.holder()} ({self.path})",
-                          file=sys.stderr, flush=True)
-                if self.timeout is not None:
-                    try:
-                        last = os.fstat(fd).st_mtime
-                    except OSError:
-                        last = t0
-                    if time.time() - max(t0, last) > self.timeout:
-                        raise ScanLockTimeout(self._timeout_message())
-                time.sleep(self.POLL_S)
-        except BaseException:
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n".encode(), 0)
-        self.fd = fd
-        self._touched = time.monotonic()
-        return self
-
-    def progress(self) -> None:
-        """The holder is working: touch the lock file (at most once per ``TOUCH_S``)."""
-        if self.fd is None or time.monotonic() - self._touched < self.TOUCH_S:
-            return
-        self._touched = time.monotonic()
-        try:
-            os.utime(self.fd)
-        except OSError:
-            pass
-
-    def _read_holder(self) -> Optional[Tuple[int, str, float]]:
-        try:
-            pid, host, ts = self.path.read_text().split()
-            return int(pid), host, float(ts)
-        except (OSError, ValueError):
-            return None
-
-    def holder(self) -> str:
-        got = self._read_holder()
-        if got is None:
-            return "another process"
-        pid, host, ts = got
-        return f"pid {pid} on {host} (since {max(0.0, time.time() - ts):.0f} s)"
-
-    def _timeout_message(self) -> str:
-        got = self._read_holder()
-        try:
-            idle = f"{max(0.0, time.time() - self.path.stat().st_mtime):.0f} s ago"
-        except OSError:
-            idle = "unknown"
-        if got is None:
-            who, state, clear = "another process", "unknown", f"delete {self.path}"
-        else:
-            pid, host, ts = got
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-            who = f"pid {pid} on {host} since {since} ({max(0.0, time.time() - ts):.0f} s)"
-            state = _process_state(pid) if host == socket.gethostname() else "on another host: not checked"
-            clear = (f"stop that process (kill {pid}{' on ' + host if host != socket.gethostname() else ''}; "
-                     f"the lock goes with it) or delete {self.path}")
-        return (f"{self.path}: the {self.task} lock of {self.what} is held by {who}, {state}; its last "
-                f"progress was {idle}: gave up after {self.timeout:g} s without progress "
-                f"(data.lock_timeout). To clear it, {clear}; raise data.lock_timeout if the storage is "
-                "that slow")
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # releases the flock
-            self.fd = None
 
 
 def warn_if_identity_sorted(ds: FaceRecDataset, batch_size: int, shuffle_buffer: Optional[int]) -> None:

@@ -31,7 +31,7 @@ class FaceLoaderBase:
         self.device = torch.device(device)
         self.num_threads, self.seed, self.shuffle, self.flip = num_threads, seed, shuffle, flip
         self.augment = augment
-        self.image_size = tuple(image_size)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
         self._len = plan.batches_per_rank(self.num_images, world_size, batch_size)
         if self._len == 0:
             raise ValueError(

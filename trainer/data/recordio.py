@@ -1,4 +1,4 @@
-"""MXNet RecordIO in plain Python (no MXNet): framing, index, IRHeader.
+"""MXNet RecordIO in plain Python (no MXNet): framing and index.
 
 Byte format (docs/design.md §3, dmlc-core ``recordio.h``):
 
@@ -12,8 +12,8 @@ Byte format (docs/design.md §3, dmlc-core ``recordio.h``):
   multiples of 4, so only the last part is padded.
 * ``.idx`` = text lines ``key<TAB>byte_offset`` (offset of the record's first
   part).
-* image payload = IRHeader ``<IfQQ`` (flag, label, id, id2); if flag > 0 the
-  header label is 0 and ``flag`` float32 labels follow; then the encoded image.
+* the face payload inside a record (IRHeader, labels, image) is
+  :mod:`trainer.data.irheader`.
 
 Readers use positional reads (``os.pread``) on a descriptor opened lazily per
 process, so one :class:`IndexedRecordReader` can be handed to DataLoader
@@ -25,9 +25,8 @@ import os
 import struct
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import IO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -38,12 +37,10 @@ PathLike = Union[str, os.PathLike]
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _HEAD = struct.Struct("<II")
-IR_FORMAT = "<IfQQ"
-_IR = struct.Struct(IR_FORMAT)
-IR_SIZE = _IR.size  # 24
 MAX_LENGTH = (1 << 29) - 1
-#: float32 represents every integer exactly only below 2**24 (docs/design.md §3).
-MAX_EXACT_LABEL = 1 << 24
+#: bytes :meth:`IndexedRecordReader.read_head` reads by default: the 24-byte IRHeader
+#: (trainer.data.irheader) and the first labels of an array label
+DEFAULT_HEAD_BYTES = 24 + 64
 
 
 class RecordIOError(ValueError):
@@ -99,7 +96,8 @@ def read_record_header(buf_reader, pos: int, file_size: int, where: str) -> Tupl
     return lrec >> 29, lrec & MAX_LENGTH
 
 
-def parse_record_at(buf_reader, offset: int, file_size: int, where: str) -> Tuple[bytes, int]:
+def parse_record_at(buf_reader: Callable[[int, int], bytes], offset: int, file_size: int,
+                    where: Union[str, Callable[[], str]]) -> Tuple[bytes, int]:
     """Read one logical record starting at ``offset``; return (payload, next_offset).
 
     ``buf_reader(offset, n)`` returns up to n bytes at offset. ``where`` names the
@@ -324,7 +322,7 @@ class IndexedRecordReader:
         payload, _ = parse_record_at(self._pread, off, self.file_size, lambda: self.where(key))
         return payload
 
-    def read_head(self, key: int, n: int = IR_SIZE + 64) -> Tuple[bytes, int]:
+    def read_head(self, key: int, n: int = DEFAULT_HEAD_BYTES) -> Tuple[bytes, int]:
         """First up-to-``n`` payload bytes of record ``key`` and its total payload length.
 
         Used to scan labels without reading images. For split records falls back
@@ -364,7 +362,7 @@ class IndexedRecordWriter:
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
         self._rec_cm = atomic_open(self.rec_path, "wb")
-        self._rec: BinaryIO = self._rec_cm.__enter__()
+        self._rec: IO[bytes] = self._rec_cm.__enter__()
         self._pos = 0
         self._index: List[Tuple[int, int]] = []
         self._keys: set = set()
@@ -461,7 +459,7 @@ def read_index_arrays(idx_path: PathLike, chunk_bytes: int = 16 << 20,
                 if rest:  # last line without a newline
                     got = _parse_index_chunk(rest + b"\n")
                     ok = got is not None
-                    if ok:
+                    if got is not None:
                         add(got)
                 break
             block = rest + block
@@ -469,7 +467,7 @@ def read_index_arrays(idx_path: PathLike, chunk_bytes: int = 16 << 20,
             rest = block[cut:]
             got = _parse_index_chunk(block[:cut])
             ok = got is not None
-            if ok:
+            if got is not None:
                 add(got)
             del got
             if tick is not None:
@@ -583,83 +581,11 @@ class ArrayIndexedRecordReader(IndexedRecordReader):
         self._lock = threading.Lock()
 
     @property
-    def keys(self) -> List[int]:  # type: ignore[override]
-        if self._keys_list is None:
-            self._keys_list = self.offsets.key_array.tolist()
-        return self._keys_list
+    def keys(self) -> List[int]:
+        keys = self._keys_list
+        if keys is None:
+            keys = self._keys_list = self.offsets.key_array.tolist()
+        return keys
 
     def __contains__(self, key: int) -> bool:
         return key in self.offsets
-
-
-# --------------------------------------------------------------------------- IRHeader
-@dataclass
-class IRHeader:
-    """MXNet's image record header. ``label`` is a float or a float32 array (flag > 0)."""
-
-    flag: int
-    label: Union[float, np.ndarray]
-    id: int = 0
-    id2: int = 0
-
-    @property
-    def labels(self) -> np.ndarray:
-        """All labels as a float32 array (length 1 for a scalar label)."""
-        if self.flag > 0:
-            return np.asarray(self.label, dtype=np.float32)
-        return np.asarray([self.label], dtype=np.float32)
-
-
-def pack(header: IRHeader, data: bytes = b"") -> bytes:
-    """``mx.recordio.pack``: scalar label -> flag 0; array label -> flag = len, labels prepended."""
-    label = header.label
-    if isinstance(label, (int, float, np.integer, np.floating)):
-        head = _IR.pack(0, float(label), header.id, header.id2)
-        return head + bytes(data)
-    arr = np.asarray(label, dtype=np.float32).reshape(-1)
-    head = _IR.pack(arr.size, 0.0, header.id, header.id2)
-    return head + arr.astype("<f4").tobytes() + bytes(data)
-
-
-def unpack(payload: bytes, where: str = "record") -> Tuple[IRHeader, bytes]:
-    """``mx.recordio.unpack``: returns (header, remaining bytes = encoded image)."""
-    if len(payload) < IR_SIZE:
-        raise RecordIOError(f"{where}: payload of {len(payload)} bytes is shorter than the {IR_SIZE}-byte IRHeader")
-    flag, label, id_, id2 = _IR.unpack_from(payload, 0)
-    rest = payload[IR_SIZE:]
-    if flag > 0:
-        if len(rest) < 4 * flag:
-            raise RecordIOError(f"{where}: IRHeader flag {flag} needs {4 * flag} label bytes, payload has {len(rest)}")
-        arr = np.frombuffer(rest, dtype="<f4", count=flag).astype(np.float32)
-        return IRHeader(flag, arr, id_, id2), rest[4 * flag:]
-    return IRHeader(0, float(label), id_, id2), rest
-
-
-def class_id(header: IRHeader, where: str = "record", num_classes: Optional[int] = None) -> int:
-    """The class id of an image record (first label), checked exact and in range.
-
-    Refuses ids that float32 cannot hold exactly (>= 2**24): two classes could
-    have been merged by the rounding (docs/design.md §3).
-    """
-    value = float(header.labels[0]) if header.flag > 0 else float(header.label)
-    if not np.isfinite(value) or value != int(value):
-        raise RecordIOError(f"{where}: label {value!r} is not an integer class id")
-    cid = int(value)
-    if cid < 0:
-        raise RecordIOError(f"{where}: negative label {cid}")
-    if cid >= MAX_EXACT_LABEL:
-        raise RecordIOError(
-            f"{where}: label {cid} >= 2^24 cannot be stored exactly in the float32 RecordIO "
-            "label (neighbouring class ids collapse); refusing rather than merging classes"
-        )
-    if num_classes is not None and cid >= num_classes:
-        raise RecordIOError(f"{where}: label {cid} out of range [0, {num_classes})")
-    return cid
-
-
-def check_label_exact(label: int) -> None:
-    """Writer-side guard: refuse ids float32 cannot hold exactly."""
-    if not 0 <= int(label) < MAX_EXACT_LABEL:
-        raise ValueError(
-            f"label {label} outside [0, 2^24): float32 RecordIO labels cannot hold it exactly"
-        )

@@ -9,11 +9,11 @@ reads in byte order, decode with simplejpeg (libjpeg-turbo; Pillow for non-JPEG)
 straight into the batch buffer, flip, and return uint8 NHWC (pinned memory on
 CUDA); the main process copies it to the device (``non_blocking``), as the DALI
 pipeline delivers it. Cast and normalisation happen once, on the training
-device, in the step (:func:`trainer.data.to_model_input`).
+device, in the step (:func:`trainer.data.model_input.to_model_input`).
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from trainer.data.face_rec import FaceRecDataset, warn_if_identity_sorted
 from trainer.data.loader_base import FaceLoaderBase
 from trainer.data.recordio import RecordIOError
 from trainer.io.images import ImageDecodeError, decode_rgb, is_jpeg
-from trainer.preemption import own_process_group
+from trainer.runtime.preemption import own_process_group
 
 
 def decode_image(data: bytes, where: str, size: Tuple[int, int] = (112, 112),
@@ -56,21 +56,23 @@ class _EpochBatches(Dataset):
         labels = np.empty(len(idx), np.int64)
         keys = self.ds.image_keys
         rng = None
-        if self.augment is not None and self.augment.active():
+        aug = self.augment
+        if aug is not None and aug.active():
             rng = np.random.default_rng([self.seed, epoch, b, 0xA06])
         # read in byte order (sequential within a block); augment draws stay in batch order
         order = np.argsort(self.offsets[idx], kind="stable")
-        imgs_raw = [None] * len(idx)
+        raw: Dict[int, Tuple[int, int, bytes]] = {}
         for j in order.tolist():
             key = int(keys[idx[j]])
-            imgs_raw[j] = (key,) + self.ds.read_image(key)
-        for j, (key, lab, data) in enumerate(imgs_raw):
+            raw[j] = (key, *self.ds.read_image(key))
+        for j in range(len(idx)):
+            key, lab, data = raw[j]
             if rng is None and is_jpeg(data):
                 decode_image(data, self.ds.reader.where(key), self.size, out=out[j])
             else:
                 img = decode_image(data, self.ds.reader.where(key), self.size)
-                if rng is not None:
-                    img = apply_numpy(img, self.augment, rng)
+                if rng is not None and aug is not None:
+                    img = apply_numpy(img, aug, rng)
                 out[j] = img
             labels[j] = lab
         if fl.any():
@@ -84,11 +86,15 @@ class _EpochSampler(Sampler):
 
     def __init__(self, num_batches: int):
         self.n, self.epoch, self.start = num_batches, 0, 0
-        self.batches = self.flips = None
+        # set for each epoch by the loader before it iterates
+        self.batches: Optional[np.ndarray] = None
+        self.flips: Optional[np.ndarray] = None
 
     def __iter__(self):
+        batches, flips = self.batches, self.flips
+        assert batches is not None and flips is not None, "the loader sets the epoch's plan first"
         for b in range(self.start, self.n):
-            yield (self.epoch, b, self.batches[b], self.flips[b])
+            yield (self.epoch, b, batches[b], flips[b])
 
     def __len__(self) -> int:
         return self.n - self.start

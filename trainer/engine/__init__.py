@@ -25,8 +25,8 @@ from trainer.engine.config import ENGINES, PRECISIONS, DeepSpeedConfig, EngineCo
 if TYPE_CHECKING:
     import torch
 
-    from trainer.distributed import DistInfo
     from trainer.engine.base import Engine, LossScaleError, NonFiniteLossError, OptimizerFactory, StepOutput
+    from trainer.runtime.process_group import DistInfo
 
 _FROM_BASE = ("Engine", "LossScaleError", "NonFiniteLossError", "OptimizerFactory", "StepOutput")
 
@@ -49,7 +49,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def build_engine(cfg: EngineConfig, make_optimizer: OptimizerFactory, clip_grad_norm: float,
-                 backbone: torch.nn.Module, head, head_opt, d: DistInfo, grad_accum: int, batch_size: int,
+                 backbone: torch.nn.Module, head: torch.nn.Module, head_opt: torch.optim.Optimizer, d: DistInfo,
+                 grad_accum: int, batch_size: int,
                  compile: bool = False) -> Engine:
     """The engine registered under ``cfg.name`` (:data:`ENGINES`), around ``backbone``; it builds
     the backbone optimizer with ``make_optimizer(module, fused=...)``

@@ -4,18 +4,36 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, Optional, Tuple, Union, cast
 
 import torch
 from torch import nn
 
 from trainer.batchnorm import bn_modules, set_bn_training
-from trainer.distributed import DistInfo
+from trainer.runtime.process_group import DistInfo
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 #: builds the backbone optimizer over a module's trainable parameters; ``fused=False`` where
 #: the engine steps it through a wrapper (DeepSpeed). trainer.optim.optimizer_factory makes one.
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+#: a checkpoint folder
+CkptDir = Union[str, Path]
+
+
+# torch's Tensor.backward, Optimizer.step and torch.compile are not fully annotated (parts
+# Unknown to a type checker): the engines call them through these typed doors.
+def backward(loss: torch.Tensor) -> None:
+    loss.backward()  # pyright: ignore[reportUnknownMemberType]
+
+
+def step(opt: torch.optim.Optimizer) -> None:
+    opt.step()  # pyright: ignore[reportUnknownMemberType]
+
+
+def compiled(module: nn.Module) -> nn.Module:
+    """``torch.compile(module)``: a module that runs the compiled forward."""
+    return cast(Callable[[nn.Module], nn.Module], torch.compile)(module)  # pyright: ignore[reportUnknownMemberType]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,7 +67,7 @@ class Engine:
 
     name = "base"
 
-    def __init__(self, clip_grad_norm: float, backbone: nn.Module, head: nn.Module, head_opt,
+    def __init__(self, clip_grad_norm: float, backbone: nn.Module, head: nn.Module, head_opt: torch.optim.Optimizer,
                  d: DistInfo, grad_accum: int, precision: str) -> None:
         self.clip_grad_norm = clip_grad_norm  # backbone gradient norm bound; 0: no clipping
         self.backbone = backbone          # the plain module (state_dict in insightface format)
@@ -70,13 +88,13 @@ class Engine:
         self._bns = bn_modules(backbone)
 
     # ------------------------------------------------------------------ hooks
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> ContextManager[Any]:
         return contextlib.nullcontext()
 
     def input_dtype(self) -> Optional[torch.dtype]:
         return None
 
-    def micro_context(self, last: bool) -> ContextManager:
+    def micro_context(self, last: bool) -> ContextManager[Any]:
         return contextlib.nullcontext()
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
@@ -96,10 +114,10 @@ class Engine:
         """What goes into trainer.pt besides the backbone weights (optimizer, scaler)."""
         return {}
 
-    def load_state_dict(self, state: Dict[str, Any], ckpt_dir, same_world: bool) -> None:
+    def load_state_dict(self, state: Dict[str, Any], ckpt_dir: CkptDir, same_world: bool) -> None:
         pass
 
-    def save_extra(self, ckpt_dir) -> None:
+    def save_extra(self, ckpt_dir: CkptDir) -> None:
         """Collective: engine-owned files in the checkpoint folder (every rank)."""
 
     def loss_scale(self) -> Optional[float]:
@@ -119,7 +137,11 @@ class Engine:
             # backbone gradients over ranks while the true gradient is their SUM: scale by R
             # on the backbone path only (docs/design.md, gradient rules).
             ws = self.d.world_size
-            emb.register_hook(lambda g: g * ws)
+
+            def sum_over_ranks(g: torch.Tensor) -> torch.Tensor:
+                return g * ws
+
+            emb.register_hook(sum_over_ranks)
         return emb
 
     def train_step(self, next_batch: Callable[[], Batch]) -> StepOutput:
@@ -127,8 +149,8 @@ class Engine:
         a non-finite loss or gradient skips the step on the device (weights and optimizer
         state unchanged, as GradScaler does); the trainer reads ``skipped`` / ``overflow`` at
         logging steps (an fp16 overflow is counted, a non-finite loss meets ``run.nan_policy``)."""
-        total = None
-        images = None
+        total: Optional[torch.Tensor] = None
+        images: Optional[torch.Tensor] = None
         # running statistics (BatchNorm) move in the forward pass: keep a copy to restore
         # them on the device if the step is skipped (a few small tensors per step)
         stats = [b for b in self.backbone.buffers() if b.is_floating_point()]
@@ -140,6 +162,7 @@ class Engine:
                 loss = self.head(self.forward(images), labels)
                 total = loss.detach() if total is None else total + loss.detach()
                 self._backward(loss, last)
+        assert total is not None  # grad_accum >= 1 (EngineConfig)
         mean = total / self.accum
         grad_norm, skipped, overflow = self._apply(~torch.isfinite(mean))
         with torch.no_grad():
@@ -167,5 +190,10 @@ class Engine:
             return torch.zeros((), device=self.d.device)
         if self.clip_grad_norm > 0:
             return nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
-                                                     for p in params]))
+        norms = [_vector_norm(g.detach().float()) for g in (p.grad for p in params) if g is not None]
+        return _vector_norm(torch.stack(norms))
+
+
+def _vector_norm(x: torch.Tensor) -> torch.Tensor:
+    """The 2-norm of all of ``x`` (torch.linalg's function is not annotated)."""
+    return cast(torch.Tensor, torch.linalg.vector_norm(x))  # pyright: ignore[reportUnknownMemberType]

@@ -8,9 +8,9 @@ from typing import Any, ContextManager, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from trainer.distributed import DistInfo
-from trainer.engine.base import Engine, OptimizerFactory
+from trainer.engine.base import CkptDir, Engine, OptimizerFactory, backward, compiled, step
 from trainer.engine.config import EngineConfig
+from trainer.runtime.process_group import DistInfo
 
 
 def _grads_finite(opt: torch.optim.Optimizer) -> torch.Tensor:
@@ -28,11 +28,11 @@ class DDPEngine(Engine):
     name = "ddp"
 
     def __init__(self, cfg: EngineConfig, make_optimizer: OptimizerFactory, clip_grad_norm: float,
-                 backbone: nn.Module, head, head_opt, d: DistInfo, grad_accum: int, precision: str,
-                 compile: bool = False) -> None:
+                 backbone: nn.Module, head: nn.Module, head_opt: torch.optim.Optimizer, d: DistInfo,
+                 grad_accum: int, precision: str, compile: bool = False) -> None:
         super().__init__(clip_grad_norm, backbone, head, head_opt, d, grad_accum, precision)
         self.backbone_opt = make_optimizer(backbone, fused=True)
-        fwd: nn.Module = torch.compile(backbone) if compile else backbone
+        fwd = compiled(backbone) if compile else backbone
         if d.world_size > 1:
             fwd = nn.parallel.DistributedDataParallel(
                 fwd, device_ids=[d.device.index] if d.device.type == "cuda" else None)
@@ -40,20 +40,20 @@ class DDPEngine(Engine):
         self.scaler = torch.amp.GradScaler(d.device.type, init_scale=cfg.init_scale,
                                            growth_interval=cfg.growth_interval) if precision == "fp16" else None
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> ContextManager[Any]:
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.d.device.type, dtype=dtype)
 
-    def micro_context(self, last: bool) -> ContextManager:
+    def micro_context(self, last: bool) -> ContextManager[Any]:
         if not last and isinstance(self.model, nn.parallel.DistributedDataParallel):
             return self.model.no_sync()
         return contextlib.nullcontext()
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         scaled = loss / self.accum
-        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        backward(self.scaler.scale(scaled) if self.scaler is not None else scaled)
 
     def _apply(self, bad: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
         if self.scaler is not None:
@@ -69,11 +69,13 @@ class DDPEngine(Engine):
         found = skipped.to(torch.float32)
         for opt in (self.backbone_opt, self.head_opt):
             if getattr(opt, "_step_supports_amp_scaling", False):
-                opt.grad_scale, opt.found_inf = None, found  # grads are already unscaled
-                opt.step()
-                opt.grad_scale = opt.found_inf = None
+                # torch's fused optimizers read these two attributes (set by GradScaler.step)
+                amp: Any = opt
+                amp.grad_scale, amp.found_inf = None, found  # grads are already unscaled
+                step(opt)
+                amp.grad_scale = amp.found_inf = None
             elif not bool(skipped):  # an optimizer without device-side skipping: one sync
-                opt.step()
+                step(opt)
         if self.scaler is not None:
             self.scaler.update()  # lowers the scale after an overflow, on the device
         self.backbone_opt.zero_grad(set_to_none=True)
@@ -84,7 +86,9 @@ class DDPEngine(Engine):
         if self.scaler is None:
             return None
         # a copy (update() changes the scale in place); _get_scale_async: no host sync (torch >= 2.0)
-        return self.scaler._get_scale_async().detach().float().clone()
+        scale = self.scaler._get_scale_async()  # pyright: ignore[reportPrivateUsage]
+        assert scale is not None  # set at the first scale() of a step
+        return scale.detach().float().clone()
 
     def loss_scale(self) -> Optional[float]:
         """The GradScaler's scale (a host sync: call it at logging steps)."""
@@ -94,7 +98,7 @@ class DDPEngine(Engine):
         return {"optimizer": self.backbone_opt.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
-    def load_state_dict(self, state: Dict[str, Any], ckpt_dir, same_world: bool) -> None:
+    def load_state_dict(self, state: Dict[str, Any], ckpt_dir: CkptDir, same_world: bool) -> None:
         if state.get("optimizer") is not None:
             self.backbone_opt.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler") is not None:

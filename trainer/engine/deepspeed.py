@@ -16,15 +16,15 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.distributed import DistInfo
-from trainer.engine.base import Engine, OptimizerFactory
+from trainer.engine.base import CkptDir, Engine, OptimizerFactory, compiled
 from trainer.engine.config import EngineConfig
+from trainer.runtime.process_group import DistInfo
 
 log = __import__("logging").getLogger("trainer")
 
@@ -32,7 +32,7 @@ log = __import__("logging").getLogger("trainer")
 def _skip_shm_build() -> None:
     # The CPU accelerator JIT-compiles a shared-memory all-reduce op (40-110 s) that
     # only inference all-reduce uses; training needs plain gloo collectives.
-    import deepspeed.comm.torch as ds_torch_comm
+    import deepspeed.comm.torch as ds_torch_comm  # pyright: ignore[reportMissingTypeStubs]
 
     if hasattr(ds_torch_comm, "build_shm_op"):
         ds_torch_comm.build_shm_op = lambda: None
@@ -66,13 +66,15 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, cfg: EngineConfig, make_optimizer: OptimizerFactory, clip_grad_norm: float,
-                 backbone: nn.Module, head, head_opt, d: DistInfo, grad_accum: int, precision: str,
-                 batch_size: int, compile: bool = False) -> None:
+                 backbone: nn.Module, head: nn.Module, head_opt: torch.optim.Optimizer, d: DistInfo,
+                 grad_accum: int, precision: str, batch_size: int, compile: bool = False) -> None:
         super().__init__(clip_grad_norm, backbone, head, head_opt, d, grad_accum, precision)
         if d.device.type == "cpu":
             _skip_shm_build()
-        import deepspeed
+        import deepspeed as deepspeed_module  # pyright: ignore[reportMissingTypeStubs]
 
+        # DeepSpeed ships no type information: its API is Any here, checked by the tests instead
+        deepspeed: Any = deepspeed_module
         for k, v in (("LOCAL_RANK", d.local_rank), ("RANK", d.rank), ("WORLD_SIZE", d.world_size)):
             os.environ.setdefault(k, str(v))  # DeepSpeed asserts these even for one process
         backend = "nccl" if d.device.type == "cuda" else "gloo"
@@ -101,11 +103,11 @@ class DeepSpeedEngine(Engine):
             ds_cfg["fp16"].update({"loss_scale": 0, "hysteresis": 1, "loss_scale_window": cfg.growth_interval,
                                    "initial_scale_power": max(0, round(math.log2(cfg.init_scale))),
                                    "min_loss_scale": max(1, int(cfg.min_scale))})
-        fwd: nn.Module = torch.compile(backbone) if compile else backbone
+        fwd = compiled(backbone) if compile else backbone
         engine, ds_opt, _, _ = deepspeed.initialize(
             model=fwd, optimizer=make_optimizer(backbone, fused=False), config=ds_cfg
         )
-        self.ds = engine
+        self.ds: Any = engine
         self.model = engine
         self._bad = False  # a non-finite micro-batch loss since the last boundary
         self.backbone_opt = ds_opt
@@ -123,7 +125,8 @@ class DeepSpeedEngine(Engine):
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         if not bool(torch.isfinite(loss)):  # host sync (see the module docstring)
             self._bad = True
-            loss = sum(p.reshape(-1)[0] * 0.0 for p in self.backbone.parameters() if p.requires_grad)
+            loss = cast(torch.Tensor, sum(p.reshape(-1)[0] * 0.0 for p in self.backbone.parameters()
+                                          if p.requires_grad))
         self.ds.backward(loss)
         if not last:
             self.ds.step()  # not a boundary: DeepSpeed only advances its micro-step counter
@@ -164,10 +167,10 @@ class DeepSpeedEngine(Engine):
     def state_dict(self) -> Dict[str, Any]:
         return {"optimizer": None, "scaler": None}  # DeepSpeed saves its own (save_extra)
 
-    def save_extra(self, ckpt_dir) -> None:
+    def save_extra(self, ckpt_dir: CkptDir) -> None:
         self.ds.save_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag="ds")
 
-    def check_checkpoint(self, ckpt_dir, same_world: bool) -> None:
+    def check_checkpoint(self, ckpt_dir: CkptDir, same_world: bool) -> None:
         """Before a checkpoint is chosen: the DeepSpeed files :meth:`load_state_dict` would read
         pass :func:`check_deepspeed_files`; a refused one makes the checkpoint unloadable, so
         resume falls back to the previous one (trainer.checkpoint.try_load)."""
@@ -175,7 +178,7 @@ class DeepSpeedEngine(Engine):
         if same_world and ds_dir.is_dir():
             check_deepspeed_files(ds_dir)
 
-    def load_state_dict(self, state: Dict[str, Any], ckpt_dir, same_world: bool) -> None:
+    def load_state_dict(self, state: Dict[str, Any], ckpt_dir: CkptDir, same_world: bool) -> None:
         ds_dir = Path(ckpt_dir) / "deepspeed"
         if same_world and ds_dir.is_dir():
             check_deepspeed_files(ds_dir)  # DeepSpeed unpickles with weights_only=False
@@ -188,7 +191,7 @@ class DeepSpeedEngine(Engine):
     def loss_scale(self) -> Optional[float]:
         if self.precision != "fp16":
             return None
-        opt = self.ds.optimizer
+        opt: Any = self.ds.optimizer
         cfg = getattr(opt, "loss_scale_config", None)
         scale = getattr(cfg, "cur_scale", None) if cfg is not None else getattr(opt, "cur_scale", None)
         return None if scale is None else float(scale)

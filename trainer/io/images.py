@@ -131,7 +131,7 @@ def resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
         return img
     from PIL import Image
 
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:

@@ -15,12 +15,13 @@ on these functions.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from trainer.data.model_input import to_model_input
 from trainer.io.binfile import read_bin
 from trainer.io.images import decode_rgb, resize_rgb
 
@@ -68,7 +69,7 @@ def kfold_accuracy(
     labels: np.ndarray,
     nfolds: int = 10,
     thresholds: np.ndarray = DEFAULT_THRESHOLDS,
-) -> Dict[str, object]:
+) -> Dict[str, Any]:
     """The LFW protocol: for each of ``nfolds`` contiguous folds pick the grid threshold
     with the best accuracy on the other folds, measure accuracy on the held-out fold.
 
@@ -129,11 +130,6 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def to_model_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB [N,3,H,W] -> float32 in [-1, 1] (insightface's (x - 127.5) / 127.5)."""
-    return images.float().sub_(127.5).div_(127.5)
-
-
 @torch.no_grad()
 def embed_images(
     model: torch.nn.Module,
@@ -164,7 +160,7 @@ def embed_images(
     try:
         starts = range(0, images.shape[0], batch_size)
         for s in tqdm(starts, desc=desc, disable=(None if progress is None else not progress), leave=False):
-            x = to_model_input(images[s : s + batch_size].to(device, non_blocking=True))
+            x = to_model_input(images[s : s + batch_size].to(device, non_blocking=True), layout="NCHW")
             n = x.shape[0]
             out = model(torch.cat([x, torch.flip(x, dims=[3])], dim=0) if flip else x)
             if isinstance(out, (tuple, list)):
@@ -188,13 +184,13 @@ def embed_images(
 
 
 def verify_accuracy(
-    emb: Union[torch.Tensor, np.ndarray], issame: Sequence[bool], nfolds: int = 10
-) -> Dict[str, object]:
+    emb: Union[torch.Tensor, np.ndarray], issame: Union[Sequence[bool], np.ndarray], nfolds: int = 10
+) -> Dict[str, Any]:
     """10-fold accuracy of embeddings of pairs (2k, 2k+1); they are L2-normalised here."""
-    emb = emb.detach().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
-    emb = emb.astype(np.float64)
-    issame = np.asarray(issame, dtype=bool)
-    if emb.ndim != 2 or emb.shape[0] != 2 * issame.size:
-        raise ValueError(f"{emb.shape[0] if emb.ndim else 0} embeddings for {issame.size} pairs")
-    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    return kfold_accuracy(pair_scores(emb), issame, nfolds=nfolds)
+    e = emb.detach().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
+    e = e.astype(np.float64)
+    same = np.asarray(issame, dtype=bool)
+    if e.ndim != 2 or e.shape[0] != 2 * same.size:
+        raise ValueError(f"{e.shape[0] if e.ndim else 0} embeddings for {same.size} pairs")
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    return kfold_accuracy(pair_scores(e), same, nfolds=nfolds)

@@ -23,7 +23,8 @@ import os
 import signal
 import threading
 import time
-from typing import Dict, Optional, Sequence
+from types import FrameType
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,9 @@ import torch.distributed as dist
 log = logging.getLogger("trainer")
 
 DUPLICATE_WINDOW_S = 2.0
+
+#: what signal.signal returns and accepts: a function, SIG_DFL / SIG_IGN, or None
+_Handler = Union[Callable[[int, Optional[FrameType]], Any], int, signal.Handlers, None]
 
 
 def own_process_group(worker_id: int = 0) -> None:
@@ -67,7 +71,7 @@ class PreemptionHandler:
         self.signum = 0
         self.first_at = 0.0
         self.saving = False
-        self._previous: Dict[int, object] = {}
+        self._previous: Dict[int, _Handler] = {}
         self._flag = None
         self._group = None
         self._device = device
