@@ -254,7 +254,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def report(out: Path) -> str:
-    """Table (mean ± std over seeds), gains paired by seed, and the plots (docs/results)."""
+    """Table (mean ± std over seeds), gains paired by seed, and the plots (docs/results);
+    the committed runs count too (a fresh work tree reports the whole study)."""
+    for src in sorted((DOC / "runs").glob("img*.json")):
+        _restore(out, src.stem)
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("img*/metrics.json"))]
     if not runs:
         return "no finished runs"
@@ -283,6 +286,8 @@ def report(out: Path) -> str:
                      f"{ms([r['accuracy'] for r in rs])} |")
     pairs = [("ft random", "scratch"), ("ft imprint", "ft random"), ("ft random+unpg1.0", "ft random"),
              ("ft imprint+unpg1.0", "ft imprint"), ("ft imprint+unpg1.5", "ft imprint"), ("scratch+unpg1.0", "scratch")]
+    # the BatchNorm arms against their own arm in bn_mode train (whichever arm the rule picked)
+    pairs += sorted({(arm, arm.rsplit(" bn-", 1)[0]) for (_, arm) in cells if " bn-" in arm})
     gains = ["| images/id | arm | vs | seeds | gain TAR@1e-4 | wins | gain within-family TAR@1e-4 | gain val acc |",
              "| " + " | ".join(["---"] * 8) + " |"]
     for images in IMAGES:
