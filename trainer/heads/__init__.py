@@ -24,7 +24,7 @@ if TYPE_CHECKING:
         margin_from_list,
         register_margin,
     )
-    from trainer.heads.optim import STATE_DTYPES, PartialFCSGD
+    from trainer.heads.sparse_sgd import STATE_DTYPES, PartialFCSGD
     from trainer.heads.partial_fc import PartialFC
     from trainer.heads.unpg import UNPG
 
@@ -33,7 +33,7 @@ _LAZY = {
     **dict.fromkeys(("AdaFace", "AdaptiveMargin", "CurricularFace", "MagFace"), "trainer.heads.adaptive"),
     **dict.fromkeys(("ArcFace", "CombinedMargin", "CosFace", "Margin", "available_margins", "build_margin",
                      "margin_from_list", "register_margin"), "trainer.heads.margins"),
-    **dict.fromkeys(("STATE_DTYPES", "PartialFCSGD"), "trainer.heads.optim"),
+    **dict.fromkeys(("STATE_DTYPES", "PartialFCSGD"), "trainer.heads.sparse_sgd"),
     "PartialFC": "trainer.heads.partial_fc",
     "UNPG": "trainer.heads.unpg",
 }
