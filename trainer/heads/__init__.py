@@ -24,8 +24,9 @@ if TYPE_CHECKING:
         margin_from_list,
         register_margin,
     )
-    from trainer.heads.sparse_sgd import STATE_DTYPES, PartialFCSGD
     from trainer.heads.partial_fc import PartialFC
+    from trainer.heads.protocol import Head
+    from trainer.heads.sparse_sgd import STATE_DTYPES, PartialFCSGD
     from trainer.heads.unpg import UNPG
 
 _LAZY = {
@@ -35,6 +36,7 @@ _LAZY = {
                      "margin_from_list", "register_margin"), "trainer.heads.margins"),
     **dict.fromkeys(("STATE_DTYPES", "PartialFCSGD"), "trainer.heads.sparse_sgd"),
     "PartialFC": "trainer.heads.partial_fc",
+    "Head": "trainer.heads.protocol",
     "UNPG": "trainer.heads.unpg",
 }
 
@@ -53,6 +55,7 @@ __all__ = [
     "ArcFace",
     "CombinedMargin",
     "CosFace",
+    "Head",
     "LossConfig",
     "Margin",
     "NEGATIVE_MODES",
