@@ -1,18 +1,22 @@
-"""The trainer: builds the components from the config sections and runs the loop.
+"""The trainer: sequences the components and runs the loop.
 
-Components (each owns one concern): the data loader (``trainer.data``), the
-backbone (``trainer.backbones``), the Partial FC head and its optimizer
-(``trainer.heads``), the engine (``trainer.engine``: DDP or DeepSpeed, precision,
-the one step path), the LR schedule (``trainer.optim``), the checkpoint manager
-(``trainer.checkpointer``), the validator (``trainer.validator``) and the monitor
-(``trainer.monitor``). :meth:`Trainer.train` only sequences them.
+Components (each owns one concern, built by :mod:`trainer.build`): the data loader
+(``trainer.data``), the backbone (``trainer.backbones``), the head and its optimizer
+(``trainer.heads``, used through the :class:`~trainer.heads.protocol.Head` protocol),
+the engine (``trainer.engine``: DDP or DeepSpeed, precision, the one step path), the
+LR schedule (``trainer.optim``), the validator (``trainer.validator``) and the monitor
+(``trainer.monitor``). The run's state is :class:`~trainer.state.TrainState` and
+:class:`~trainer.state.RunHistory`; :class:`~trainer.guard.StepGuard` counts skipped
+steps and applies their policies; the :class:`~trainer.checkpointer.Checkpointer` is
+built once with every stateful part and saves / loads them all.
 
 Order of :meth:`Trainer.setup`, so that a refused run changes nothing: take the
-run folder's lock (rank 0, :mod:`trainer.ownership`), move a previous run aside
-(``resume: none``) or refuse a finished one, build the components, check the
-data's class count, resume (checkpoint and configuration checks), and only then
-write ``config.yaml``. :meth:`Trainer.train` stops on a preemption signal after
-a checkpoint at the current step (:mod:`trainer.preemption`).
+run folder's lock (rank 0, :mod:`trainer.ownership`), build the components (the
+data's class count and labels checked), move a previous run aside (``resume: none``)
+or refuse a finished one, resume (checkpoint and configuration checks) or start
+(fine-tuning's step 0), and only then write ``config.yaml``. :meth:`Trainer.train`
+stops on a preemption signal after a checkpoint at the current step
+(:mod:`trainer.preemption`).
 """
 from __future__ import annotations
 
