@@ -241,8 +241,10 @@ def load_shard_for_range(ckpt: Path, new_range: Tuple[int, int],
             parts.append(((s, e), d))
     if not parts:
         raise ValueError(f"{ckpt}: no shard covers classes {new_range}")
-    merged = {k: _reshard_tree([(rng, d[k]) for rng, d in parts], lo, hi, k)
-              for k in ("head", "optimizer")}
+    # every state in the shard file (the head and its optimizer, and any class-sharded state
+    # registered with the checkpointer); not the file's own bookkeeping
+    keys = [k for k in parts[0][1] if k not in ("class_range", "num_classes", "rng")]
+    merged = {k: _reshard_tree([(rng, d[k]) for rng, d in parts], lo, hi, k) for k in keys}
     merged["class_range"] = (lo, hi)
     return merged
 

@@ -26,12 +26,10 @@ travel inside ``trainer.pt``, so ``summary.json`` covers the whole run.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
 
 import torch
 
@@ -42,14 +40,6 @@ from trainer.io.atomic import atomic_torch_save
 from trainer.runtime.process_group import DistInfo, all_ok, barrier, gather_strings
 
 log = logging.getLogger("trainer")
-
-
-@dataclass
-class Progress:
-    """Where training is: optimizer steps done, epoch, micro-batches consumed in it."""
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
 
 
 class ResumeError(RuntimeError):
@@ -82,42 +72,72 @@ def move_previous_run(out: Path) -> Optional[Path]:
     return dest
 
 
-def history_to_tensors(history: List[Dict[str, float]]) -> Dict[str, torch.Tensor]:
-    """Per-step loss history as plain tensors (NaN where a step has no value of a key)."""
-    keys = sorted({k for h in history for k in h if k != "step"})
-    out = {"step": torch.tensor([int(h["step"]) for h in history], dtype=torch.int64)}
-    for k in keys:
-        out[k] = torch.tensor([float(h.get(k, math.nan)) for h in history], dtype=torch.float64)
-    return out
+#: Where each registered state lives on disk: (file, key). ``trainer``: rank 0's
+#: ``trainer.pt``; ``shard``: every rank's ``shard_RRRRR.pt`` (re-sliced by class rows at
+#: another world size, so only the class-sharded states go there). Key None: the
+#: state's entries sit at the top level of the file. The names are those of the first
+#: format, so checkpoints of every version load; a state not listed goes to
+#: ``trainer.pt`` under its own name.
+LAYOUT: Dict[str, Tuple[str, Optional[str]]] = {
+    "engine": ("trainer", None),        # backbone, optimizer, scaler
+    "scheduler": ("trainer", "scheduler"),
+    "progress": ("trainer", None),      # step, epoch, batch, samples, best, skip counts
+    "history": ("trainer", None),       # history, val_history
+    "head": ("shard", "head"),
+    "head_opt": ("shard", "optimizer"),
+}
 
 
-def history_from_tensors(t: Dict[str, torch.Tensor], upto: int) -> List[Dict[str, float]]:
-    steps = t["step"].tolist()
-    cols = {k: v.tolist() for k, v in t.items() if k != "step"}
-    out = []
-    for i, s in enumerate(steps):
-        if s <= upto:
-            rec = {k: v[i] for k, v in cols.items() if not math.isnan(v[i])}
-            if "skipped" in rec:
-                rec["skipped"] = bool(rec["skipped"])
-            out.append({"step": int(s), **rec})
-    return out
+class Stateful(Protocol):
+    """A part the checkpointer saves and restores. Optional hooks, called when present:
+    ``save_files(ckpt_dir)`` (collective: files of its own, DeepSpeed's),
+    ``check_files(ckpt_dir, same_world)`` (before a checkpoint is chosen: raise to make it
+    unloadable) and ``load_files(ckpt_dir, same_world)`` (after ``load_state_dict``)."""
+
+    def state_dict(self) -> Dict[str, Any]: ...
+
+    def load_state_dict(self, state: Dict[str, Any]) -> Any: ...
 
 
-@dataclass
-class Resumed:
-    progress: Progress
-    best: Dict[str, float] = field(default_factory=dict)
-    history: List[Dict[str, float]] = field(default_factory=list)      # per step: step, loss, ...
-    val_history: List[Dict[str, Any]] = field(default_factory=list)    # per verification: step, acc
+def resume_mode(cfg: CheckpointConfig) -> str:
+    """``checkpoint.resume``, with ``none`` read as ``auto`` on a restart of the same job."""
+    return "auto" if cfg.resume == "none" and is_restart() else cfg.resume
 
 
-class CheckpointManager:
-    def __init__(self, cfg: CheckpointConfig, out: Path, d: DistInfo, total_steps: int) -> None:
+def will_resume(cfg: CheckpointConfig, out: Path) -> bool:
+    """Whether setup will load a checkpoint (then it, not ``model.init_from``, sets the weights);
+    before the components (and so the checkpointer) exist."""
+    try:
+        return bool(ckpt.find_resume_candidates(resume_mode(cfg), Path(out) / ckpt.CHECKPOINTS_DIR))
+    except (FileNotFoundError, OSError):
+        return True  # a named checkpoint that is not there: Checkpointer.load reports it
+
+
+def _where(name: str) -> Tuple[str, Optional[str]]:
+    return LAYOUT.get(name, ("trainer", name))
+
+
+class Checkpointer:
+    """Saves and restores the stateful parts it was built with.
+
+    ``states``: name -> part (:class:`Stateful`); ``states["head"]`` is the class-sharded
+    head (its ``class_range`` and ``num_classes`` place the shards). ``config``: written
+    into ``trainer.pt`` and compared on resume; ``seed``: the RNG seed of a resume whose
+    RNG states cannot be restored (another world size).
+    """
+
+    def __init__(self, cfg: CheckpointConfig, out: Path, d: DistInfo, states: Mapping[str, Stateful], *,
+                 total_steps: int, config: Optional[Config] = None, seed: int = 0) -> None:
         self.cfg = cfg
         self.root = Path(out) / ckpt.CHECKPOINTS_DIR
         self.d = d
+        self.states = dict(states)
         self.total_steps = total_steps
+        self.config = config
+        self.seed = seed
+        if "head" not in self.states:
+            raise ValueError("Checkpointer: states must hold the class-sharded 'head'")
+        self.head = self.states["head"]
 
     def should_save(self, step: int) -> bool:
         return bool(self.cfg.save_every) and step % self.cfg.save_every == 0 and step < self.total_steps
@@ -125,33 +145,49 @@ class CheckpointManager:
     def exists(self, step: int) -> bool:
         return ckpt.checkpoint_dir(self.root, step).joinpath(ckpt.MARKER).exists()
 
-    def _class_ranges(self, num_classes: int) -> List[Tuple[int, int]]:
-        return [tuple(class_range(num_classes, r, self.d.world_size)) for r in range(self.d.world_size)]
+    @property
+    def num_classes(self) -> int:
+        return int(self.head.num_classes)
 
-    def save(self, progress: Progress, engine, head, head_opt, scheduler, num_classes: int,
-             best: Dict[str, float], config: Config, history: Optional[List[Dict[str, float]]] = None,
-             val_history: Optional[List[Dict[str, Any]]] = None) -> Path:
-        """Collective: every rank writes its shard, rank 0 the trainer state and the marker."""
+    def _hooks(self, hook: str):
+        return [getattr(s, hook) for s in self.states.values() if callable(getattr(s, hook, None))]
+
+    def _files(self) -> Dict[str, Dict[str, Any]]:
+        """{"trainer": trainer.pt's content, "shard": this rank's shard} from every state."""
+        files: Dict[str, Dict[str, Any]] = {"trainer": {}, "shard": {}}
+        for name, part in self.states.items():
+            where, key = _where(name)
+            if where == "trainer" and not self.d.is_main:
+                continue
+            sd = part.state_dict()
+            entries = sd if key is None else {key: sd}
+            clash = set(entries) & set(files[where])
+            if clash:
+                raise ValueError(f"Checkpointer: state {name!r} writes {sorted(clash)}, already written by another")
+            files[where].update(entries)
+        return files
+
+    def save(self, step: int) -> Path:
+        """Collective: every rank writes its shard, rank 0 ``trainer.pt`` and the marker."""
         d = self.d
-        path = ckpt.checkpoint_dir(self.root, progress.step)
+        path = ckpt.checkpoint_dir(self.root, step)
         if d.is_main:
             ckpt.begin_save(path)
         barrier()
-        engine.save_extra(path)
-        ckpt.write_shard(path, d.rank, {"class_range": tuple(head.class_range), "num_classes": num_classes,
-                                        "head": head.state_dict(), "optimizer": head_opt.state_dict()})
+        for save_files in self._hooks("save_files"):
+            save_files(path)
+        files = self._files()
+        ckpt.write_shard(path, d.rank, {"class_range": tuple(self.head.class_range), "num_classes": self.num_classes,
+                                        **files["shard"]})
         if d.is_main:
-            state = {"backbone": engine.backbone.state_dict(), **engine.state_dict(),
-                     "scheduler": scheduler.state_dict(), "step": progress.step, "epoch": progress.epoch,
-                     "batch": progress.batch, "world_size": d.world_size, "num_classes": num_classes,
-                     "best": dict(best), "config": to_dict(config),
-                     "history": history_to_tensors(history or []),
-                     "val_history": [{"step": int(v["step"]), "acc": {str(k): float(a) for k, a in v["acc"].items()}}
-                                     for v in (val_history or [])]}
+            state = {**files["trainer"], "world_size": d.world_size, "num_classes": self.num_classes}
+            if self.config is not None:
+                state["config"] = to_dict(self.config)
             atomic_torch_save(state, path / "trainer.pt")
         barrier()
         if d.is_main:
-            ckpt.finish_save(path, progress.step, d.world_size, self._class_ranges(num_classes), self.cfg.keep_last)
+            ranges = [tuple(class_range(self.num_classes, r, d.world_size)) for r in range(d.world_size)]
+            ckpt.finish_save(path, step, d.world_size, ranges, self.cfg.keep_last)
             log.info("saved checkpoint %s", path)
         barrier()
         return path
@@ -172,76 +208,78 @@ class CheckpointManager:
                               "or choose another run.output")
         return None
 
-    def resume(self, engine, head, head_opt, scheduler, num_classes: int, seed: int,
-               config: Optional[Config] = None) -> Optional[Resumed]:
-        """Load the newest loadable checkpoint (``resume: auto``) or the named one into the
-        components; None when starting fresh (see the module docstring for the rules)."""
+    def _mode(self) -> str:
+        return resume_mode(self.cfg)
+
+    def load(self) -> Optional[Path]:
+        """Load the newest loadable checkpoint (``resume: auto``) or the named one into every
+        registered state; None when starting fresh (see the module docstring for the rules)."""
         d = self.d
-        mode = "auto" if self.cfg.resume == "none" and is_restart() else self.cfg.resume
-        cands = ckpt.find_resume_candidates(mode, self.root)
+        cands = ckpt.find_resume_candidates(self._mode(), self.root)
         if not cands:
             return None
 
-        def load(p: Path):
-            meta, state, shard = ckpt.load_for_rank(p, d.rank, d.world_size, tuple(head.class_range))
-            if state["num_classes"] != num_classes:
-                raise ValueError(f"{p}: {state['num_classes']} classes, dataset has {num_classes}")
-            check = getattr(engine, "check_checkpoint", None)  # the engine's own files (DeepSpeed's)
-            if check is not None:
-                check(p, meta["world_size"] == d.world_size)
+        def read(p: Path):
+            meta, state, shard = ckpt.load_for_rank(p, d.rank, d.world_size, tuple(self.head.class_range))
+            if state["num_classes"] != self.num_classes:
+                raise ValueError(f"{p}: {state['num_classes']} classes, dataset has {self.num_classes}")
+            for check_files in self._hooks("check_files"):  # the parts' own files (DeepSpeed's)
+                check_files(p, meta["world_size"] == d.world_size)
             return meta, state, shard
 
-        path, res, failures = ckpt.try_load(cands, load, all_ok)
+        path, res, failures = ckpt.try_load(cands, read, all_ok)
         if path is None:
-            # every rank's reasons, so the message names the failing file wherever it is
-            per_rank = gather_strings("\n".join(f"{p}\t{why}" for p, why in failures))
-            lines = []
-            for i, p in enumerate(cands):
-                whys = []
-                for r, text in enumerate(per_rank):
-                    row = text.split("\n")[i] if text else ""
-                    why = row.split("\t", 1)[1] if "\t" in row else "?"
-                    if not why.startswith("another rank"):
-                        whys.append(f"rank {r}: {why}")
-                lines.append(f"  {p}: " + ("; ".join(whys) or "unreadable"))
-            hint = ("; nothing was changed. Fix or remove them, point checkpoint.resume at one, or set "
-                    "checkpoint.resume=none to start over (the old files are moved aside)")
-            raise ResumeError(f"checkpoint.resume={self.cfg.resume}: none of the {len(cands)} complete "
-                              f"checkpoint(s) in {self.root} could be loaded{hint}:\n" + "\n".join(lines))
+            raise ResumeError(self._none_loadable(cands, failures))
         meta, state, shard = res
-        if config is not None and isinstance(state.get("config"), dict):
-            diff = config_diff(state["config"], to_dict(config))
-            if diff:
-                text = "\n".join(f"  {k}: {a!r} (checkpoint) -> {b!r} (this run)" for k, a, b in diff)
-                if not self.cfg.allow_config_change:
-                    raise ConfigError(f"{path}: this run's configuration differs from the checkpoint's:\n{text}\n"
-                                      "resuming would mix two experiments; set checkpoint.allow_config_change=true "
-                                      "to continue anyway, checkpoint.resume=none to start over, or use another "
-                                      "run.output")
-                log.warning("%s: configuration changed on resume (checkpoint.allow_config_change=true):\n%s",
-                            path, text)
+        self._check_config(path, state)
         same_world = meta["world_size"] == d.world_size
-        engine.backbone.load_state_dict(state["backbone"])
-        engine.load_state_dict(state, path, same_world)
-        saved_dtype = shard["head"]["weight"].dtype
-        if saved_dtype != head.weight.dtype:
-            log.warning("%s: class centres and momentum stored as %s, this run keeps them as %s "
-                        "(loss.state_dtype): converted on load%s", path, saved_dtype, head.weight.dtype,
-                        " (rounded to nearest)" if head.weight.element_size() < saved_dtype.itemsize else " (exact)")
-        head.load_state_dict(shard["head"])
-        head_opt.load_state_dict(shard["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        progress = Progress(int(state["step"]), int(state["epoch"]), int(state["batch"]))
+        files = {"trainer": state, "shard": shard}
+        for name, part in self.states.items():
+            where, key = _where(name)
+            part.load_state_dict(files[where] if key is None else files[where][key])
+            load_files = getattr(part, "load_files", None)
+            if callable(load_files):
+                load_files(path, same_world)
+        step = int(state["step"])
         if same_world and "rng" in shard:
             ckpt.set_rng_state(shard["rng"])
         else:
-            torch.manual_seed(seed + 7919 * progress.step + d.rank)
+            torch.manual_seed(self.seed + 7919 * step + d.rank)
         log.info("resumed from %s (step %d, epoch %d, batch %d, world size %d -> %d)", path,
-                 progress.step, progress.epoch, progress.batch, meta["world_size"], d.world_size)
-        hist = state.get("history")
-        return Resumed(progress, dict(state.get("best", {})),
-                       history_from_tensors(hist, progress.step) if isinstance(hist, dict) and "step" in hist else [],
-                       [v for v in state.get("val_history", []) if int(v["step"]) <= progress.step])
+                 step, int(state["epoch"]), int(state["batch"]), meta["world_size"], d.world_size)
+        return path
+
+    def _none_loadable(self, cands: List[Path], failures: List[Tuple[Path, str]]) -> str:
+        """The message when no candidate loads: every rank's reasons, so it names the failing
+        file wherever it is."""
+        per_rank = gather_strings("\n".join(f"{p}\t{why}" for p, why in failures))
+        lines = []
+        for i, p in enumerate(cands):
+            whys = []
+            for r, text in enumerate(per_rank):
+                row = text.split("\n")[i] if text else ""
+                why = row.split("\t", 1)[1] if "\t" in row else "?"
+                if not why.startswith("another rank"):
+                    whys.append(f"rank {r}: {why}")
+            lines.append(f"  {p}: " + ("; ".join(whys) or "unreadable"))
+        hint = ("; nothing was changed. Fix or remove them, point checkpoint.resume at one, or set "
+                "checkpoint.resume=none to start over (the old files are moved aside)")
+        return (f"checkpoint.resume={self.cfg.resume}: none of the {len(cands)} complete "
+                f"checkpoint(s) in {self.root} could be loaded{hint}:\n" + "\n".join(lines))
+
+    def _check_config(self, path: Path, state: Dict[str, Any]) -> None:
+        if self.config is None or not isinstance(state.get("config"), dict):
+            return
+        diff = config_diff(state["config"], to_dict(self.config))
+        if not diff:
+            return
+        text = "\n".join(f"  {k}: {a!r} (checkpoint) -> {b!r} (this run)" for k, a, b in diff)
+        if not self.cfg.allow_config_change:
+            raise ConfigError(f"{path}: this run's configuration differs from the checkpoint's:\n{text}\n"
+                              "resuming would mix two experiments; set checkpoint.allow_config_change=true "
+                              "to continue anyway, checkpoint.resume=none to start over, or use another "
+                              "run.output")
+        log.warning("%s: configuration changed on resume (checkpoint.allow_config_change=true):\n%s", path, text)
 
 
-__all__ = ["CheckpointManager", "Progress", "ResumeError", "Resumed", "move_previous_run"]
+__all__ = ["Checkpointer", "LAYOUT", "ResumeError", "Stateful", "move_previous_run", "resume_mode", "will_resume"]

@@ -201,7 +201,7 @@ def _head_state(weight: torch.Tensor) -> Dict[str, Any]:
 
 
 def _head_opt_state(momentum: Optional[torch.Tensor], group: Dict[str, Any]) -> Dict[str, Any]:
-    from trainer.heads.optim import PartialFCSGD
+    from trainer.heads.sparse_sgd import PartialFCSGD
 
     hp = {k: group[k] for k in ("lr", "momentum", "weight_decay") if k in group}
     dummy = torch.nn.Parameter(torch.zeros(1, 1))

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 import torch
 
@@ -106,14 +106,20 @@ class Monitor:
         return step % self.cfg.log_every == 0 or step == self.total_steps
 
     def record(self, step: int, epoch: int, lr: float, loss: Optional[float], grad_norm: Optional[torch.Tensor],
-               loss_scale: Callable[[], Optional[float]], head_stats: Mapping[str, Any],
+               loss_scale: Callable[[], Optional[float]], head_stats: Callable[[], Mapping[str, torch.Tensor]],
                images: Optional[torch.Tensor], overflow_steps: Optional[int] = None) -> None:
         """After optimizer step ``step``: progress bar; the first batch's image grid; at logging
-        steps (``loss`` given) the console line and scalars; UNPG histograms every
-        ``hist_every``. Device tensors are read here, at those steps only."""
+        steps (``loss`` given) the console line and scalars; histograms every ``hist_every``.
+        ``head_stats()``: the head's statistics by tag (:meth:`trainer.heads.protocol.Head.stats`:
+        0-dim tensors are scalars, 1-D ones histogram samples). Device tensors are read here,
+        at those steps only."""
         self.tick(step)
         if step == 1 and self.cfg.image_grid and images is not None:
             self.images(step, "train/input", images)
+        hist_now = bool(self.cfg.hist_every) and step % self.cfg.hist_every == 0
+        if loss is None and not hist_now:
+            return
+        stats = head_stats() if self.enabled else {}
         if loss is not None:
             sps = self.line(step, epoch, loss, lr)
             vals = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": sps}
@@ -124,13 +130,12 @@ class Monitor:
                 vals["train/loss_scale"] = scale
             if overflow_steps is not None:  # fp16: steps skipped by the loss scaler so far
                 vals["train/overflow_steps"] = overflow_steps
-            vals.update({f"unpg/{k}": float(v) for k, v in head_stats.items()
-                         if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)})
+            vals.update({k: float(v) for k, v in stats.items() if v.dim() == 0})
             self.scalars(step, vals)
-        if self.cfg.hist_every and step % self.cfg.hist_every == 0:
-            sims = head_stats.get("neg_sims")
-            if isinstance(sims, torch.Tensor):
-                self.histogram(step, "unpg/neg_sims", sims)
+        if hist_now:
+            for k, v in stats.items():
+                if v.dim() >= 1:
+                    self.histogram(step, k, v)
 
     def validation(self, step: int, accs: Optional[Mapping[str, float]], best: Mapping[str, float]) -> None:
         for name, acc in (accs or {}).items():

@@ -23,7 +23,7 @@ from tests.heads.reference import MARGINS, make_margin, rank_step, reference_los
 from tests.heads.reference_margins import PARAMS
 from tests.heads.reference_margins import make_margin as make_adaptive
 from trainer.heads import UNPG, PartialFC, PartialFCSGD
-from trainer.heads.optim import STATE_DTYPES, stochastic_round_bf16
+from trainer.heads.sparse_sgd import STATE_DTYPES, stochastic_round_bf16
 
 U = 2.0 ** -8  # bfloat16 unit roundoff (8 significant bits)
 

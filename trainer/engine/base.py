@@ -110,15 +110,22 @@ class Engine:
         """fp16: the current loss scale as a float32 tensor, read without a host sync."""
         return None
 
+    # state, for the checkpointer (trainer.checkpointer.Stateful): the backbone's weights
+    # (insightface keys) and what the engine adds (optimizer, scaler) go into trainer.pt
     def state_dict(self) -> Dict[str, Any]:
-        """What goes into trainer.pt besides the backbone weights (optimizer, scaler)."""
-        return {}
+        return {"backbone": self.backbone.state_dict()}
 
-    def load_state_dict(self, state: Dict[str, Any], ckpt_dir: CkptDir, same_world: bool) -> None:
-        pass
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.backbone.load_state_dict(state["backbone"])
 
-    def save_extra(self, ckpt_dir: CkptDir) -> None:
+    def save_files(self, ckpt_dir: CkptDir) -> None:
         """Collective: engine-owned files in the checkpoint folder (every rank)."""
+
+    def check_files(self, ckpt_dir: CkptDir, same_world: bool) -> None:
+        """Before a checkpoint is chosen: raise if the engine's own files in it are unusable."""
+
+    def load_files(self, ckpt_dir: CkptDir, same_world: bool) -> None:
+        """After :meth:`load_state_dict`: the engine's own files, if any."""
 
     def loss_scale(self) -> Optional[float]:
         return None

@@ -8,7 +8,7 @@ from typing import Any, ContextManager, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from trainer.engine.base import CkptDir, Engine, OptimizerFactory, backward, compiled, step
+from trainer.engine.base import Engine, OptimizerFactory, backward, compiled, step
 from trainer.engine.config import EngineConfig
 from trainer.runtime.process_group import DistInfo
 
@@ -95,10 +95,11 @@ class DDPEngine(Engine):
         return float(self.scaler.get_scale()) if self.scaler is not None else None
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"optimizer": self.backbone_opt.state_dict(),
+        return {**super().state_dict(), "optimizer": self.backbone_opt.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
-    def load_state_dict(self, state: Dict[str, Any], ckpt_dir: CkptDir, same_world: bool) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
         if state.get("optimizer") is not None:
             self.backbone_opt.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler") is not None:

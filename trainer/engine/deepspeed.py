@@ -165,20 +165,21 @@ class DeepSpeedEngine(Engine):
         return None if scale is None else torch.tensor(scale, dtype=torch.float32, device=self.d.device)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"optimizer": None, "scaler": None}  # DeepSpeed saves its own (save_extra)
+        return {**super().state_dict(), "optimizer": None, "scaler": None}  # DeepSpeed saves its own (save_files)
 
-    def save_extra(self, ckpt_dir: CkptDir) -> None:
+    def save_files(self, ckpt_dir: CkptDir) -> None:
         self.ds.save_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag="ds")
 
-    def check_checkpoint(self, ckpt_dir: CkptDir, same_world: bool) -> None:
-        """Before a checkpoint is chosen: the DeepSpeed files :meth:`load_state_dict` would read
+    def check_files(self, ckpt_dir: CkptDir, same_world: bool) -> None:
+        """Before a checkpoint is chosen: the DeepSpeed files :meth:`load_files` would read
         pass :func:`check_deepspeed_files`; a refused one makes the checkpoint unloadable, so
         resume falls back to the previous one (trainer.checkpoint.try_load)."""
         ds_dir = Path(ckpt_dir) / "deepspeed"
         if same_world and ds_dir.is_dir():
             check_deepspeed_files(ds_dir)
 
-    def load_state_dict(self, state: Dict[str, Any], ckpt_dir: CkptDir, same_world: bool) -> None:
+    def load_files(self, ckpt_dir: CkptDir, same_world: bool) -> None:
+        """After the backbone's weights (:meth:`load_state_dict`): DeepSpeed's own state."""
         ds_dir = Path(ckpt_dir) / "deepspeed"
         if same_world and ds_dir.is_dir():
             check_deepspeed_files(ds_dir)  # DeepSpeed unpickles with weights_only=False

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
         margin_from_list,
         register_margin,
     )
-    from trainer.heads.optim import STATE_DTYPES, PartialFCSGD
     from trainer.heads.partial_fc import PartialFC
+    from trainer.heads.protocol import Head
+    from trainer.heads.sparse_sgd import STATE_DTYPES, PartialFCSGD
     from trainer.heads.unpg import UNPG
 
 _LAZY = {
@@ -33,8 +34,9 @@ _LAZY = {
     **dict.fromkeys(("AdaFace", "AdaptiveMargin", "CurricularFace", "MagFace"), "trainer.heads.adaptive"),
     **dict.fromkeys(("ArcFace", "CombinedMargin", "CosFace", "Margin", "available_margins", "build_margin",
                      "margin_from_list", "register_margin"), "trainer.heads.margins"),
-    **dict.fromkeys(("STATE_DTYPES", "PartialFCSGD"), "trainer.heads.optim"),
+    **dict.fromkeys(("STATE_DTYPES", "PartialFCSGD"), "trainer.heads.sparse_sgd"),
     "PartialFC": "trainer.heads.partial_fc",
+    "Head": "trainer.heads.protocol",
     "UNPG": "trainer.heads.unpg",
 }
 
@@ -53,6 +55,7 @@ __all__ = [
     "ArcFace",
     "CombinedMargin",
     "CosFace",
+    "Head",
     "LossConfig",
     "Margin",
     "NEGATIVE_MODES",

@@ -107,6 +107,11 @@ class AdaptiveMargin(nn.Module):
         """A term added to the head's loss (computed identically on every rank)."""
         return None
 
+    def stats(self) -> Dict[str, torch.Tensor]:
+        """The running state by name (device tensors; PartialFC snapshots them each step):
+        every buffer of the margin (AdaFace's ``batch_mean``/``batch_std``, CurricularFace's ``t``)."""
+        return {name: buf for name, buf in self._buffers.items() if buf is not None}
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self._params().items())
 

@@ -58,11 +58,11 @@ def main() -> None:
         loss.backward()
         opt_head.step()
         opt_bb.step()
-        st = head.last_stats
         if rank == 0 and (step == 1 or step % 5 == 0):
-            print(f"step {step:3d} loss {st['loss']:8.3f} | neg pairs {st['neg_pairs']:.0f} kept {st['kept']:.0f} "
-                  f"bounds [{st['lower']:+.3f}, {st['upper']:+.3f}] mean s_p {st['mean_pos_sim']:+.3f} "
-                  f"s_n {st['mean_neg_sim']:+.3f}", flush=True)
+            st = {k: float(v) for k, v in head.stats().items() if v.dim() == 0}  # the one host sync
+            print(f"step {step:3d} loss {st['head/loss']:8.3f} | neg pairs {st['unpg/neg_pairs']:.0f} "
+                  f"kept {st['unpg/kept']:.0f} bounds [{st['unpg/lower']:+.3f}, {st['unpg/upper']:+.3f}] "
+                  f"mean s_p {st['unpg/mean_pos_sim']:+.3f} s_n {st['unpg/mean_neg_sim']:+.3f}", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -77,6 +77,10 @@ class Margin:
     def extra_loss(self, global_x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
 
+    def stats(self) -> Dict[str, torch.Tensor]:
+        """Running state worth monitoring, by name (none for a fixed margin)."""
+        return {}
+
 
 @dataclass(frozen=True, kw_only=True)
 class ArcFace(Margin):

@@ -17,6 +17,7 @@ ranks, so the trainer multiplies by the world size (see trainer docs).
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, Optional, Tuple
 
@@ -36,6 +37,8 @@ from trainer.heads.config import sample_rate_ok
 from trainer.heads.margins import Margin
 from trainer.heads.softmax import margin_softmax_parts
 from trainer.heads.unpg import UNPG, metric_negatives_lse, sharded_metric_negatives_lse
+
+log = logging.getLogger("trainer.heads")
 
 # Per-rank input problems, exchanged before any data collective so that every
 # rank raises the same error instead of leaving the others hanging.
@@ -114,6 +117,7 @@ class PartialFC(nn.Module):
         # Statistics of the last forward: 0-dim detached device tensors (no host sync);
         # "batch" is a Python number. Convert them at logging steps only.
         self.last_stats: Dict[str, object] = {}
+        self._margin_stats: Dict[str, torch.Tensor] = {}  # snapshots of the margin's running state
         # Input checks (see _exchange_sizes, check_inputs): cached sizes, device-side record.
         self.eager_checks = 1
         self._steps = 0
@@ -301,7 +305,45 @@ class PartialFC(nn.Module):
                 loss = loss + scale_grad(extra, 1.0 / self.world_size)
         stats["loss"] = loss.detach()
         self.last_stats = stats
+        # copies: the buffers move on at the next step, the loop may read several steps at once
+        self._margin_stats = {f"margin/{k}": v.detach().clone() for k, v in self.margin.stats().items()}
         return loss
+
+    # ----------------------------------------------------------- the Head protocol
+    def stats(self) -> Dict[str, torch.Tensor]:
+        """After the last forward, by TensorBoard tag (see :mod:`trainer.heads.protocol`):
+        ``head/loss``; with UNPG ``unpg/neg_pairs``, ``unpg/kept``, ``unpg/kept_fraction``,
+        ``unpg/lower``, ``unpg/upper``, ``unpg/mean_pos_sim``, ``unpg/mean_neg_sim`` and the
+        histogram sample ``unpg/neg_sims``; ``margin/<name>`` for an adaptive margin's running
+        state. Detached device tensors (no host sync here)."""
+        st = self.last_stats
+        out: Dict[str, torch.Tensor] = {}
+        if isinstance(st.get("loss"), torch.Tensor):
+            out["head/loss"] = st["loss"]
+        if self.unpg is not None:
+            out.update({f"unpg/{k}": v for k, v in st.items()
+                        if k not in ("loss", "batch") and isinstance(v, torch.Tensor)})
+        for k, v in self.step_stats().items():
+            out[k if "/" in k else f"unpg/{k}"] = v
+        return out
+
+    def step_stats(self) -> Dict[str, torch.Tensor]:
+        """Recorded for every step (the run's history, under these names): with UNPG
+        ``kept_fraction`` = kept / negative pairs (NaN without a pair), and the margin's
+        running state ``margin/<name>``."""
+        out = dict(self._margin_stats)
+        st = self.last_stats
+        if self.unpg is not None and "kept" in st:
+            out["kept_fraction"] = st["kept"] / st["neg_pairs"]  # 0/0 = NaN: no pair this step
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "weight")
+        if isinstance(saved, torch.Tensor) and saved.dtype != self.weight.dtype:
+            log.warning("class centres and momentum stored as %s, this run keeps them as %s (loss.state_dtype): "
+                        "converted on load%s", saved.dtype, self.weight.dtype,
+                        " (rounded to nearest)" if self.weight.element_size() < saved.dtype.itemsize else " (exact)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _unpg_term(self, local_x, global_x, global_labels, sizes) -> Tuple[torch.Tensor, dict]:
         """Per global row, V of its row's pairs ([N]; -inf where there is no negative pair)."""
