@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer import elastic
 from trainer.collectives import class_range
 from trainer.config import CheckpointConfig, Config, ConfigError, config_diff, to_dict
 from trainer.distributed import DistInfo, all_ok, barrier, gather_strings
@@ -50,6 +51,7 @@ class Progress:
     step: int = 0
     epoch: int = 0
     batch: int = 0
+    segments: tuple = ()  # parts of this epoch run at another world size / batch (trainer.elastic)
 
 
 class ResumeError(RuntimeError):
@@ -144,6 +146,8 @@ class CheckpointManager:
             state = {"backbone": engine.backbone.state_dict(), **engine.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": progress.step, "epoch": progress.epoch,
                      "batch": progress.batch, "world_size": d.world_size, "num_classes": num_classes,
+                     # elastic hook (trainer.elastic): the epoch's earlier segments, this one's batch size
+                     "segments": [list(s) for s in progress.segments], "batch_size": config.data.batch_size,
                      "best": dict(best), "config": to_dict(config),
                      "history": history_to_tensors(history or []),
                      "val_history": [{"step": int(v["step"]), "acc": {str(k): float(a) for k, a in v["acc"].items()}}
@@ -232,6 +236,9 @@ class CheckpointManager:
         head_opt.load_state_dict(shard["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         progress = Progress(int(state["step"]), int(state["epoch"]), int(state["batch"]))
+        if config is not None:  # elastic hook: a change of world size / batch mid-epoch starts a segment
+            progress.batch, progress.segments = elastic.continue_epoch(
+                state, d.world_size, config.data.batch_size, str(path))
         if same_world and "rng" in shard:
             ckpt.set_rng_state(shard["rng"])
         else:

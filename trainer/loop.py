@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from trainer import elastic
 from trainer.backbones import get_backbone
 from trainer.batchnorm import recalibrate
 from trainer.checkpointer import CheckpointManager, Progress, is_restart
@@ -271,7 +272,7 @@ class Trainer:
         p = self.progress
         while True:
             if self._it is None:
-                self.loader.set_epoch(p.epoch, start_batch=p.batch)
+                elastic.set_epoch(self.loader, p.epoch, p.batch, p.segments)
                 self._it = iter(self.loader)
             try:
                 images, labels = next(self._it)
@@ -279,6 +280,7 @@ class Trainer:
                 return to_model_input(images), labels  # cast + normalise on the device
             except StopIteration:
                 p.epoch, p.batch, self._it = p.epoch + 1, 0, None
+                p.segments = ()
 
     # ----------------------------------------------------------------- train
     def _one_step(self):

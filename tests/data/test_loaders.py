@@ -423,3 +423,48 @@ def test_dali_loader_runs_the_decode_check(synth_copy, monkeypatch):
     _, offs = L.rank_index_arrays(0)
     with pytest.raises(BadRecordError, match=r"key 7"):
         RunAhead(L.verdicts, offs).wait(offs.size)
+
+
+# --------------------------------------------------------------------------- elastic: segments
+def _consume(synth_dir, ref, world, batch, batches, segments, backend="torch", mode="block"):
+    keys = []
+    for r in range(world):
+        L = build_train_loader(synth_dir, batch, rank=r, world_size=world, backend=backend, num_threads=0
+                               if backend == "torch" else 1, seed=5, shuffle_mode=mode,
+                               block_bytes=_SMALL_BLOCKS, shuffle_buffer=16)
+        L.set_epoch(1, segments=segments)
+        assert L.segment_len() >= (batches or 0)
+        got = []
+        for b, (x, y) in enumerate(L):
+            if batches is not None and b == batches:
+                break
+            got += [k for k, _ in identify(x, y, ref)]
+        keys += got
+    return keys
+
+
+@pytest.mark.parametrize("mode", ["block", "global"])
+def test_torch_loader_each_image_once_across_world_and_batch_changes(synth_dir, mode):
+    """Epoch 1: 4 ranks x 4 for 2 batches, then 2 ranks x 6 for 2, then 3 ranks x 4 to the end:
+    96 images, 92 used, none twice (the 4 left are the last segment's rounding)."""
+    ref = reference(synth_dir)
+    keys = _consume(synth_dir, ref, 4, 4, 2, ())
+    keys += _consume(synth_dir, ref, 2, 6, 2, [(4, 4, 2)])
+    keys += _consume(synth_dir, ref, 3, 4, None, [(4, 4, 2), (2, 6, 2)])
+    assert len(keys) == 32 + 24 + 36
+    assert len(set(keys)) == len(keys), sorted(k for k in set(keys) if keys.count(k) > 1)
+
+
+@dali_ok
+def test_dali_refuses_a_mid_epoch_size_change_it_cannot_replay(synth_dir):
+    from trainer.data.dali_loader import DaliElasticError
+
+    with pytest.raises(DaliElasticError, match="epoch 1 was interrupted after 2 batches at 4 ranks x batch 4 "
+                                              "and resumes at 2 x 6"):
+        _consume(synth_dir, reference(synth_dir), 2, 6, 2, [(4, 4, 2)], backend="dali")
+    # unshuffled DALI reads in byte order: it can (checked against the torch loader's plan)
+    L = build_train_loader(synth_dir, 6, rank=1, world_size=2, backend="dali", num_threads=1, shuffle=False)
+    T = build_train_loader(synth_dir, 6, rank=1, world_size=2, backend="torch", num_threads=0, shuffle=False)
+    for x in (L, T):
+        x.set_epoch(1, segments=[(4, 4, 2)])
+    assert np.array_equal(np.sort(L.segment(1)[0]), np.sort(T.segment(1)[0]))

@@ -102,6 +102,10 @@ class DaliDataError(RuntimeError):
     """DALI failed on a record; the message names the file, key and the fix."""
 
 
+class DaliElasticError(ValueError):
+    """A shuffled DALI epoch cannot continue exactly once at another world size / per-rank batch."""
+
+
 class DaliFaceLoader(FaceLoaderBase):
     """DALI-backed loader; same interface as :class:`trainer.data.torch_loader.TorchFaceLoader`."""
 
@@ -131,9 +135,24 @@ class DaliFaceLoader(FaceLoaderBase):
         self._offsets = ds.image_offsets
         self._tmp = tempfile.mkdtemp(prefix="unpg-dali-")
 
+    def consumed_order(self, share: np.ndarray, epoch: int, rank: int, segment: int, world_size: int,
+                       batch_size: int) -> np.ndarray:
+        """Unshuffled: byte order (what DALI reads). Shuffled: DALI's reader buffer picks the
+        order inside the pipeline, which this process cannot recompute for another rank, so a
+        mid-epoch change of world size or per-rank batch is refused (docs/launch.md, Elastic)."""
+        if not self.shuffle:
+            return share[np.argsort(self._offsets[share], kind="stable")]
+        raise DaliElasticError(
+            f"{self.ds.rec_path}: epoch {epoch} was interrupted after {self.segments[segment].batches} batches "
+            f"at {world_size} ranks x batch {batch_size} and resumes at {self.world_size} x {self.batch_size}: "
+            "the DALI loader cannot tell which images its shuffle buffer already served, so it cannot resume "
+            "this epoch exactly once; resume at the same world size and data.batch_size, or with "
+            "data.backend=torch for this epoch")
+
     def rank_index_arrays(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(keys, byte offsets) of this rank's images in ``epoch``, in the order DALI reads them."""
-        pos = self.plan.rank_positions(epoch)
+        """(keys, byte offsets) of this rank's images in ``epoch`` (its current segment),
+        in the order DALI reads them."""
+        pos, _ = self.segment(epoch)
         offs = self._offsets[pos]
         o = np.argsort(offs, kind="stable")  # DALI reads its index in byte order
         return self.ds.image_keys[pos[o]], offs[o]
@@ -150,6 +169,9 @@ class DaliFaceLoader(FaceLoaderBase):
         epoch, start = self.epoch, self.start_batch
         self.start_batch = 0
         keys, offs = self.rank_index_arrays(epoch)
+        k, n_batches = len(self.segments), keys.size // self.batch_size
+        if n_batches == 0:
+            return  # the segment's remainder does not fill one batch per rank: the epoch ends
         idx = os.path.join(self._tmp, f"epoch{epoch}-rank{self.rank}.idx")
         write_index_arrays(idx, keys, offs)
         check = RunAhead(self.verdicts, offs, self.num_threads)
@@ -158,8 +180,8 @@ class DaliFaceLoader(FaceLoaderBase):
             device_id = torch.cuda.current_device()
         pipe = _build_pipeline(
             str(self.ds.rec_path), idx, self.batch_size, self.num_threads, device_id,
-            0, 1, self.shuffle, self.shuffle_buffer,
-            int(np.random.default_rng([self.seed, epoch, self.rank]).integers(0, 2**31 - 1)),
+            0, 1, self.shuffle, min(self.shuffle_buffer, keys.size),
+            int(np.random.default_rng([self.seed, epoch, self.rank] + ([k] if k else [])).integers(0, 2**31 - 1)),
             self.flip, self.augment, self.image_size,
         )
         it = None
@@ -167,12 +189,12 @@ class DaliFaceLoader(FaceLoaderBase):
             # the iterator runs the pipeline already while being constructed (prefetch)
             it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
                                      last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
-            for b in range(self._len):
+            for b in range(n_batches):
                 try:
                     out = next(it)[0]
                 except StopIteration:
                     raise RuntimeError(
-                        f"{self.ds.rec_path}: DALI ended the epoch after {b} of {self._len} batches"
+                        f"{self.ds.rec_path}: DALI ended the epoch after {b} of {n_batches} batches"
                     ) from None
                 if b < start:
                     continue  # resume: the local shuffle is only reproducible by replaying
