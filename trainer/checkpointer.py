@@ -148,6 +148,7 @@ class CheckpointManager:
                      "batch": progress.batch, "world_size": d.world_size, "num_classes": num_classes,
                      # elastic hook (trainer.elastic): the epoch's earlier segments, this one's batch size
                      "segments": [list(s) for s in progress.segments], "batch_size": config.data.batch_size,
+                     "global_batch": config.data.batch_size * d.world_size * engine.accum,
                      "best": dict(best), "config": to_dict(config),
                      "history": history_to_tensors(history or []),
                      "val_history": [{"step": int(v["step"]), "acc": {str(k): float(a) for k, a in v["acc"].items()}}
@@ -239,6 +240,8 @@ class CheckpointManager:
         if config is not None:  # elastic hook: a change of world size / batch mid-epoch starts a segment
             progress.batch, progress.segments = elastic.continue_epoch(
                 state, d.world_size, config.data.batch_size, str(path))
+            elastic.check_resumed_global_batch(state, config.data.batch_size * d.world_size * engine.accum,
+                                               config.data.keep_global_batch, str(path))
         if same_world and "rng" in shard:
             ckpt.set_rng_state(shard["rng"])
         else:

@@ -19,14 +19,16 @@ and validation intervals) means the same.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from trainer.data.plan import Segment, coerce_segments
+from trainer.section import ConfigError
 
 log = logging.getLogger("trainer")
 
 
-class GlobalBatchError(ValueError):
+class GlobalBatchError(ConfigError):
     """The configured global batch cannot be kept at this world size (one line, exit 2)."""
 
 
@@ -72,14 +74,92 @@ def set_epoch(loader, epoch: int, batch: int, segments: tuple) -> None:
                         f"per-rank batch (set_epoch has no 'segments'): {e}") from e
 
 
-def derive_grad_accum(batch_size: int, world_size: int, ref_world: int, ref_accum: int) -> int:
+def saved_global_batch(state: Dict[str, Any]) -> Optional[int]:
+    """Images per optimizer step of the run that wrote ``state`` (older checkpoints: from its config)."""
+    g = state.get("global_batch")
+    if g is not None:
+        return int(g)
+    cfg = state.get("config") or {}
+    b, a = cfg.get("data", {}).get("batch_size"), cfg.get("optim", {}).get("grad_accum", 1)
+    return None if b is None or "world_size" not in state else int(b) * int(state["world_size"]) * int(a)
+
+
+def peek_global_batch(candidates) -> Tuple[Optional[int], str]:
+    """(global batch, checkpoint) of the first candidate whose ``trainer.pt`` reads (memory-mapped:
+    the tensors are not read), before the engine is built; (None, "") when none does."""
+    import torch
+
+    for c in candidates:
+        try:
+            state = torch.load(Path(c) / "trainer.pt", map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - resume reports unreadable checkpoints; try the next
+            continue
+        g = saved_global_batch(state) if isinstance(state, dict) else None
+        if g is not None:
+            return g, str(c)
+    return None, ""
+
+
+def resume_candidates(cfg, out: Path) -> list:
+    """The checkpoints ``checkpoint.resume`` will try, best first (as the checkpoint manager does)."""
+    from trainer.checkpoint import CHECKPOINTS_DIR, find_resume_candidates
+    from trainer.checkpointer import is_restart
+
+    mode = "auto" if cfg.checkpoint.resume == "none" and is_restart() else cfg.checkpoint.resume
+    try:
+        return find_resume_candidates(mode, Path(out) / CHECKPOINTS_DIR)
+    except (FileNotFoundError, OSError):
+        return []  # a named checkpoint that is not there: resume reports it
+
+
+def grad_accum_for(cfg, world_size: int, candidates, agree=None) -> Tuple[int, int]:
+    """(optim.grad_accum to run with, global batch) at ``world_size``.
+
+    A fresh run (or ``data.keep_global_batch: false``): the configured accumulation, global
+    batch ``data.batch_size x world_size x optim.grad_accum``. A resume with
+    ``keep_global_batch``: the checkpoint's global batch, accumulation derived
+    (:func:`derive_grad_accum`). ``agree(text) -> [every rank's text]`` makes the ranks use
+    rank 0's reading (they could see different candidates).
+    """
+    b, accum = cfg.data.batch_size, cfg.optim.grad_accum
+    if not cfg.data.keep_global_batch:
+        return accum, b * world_size * accum
+    g, where = peek_global_batch(candidates)
+    if agree is not None:  # rank 0's reading on every rank
+        text, where = agree(f"{g}\t{where}")[0].split("\t", 1)
+        g = None if text == "None" else int(text)
+    if g is None:
+        return accum, b * world_size * accum
+    if g % b:
+        raise GlobalBatchError(
+            f"data.keep_global_batch: the run's global batch {g} (checkpoint {where}) is not a multiple of "
+            f"data.batch_size={b}; choose a per-rank batch that divides it, or set data.keep_global_batch=false")
+    new = derive_grad_accum(b, world_size, ref_world=g // b, ref_accum=1, global_batch=g)
+    if new != accum:
+        log.info("data.keep_global_batch: optim.grad_accum=%d (configured %d) keeps the global batch %d of %s at "
+                 "%d ranks x batch %d", new, accum, g, where, world_size, b)
+    return new, g
+
+
+def derive_grad_accum(batch_size: int, world_size: int, ref_world: int, ref_accum: int,
+                      global_batch: Optional[int] = None) -> int:
     """``optim.grad_accum`` that keeps ``batch_size x ref_world x ref_accum`` images per optimizer step
     at ``world_size`` ranks; :class:`GlobalBatchError` naming the sizes when it does not divide."""
     total = ref_world * ref_accum
     if total % world_size:
         raise GlobalBatchError(
-            f"data.keep_global_batch: the global batch {batch_size * total} (data.batch_size={batch_size} x "
-            f"{ref_world} ranks x optim.grad_accum={ref_accum}) cannot be kept at {world_size} ranks: "
-            f"{ref_world} x {ref_accum} = {total} micro-batches per step is not divisible by {world_size}; "
-            "run at a world size that divides it, or set data.keep_global_batch=false")
+            f"data.keep_global_batch: the global batch {global_batch or batch_size * total} cannot be kept at "
+            f"{world_size} ranks x data.batch_size={batch_size}: {total} micro-batches of {batch_size} per step "
+            f"are not divisible by {world_size} ranks; run at a world size that divides {total}, change "
+            "data.batch_size, or set data.keep_global_batch=false")
     return total // world_size
+
+
+def check_resumed_global_batch(state: Dict[str, Any], global_batch: int, keep: bool, where: str) -> None:
+    """The checkpoint actually loaded (resume may fall back to an older one) has the global
+    batch that the accumulation was derived from."""
+    g = saved_global_batch(state)
+    if keep and g is not None and g != global_batch:
+        raise GlobalBatchError(f"{where}: global batch {g}, but this run derived its accumulation for {global_batch} "
+                               "(from a newer checkpoint that did not load); remove the unloadable checkpoint "
+                               "and restart")

@@ -32,7 +32,7 @@ from trainer.batchnorm import recalibrate
 from trainer.checkpointer import CheckpointManager, Progress, is_restart
 from trainer.config import Config, ConfigError, to_yaml
 from trainer.data import to_model_input
-from trainer.distributed import DistInfo, all_ok, barrier, init_distributed
+from trainer.distributed import DistInfo, all_ok, barrier, gather_strings, init_distributed
 from trainer.engine import LossScaleError, NonFiniteLossError, build_engine
 from trainer.heads import STATE_DTYPES, UNPG, PartialFC, PartialFCSGD, build_margin
 from trainer.imprint import FaceRecImages, imprint_head
@@ -145,8 +145,11 @@ class Trainer:
             self.init_info = init_backbone(self.backbone, cfg.model.init_from, cfg.model.init_strict)
         torch.manual_seed(cfg.run.seed + 1 + d.rank)
         self.head, self.head_opt, head_lr = build_head(cfg, self.num_classes, d.device)
-        self.accum = cfg.optim.grad_accum
-        self.steps_per_epoch = max(1, len(self.loader) // self.accum)
+        # elastic hook: data.keep_global_batch derives the accumulation from the checkpoint's global batch
+        self.accum, self.global_batch = elastic.grad_accum_for(cfg, d.world_size,
+                                                               elastic.resume_candidates(cfg, self.out), gather_strings)
+        n = getattr(self.loader, "num_images", None)  # steps of the global batch: the same at any world size
+        self.steps_per_epoch = max(1, int(n) // self.global_batch if n else len(self.loader) // self.accum)
         self.total_steps = (
             cfg.run.max_steps if cfg.run.max_steps is not None else cfg.run.num_epochs * self.steps_per_epoch
         )

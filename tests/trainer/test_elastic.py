@@ -1,5 +1,6 @@
 """trainer.elastic: resuming mid-epoch at another world size / per-rank batch; the data-order keys."""
 import pytest
+import torch
 
 from trainer import elastic
 from trainer.config import config_diff, load_config, to_dict
@@ -37,6 +38,42 @@ def test_derive_grad_accum_keeps_the_global_batch_or_names_the_sizes():
     assert elastic.derive_grad_accum(8, 2, ref_world=4, ref_accum=1) == 2
     assert elastic.derive_grad_accum(8, 4, ref_world=4, ref_accum=1) == 1
     assert elastic.derive_grad_accum(8, 1, ref_world=2, ref_accum=3) == 6
-    with pytest.raises(elastic.GlobalBatchError, match=r"global batch 32 \(data.batch_size=8 x 4 ranks x "
-                                                       r"optim.grad_accum=1\) cannot be kept at 3 ranks"):
+    with pytest.raises(elastic.GlobalBatchError, match=r"global batch 32 cannot be kept at 3 ranks x "
+                                                       r"data.batch_size=8: 4 micro-batches"):
         elastic.derive_grad_accum(8, 3, ref_world=4, ref_accum=1)
+
+
+def test_global_batch_error_is_a_config_error_exit_2():
+    from trainer.errors import EXIT_CONFIG, exit_code
+
+    assert exit_code(elastic.GlobalBatchError("x")) == EXIT_CONFIG
+
+
+def test_four_ranks_resumed_at_two_keep_the_global_batch_loss_and_lr(tmp_path):
+    """One epoch (256 images, global batch 4 x 4 = 16: 16 steps, warm-up and polynomial decay)
+    at 4 ranks; the same run interrupted at step 6 (mid-epoch) and resumed at 2 ranks derives
+    grad_accum 2: the same images per step, the same loss (no BN, no UNPG: a micro-batch mean of
+    means is the global mean) and lr at every step, the same step count, and the epoch's
+    images once each."""
+    from tests.distributed import run_world
+    from tests.trainer.workers import phases_worker
+
+    data = dict(identities=32, per_id=8, val_identities=16, val_pairs=100, seed=0)
+    common = ["model.width=8", "model.norm=none", "run.num_epochs=1", "checkpoint.save_every=6",
+              "checkpoint.keep_last=5", "data.batch_size=4", "optim.warmup_steps=3", "optim.clip_grad_norm=0"]
+    kw = {"record": True}
+    full = run_world(phases_worker, 4, str(tmp_path), [{"out": "a", "overrides": common, "kw": kw}], data)
+    half = run_world(phases_worker, 2, str(tmp_path), [
+        {"out": "b", "overrides": common, "kw": kw, "copy": "a/checkpoints/step_00000006"}], data)
+    a, b = full[0][0], half[0][0]
+    assert a["accum"] == 1 and b["accum"] == 2 and a["total_steps"] == b["total_steps"] == 16
+    assert b["start_step"] == 6 and [h["step"] for h in b["history"]] == list(range(1, 17))
+    la = [h["loss"] for h in a["history"]]
+    lb = [h["loss"] for h in b["history"] if h["step"] > 6]
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la[6:]), rtol=2e-4, atol=2e-5)
+    assert b["lr"] == pytest.approx(a["lr"][6:], rel=1e-12)
+    # the epoch's images: steps 1-6 at 4 ranks, 7-16 at 2 ranks, each label multiset as uninterrupted
+    first = [torch.cat(r[0]["served"][:6]) for r in full]
+    rest = [torch.cat(r[0]["served"]) for r in half]
+    whole = [torch.cat(r[0]["served"]) for r in full]
+    assert sorted(torch.cat(first + rest).tolist()) == sorted(torch.cat(whole).tolist())

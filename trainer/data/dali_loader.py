@@ -47,6 +47,7 @@ from trainer.data.decode_check import BadRecordError, ChunkVerdicts, RunAhead, r
 from trainer.data.face_rec import FaceRecDataset, warn_if_identity_sorted
 from trainer.data.loader_base import DEFAULT_SHUFFLE_BUFFER, FaceLoaderBase  # noqa: F401 (re-export)
 from trainer.data.recordio import write_index_arrays
+from trainer.section import ConfigError
 
 #: the DALI release this project is tested with (requirements.txt pins it).
 DALI_VERSION = "2.1.1"
@@ -102,7 +103,7 @@ class DaliDataError(RuntimeError):
     """DALI failed on a record; the message names the file, key and the fix."""
 
 
-class DaliElasticError(ValueError):
+class DaliElasticError(ConfigError):
     """A shuffled DALI epoch cannot continue exactly once at another world size / per-rank batch."""
 
 
