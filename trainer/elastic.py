@@ -163,3 +163,12 @@ def check_resumed_global_batch(state: Dict[str, Any], global_batch: int, keep: b
         raise GlobalBatchError(f"{where}: global batch {g}, but this run derived its accumulation for {global_batch} "
                                "(from a newer checkpoint that did not load); remove the unloadable checkpoint "
                                "and restart")
+
+
+def check_world_size(num_classes: int, world_size: int, where: str) -> None:
+    """Every rank holds at least one class of the Partial FC head (a scale-up past the class
+    count would leave ranks with an empty shard)."""
+    if world_size > num_classes:
+        raise ConfigError(f"{where or 'the dataset'}: {num_classes} classes cannot be split over {world_size} ranks "
+                          "(the classifier needs at least one class per rank); run with at most "
+                          f"{num_classes} ranks")

@@ -233,6 +233,7 @@ class Trainer:
         cfg, d = self.cfg, self.d
         loader = self.loader_factory(cfg, d)
         self.num_classes = int(loader.num_classes)
+        elastic.check_world_size(self.num_classes, d.world_size, cfg.data.train_dir)  # elastic hook
         log.info("data: %s, %d images, %d classes, %d batches of %d per rank per epoch",
                  type(loader).__name__, int(loader.num_images), self.num_classes, len(loader), cfg.data.batch_size)
         if len(loader) == 0:

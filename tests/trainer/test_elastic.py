@@ -77,3 +77,12 @@ def test_four_ranks_resumed_at_two_keep_the_global_batch_loss_and_lr(tmp_path):
     rest = [torch.cat(r[0]["served"]) for r in half]
     whole = [torch.cat(r[0]["served"]) for r in full]
     assert sorted(torch.cat(first + rest).tolist()) == sorted(torch.cat(whole).tolist())
+
+
+def test_world_size_larger_than_the_class_count_is_a_clear_error():
+    from trainer.errors import EXIT_CONFIG, exit_code
+
+    elastic.check_world_size(3, 3, "d")
+    with pytest.raises(elastic.ConfigError, match="d: 3 classes cannot be split over 4 ranks") as e:
+        elastic.check_world_size(3, 4, "d")
+    assert exit_code(e.value) == EXIT_CONFIG

@@ -1,0 +1,103 @@
+"""Elastic scale down and up under torchrun (two "nodes" x 2 workers, c10d on localhost).
+
+Nodes A (store host) and B start ``unpg-launch multi --nnodes 1:2``; B (its launcher, torchrun
+and workers) is killed with SIGKILL before step 6; A re-rendezvouses alone and continues at
+world size 2 from the newest complete checkpoint (step 4) with grad_accum 2 (the global batch
+16 kept); at step 11 a third node C joins: the agents restart the group (the workers save at
+step 12 on torchrun's SIGTERM) and it finishes at world size 4 with grad_accum 1. Asserted: the
+run finishes, every image of the two epochs with a change is used exactly once (the loader's
+own indices, recorded per micro-batch), the step count and lr schedule continue, the
+checkpoints hold all classifier rows at each world size."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import pytest
+
+from tests.launch.e2e import ROOT, checkpoint_meta, free_port, reaped, step_lines, tiny_config
+
+TOTAL, EVERY, FAULT, GROW = 24, 2, 5, 11  # 128 images / global batch 16: 8 steps per epoch
+
+
+def _node(tmp_path, name, port, cfg, host, env):
+    cmd = [sys.executable, "-m", "launch", "multi", "--nnodes", "1:2", "--nproc-per-node", "2",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"elastic-{port}", "--rdzv-host", host,
+           "--last-call-timeout", "3", "--join-timeout", "120", "--keep-alive-interval", "1",
+           "--shutdown-timeout", "60", "--max-restarts", "3",
+           "--module", "tests.launch.elastic_worker", "--", str(cfg), "data.batch_size=4"]
+    f = open(tmp_path / f"{name}.log", "w")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), f
+
+
+def _wait_for(path, procs, what, timeout=240):
+    deadline = time.time() + timeout
+    while not path.exists():
+        if any(p.poll() is not None for p, _ in procs) or time.time() > deadline:
+            pytest.fail(f"{what} never happened")
+        time.sleep(0.1)
+
+
+def test_lose_a_node_then_grow_back_same_global_batch_each_image_once(tmp_path, tiny_dataset):
+    output = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "cfg.yaml", tiny_dataset, output, max_steps=TOTAL, save_every=EVERY)
+    ids, fault = tmp_path / "ids", tmp_path / "fault"
+    ids.mkdir()
+    fault.mkdir()
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNPG_IDS_DIR": str(ids), "UNPG_FAULT_DIR": str(fault),
+           "UNPG_GROW_STEP": str(GROW)}
+    procs = [_node(tmp_path, "nodeA", port, cfg, "yes", env)]
+    procs.append(_node(tmp_path, "nodeB", port, cfg, "no", {**env, "UNPG_NODE_FAULT_STEP": str(FAULT)}))
+    with reaped(procs):
+        try:
+            _wait_for(fault / "node-ready", procs, "node B reaching the fault step")
+            os.kill(procs[1][0].pid, signal.SIGKILL)  # its torchrun and workers die with it (PDEATHSIG)
+            _wait_for(fault / "grow-ready", procs[:1], "the shrunk job reaching the grow step")
+            procs.append(_node(tmp_path, "nodeC", port, cfg, "no", env))
+            codes = [procs[0][0].wait(timeout=240), procs[2][0].wait(timeout=240)]
+        finally:
+            logs = "\n".join(f"--- {n}\n" + (tmp_path / f"{n}.log").read_text()[-3000:]
+                             for n in ("nodeA", "nodeB", "nodeC") if (tmp_path / f"{n}.log").exists())
+        assert codes == [0, 0], logs
+
+    # the micro-batches that count: for each step, those of the last attempt that ran it
+    recs = []
+    for f in ids.iterdir():
+        for line in f.read_text().split("\n"):
+            if line:
+                start, step, epoch, world, accum, *idx = map(int, line.split())
+                recs.append((start, step, epoch, world, accum, idx))
+    starts = sorted({r[0] for r in recs})
+    assert starts == [0, 4, 12], starts  # fresh; resumed at 4 (world 2); at 12 (world 4 again)
+    kept = [r for r in recs if r[0] == max(s for s in starts if s < r[1])]
+    by_step = defaultdict(list)
+    for _start, step, _epoch, world, accum, idx in kept:
+        by_step[step].append((world, accum, len(idx)))
+    assert sorted(by_step) == list(range(1, TOTAL + 1))
+    for step, mbs in by_step.items():  # 16 images per optimizer step at every world size
+        world, accum = (4, 1) if step <= 4 or step > 12 else (2, 2)
+        assert mbs == [(world, accum, 4)] * 4, (step, mbs)
+    for epoch in (0, 1, 2):  # epoch 0: 4 -> 2 ranks at step 4; epoch 1: 2 -> 4 at step 12
+        used = [i for r in kept if r[2] == epoch for i in r[5]]
+        assert len(used) == len(set(used)) == 128, (epoch, len(used), len(set(used)))
+
+    # steps and lr schedule continue: every step logged of 24, lr of the one schedule
+    from trainer.optim import lr_factor
+
+    text = (output / "train.log").read_text()
+    lrs = {int(s): float(lr) for s, lr in re.findall(r"step (\d+)/24 epoch \d+ loss \S+ lr ([0-9.]+)", text)}
+    assert sorted(lrs) == list(range(1, TOTAL + 1)) and {t for _, t, _ in step_lines(text)} == {TOTAL}
+    for s, lr in lrs.items():
+        assert lr == pytest.approx(0.05 * lr_factor(s - 1, TOTAL, "poly", 0, 2.0), abs=6e-6), s
+    # checkpoints at each world size hold every classifier row (16 classes)
+    metas = checkpoint_meta(output)
+    assert metas[4]["world_size"] == 4 and metas[12]["world_size"] == 2 and metas[TOTAL]["world_size"] == 4
+    for meta in metas.values():
+        ranges = meta["class_ranges"]
+        assert ranges[0][0] == 0 and ranges[-1][1] == 16 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert "continues at 2 ranks x batch 4 after 4 batches at 4 ranks" in text
+    assert "optim.grad_accum=2 (configured 1) keeps the global batch 16" in text
