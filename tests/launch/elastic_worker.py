@@ -43,7 +43,7 @@ def _install() -> None:
             if self.d.rank == 0:
                 write("grow-ready")
             deadline = time.monotonic() + 120
-            while not self.preempt.requested() and time.monotonic() < deadline:
+            while not self.preempt.requested and time.monotonic() < deadline:
                 time.sleep(0.1)
         return one_step(self)
 
