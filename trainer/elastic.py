@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from trainer.data.plan import Segment, coerce_segments
 from trainer.section import ConfigError
@@ -112,22 +112,24 @@ def resume_candidates(cfg, out: Path) -> list:
         return []  # a named checkpoint that is not there: resume reports it
 
 
-def grad_accum_for(cfg, world_size: int, candidates, agree=None) -> Tuple[int, int]:
+def grad_accum_for(cfg, world_size: int, candidates, agree: Optional[Callable[[str], list]] = None
+                   ) -> Tuple[int, int]:
     """(optim.grad_accum to run with, global batch) at ``world_size``.
 
     A fresh run (or ``data.keep_global_batch: false``): the configured accumulation, global
     batch ``data.batch_size x world_size x optim.grad_accum``. A resume with
     ``keep_global_batch``: the checkpoint's global batch, accumulation derived
-    (:func:`derive_grad_accum`). ``agree(text) -> [every rank's text]`` makes the ranks use
-    rank 0's reading (they could see different candidates).
+    (:func:`derive_grad_accum`). ``agree(text) -> [every rank's text]`` (default: the process
+    group's all-gather) makes the ranks use rank 0's reading (they could see different candidates).
     """
     b, accum = cfg.data.batch_size, cfg.optim.grad_accum
     if not cfg.data.keep_global_batch:
         return accum, b * world_size * accum
     g, where = peek_global_batch(candidates)
-    if agree is not None:  # rank 0's reading on every rank
-        text, where = agree(f"{g}\t{where}")[0].split("\t", 1)
-        g = None if text == "None" else int(text)
+    if agree is None:
+        from trainer.distributed import gather_strings as agree
+    text, where = agree(f"{g}\t{where}")[0].split("\t", 1)  # rank 0's reading on every rank
+    g = None if text == "None" else int(text)
     if g is None:
         return accum, b * world_size * accum
     if g % b:

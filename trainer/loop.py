@@ -32,7 +32,7 @@ from trainer.batchnorm import recalibrate
 from trainer.checkpointer import CheckpointManager, Progress, is_restart
 from trainer.config import Config, ConfigError, to_yaml
 from trainer.data import to_model_input
-from trainer.distributed import DistInfo, all_ok, barrier, gather_strings, init_distributed
+from trainer.distributed import DistInfo, all_ok, barrier, init_distributed
 from trainer.engine import LossScaleError, NonFiniteLossError, build_engine
 from trainer.heads import STATE_DTYPES, UNPG, PartialFC, PartialFCSGD, build_margin
 from trainer.imprint import FaceRecImages, imprint_head
@@ -146,8 +146,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + 1 + d.rank)
         self.head, self.head_opt, head_lr = build_head(cfg, self.num_classes, d.device)
         # elastic hook: data.keep_global_batch derives the accumulation from the checkpoint's global batch
-        self.accum, self.global_batch = elastic.grad_accum_for(cfg, d.world_size,
-                                                               elastic.resume_candidates(cfg, self.out), gather_strings)
+        resume_from = elastic.resume_candidates(cfg, self.out)
+        self.accum, self.global_batch = elastic.grad_accum_for(cfg, d.world_size, resume_from)
         n = getattr(self.loader, "num_images", None)  # steps of the global batch: the same at any world size
         self.steps_per_epoch = max(1, int(n) // self.global_batch if n else len(self.loader) // self.accum)
         self.total_steps = (
