@@ -200,8 +200,9 @@ def test_array_reader_behaves_like_the_dict_reader(synth_dir, tmp_path):
 
 # --------------------------------------------------------------------------- segments (elastic)
 def _window_order(window, seed):
-    def order(share, epoch, rank, k, world, batch):
-        return plan.window_shuffle(share, min(window, share.size), np.random.default_rng([seed, epoch, rank, k]))
+    def order(share, epoch, rank, k, world, batch, batches=None):
+        out = plan.window_shuffle(share, min(window, share.size), np.random.default_rng([seed, epoch, rank, k]))
+        return out if batches is None else out[:batches * batch]
     return order
 
 

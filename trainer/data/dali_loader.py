@@ -107,6 +107,57 @@ class DaliElasticError(ConfigError):
     """A shuffled DALI epoch cannot continue exactly once at another world size / per-rank batch."""
 
 
+def replay_reader(tmp: str, n: int, batch_size: int, batches: int, initial_fill: int, seed: int,
+                  num_threads: int) -> np.ndarray:
+    """Positions (0..n-1, in the byte order DALI reads) that ``fn.readers.mxnet`` as built by
+    :func:`_build_pipeline` serves in its first ``batches`` batches, from a stand-in file of n
+    records (label = (position >> 12, position & 4095), exact in float32, never negative, so never
+    RecordIO's magic word); O(n) bytes of disk."""
+    from nvidia.dali import fn, pipeline_def
+
+    from trainer.data.recordio import IR_SIZE, IRHeader, encode_record, pack
+
+    rec = np.frombuffer(encode_record(pack(IRHeader(2, [0.0, 0.0]), b"x")), dtype=np.uint8)
+    at = 8 + IR_SIZE  # RecordIO head (magic, length), then the IRHeader, then the two labels
+    recs = np.tile(rec, (n, 1))
+    j = np.arange(n, dtype=np.int64)
+    labels = np.stack([j >> 12, j & 4095], axis=1).astype("<f4")
+    recs[:, at:at + 8] = labels.view(np.uint8).reshape(n, 8)
+    path = os.path.join(tmp, "replay.rec")
+    with open(path, "wb") as f:
+        f.write(recs.tobytes())
+    idx = os.path.join(tmp, "replay.idx")
+    write_index_arrays(idx, j, j * rec.size)
+
+    @pipeline_def
+    def reader_only():
+        _, lab = fn.readers.mxnet(path=[path], index_path=[idx], shard_id=0, num_shards=1, random_shuffle=True,
+                                  initial_fill=initial_fill, pad_last_batch=True, stick_to_shard=True, name="Reader")
+        return lab
+
+    pipe = reader_only(batch_size=batch_size, num_threads=max(1, num_threads), device_id=None, seed=seed,
+                       prefetch_queue_depth=2, exec_dynamic=False)
+    pipe.build()
+    out = []
+    try:
+        for _ in range(batches):
+            (lab,) = pipe.run()
+            arr = np.stack([np.asarray(lab[i]).reshape(-1)[:2] for i in range(len(lab))]).astype(np.int64)
+            out.append((arr[:, 0] << 12) | arr[:, 1])
+    finally:
+        del pipe
+        for p in (path, idx):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+    got = np.concatenate(out) if out else np.zeros(0, np.int64)
+    if got.size != batches * batch_size or np.unique(got).size != got.size or (got.size and got.max() >= n):
+        raise RuntimeError(f"the replay served {got.size} positions ({np.unique(got).size} distinct) "
+                           f"for {batches} batches of {batch_size} of {n} records")
+    return got
+
+
 class DaliFaceLoader(FaceLoaderBase):
     """DALI-backed loader; same interface as :class:`trainer.data.torch_loader.TorchFaceLoader`."""
 
@@ -136,19 +187,36 @@ class DaliFaceLoader(FaceLoaderBase):
         self._offsets = ds.image_offsets
         self._tmp = tempfile.mkdtemp(prefix="unpg-dali-")
 
-    def consumed_order(self, share: np.ndarray, epoch: int, rank: int, segment: int, world_size: int,
-                       batch_size: int) -> np.ndarray:
-        """Unshuffled: byte order (what DALI reads). Shuffled: DALI's reader buffer picks the
-        order inside the pipeline, which this process cannot recompute for another rank, so a
-        mid-epoch change of world size or per-rank batch is refused (docs/launch.md, Elastic)."""
-        if not self.shuffle:
-            return share[np.argsort(self._offsets[share], kind="stable")]
-        raise DaliElasticError(
-            f"{self.ds.rec_path}: epoch {epoch} was interrupted after {self.segments[segment].batches} batches "
-            f"at {world_size} ranks x batch {batch_size} and resumes at {self.world_size} x {self.batch_size}: "
-            "the DALI loader cannot tell which images its shuffle buffer already served, so it cannot resume "
-            "this epoch exactly once; resume at the same world size and data.batch_size, or with "
-            "data.backend=torch for this epoch")
+    def _pipeline_seed(self, epoch: int, rank: int, segment: int) -> int:
+        key = [self.seed, epoch, rank] + ([segment] if segment else [])
+        return int(np.random.default_rng(key).integers(0, 2**31 - 1))
+
+    def consumed(self, share: np.ndarray, epoch: int, rank: int, segment: int, world_size: int,
+                 batch_size: int, batches: int) -> np.ndarray:
+        """What ``rank``'s DALI reader served in its first ``batches`` batches of that segment.
+
+        DALI reads the share in byte order; unshuffled that is the order. Shuffled, its reader
+        buffer picks the order inside the pipeline, so it is replayed (:func:`replay_reader`):
+        the same reader with the same seed, batch size and ``initial_fill`` over a stand-in file
+        of ``len(share)`` tiny records whose labels are their positions. The draws of DALI's
+        reader do not depend on the records' contents (checked against the real pipeline in
+        tests/data/test_loaders.py); raises :class:`DaliElasticError` if the replay fails.
+        """
+        srt = share[np.argsort(self._offsets[share], kind="stable")]
+        take = batches * batch_size
+        if not self.shuffle or take == 0:
+            return srt[:take]
+        fill = max(1, min(self.buffer_config, share.size))  # what that segment's loader used
+        try:
+            pos = replay_reader(self._tmp, share.size, batch_size, batches, fill,
+                                self._pipeline_seed(epoch, rank, segment), self.num_threads)
+        except Exception as e:  # any DALI failure: refuse rather than guess
+            raise DaliElasticError(
+                f"{self.ds.rec_path}: epoch {epoch} was interrupted after {batches} batches at {world_size} ranks x "
+                f"batch {batch_size} and resumes at {self.world_size} x {self.batch_size}: replaying rank {rank}'s "
+                f"DALI reader failed ({type(e).__name__}: {e}); resume at the same world size and data.batch_size, "
+                "or with data.backend=torch") from e
+        return srt[pos]
 
     def rank_index_arrays(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
         """(keys, byte offsets) of this rank's images in ``epoch`` (its current segment),
@@ -182,7 +250,7 @@ class DaliFaceLoader(FaceLoaderBase):
         pipe = _build_pipeline(
             str(self.ds.rec_path), idx, self.batch_size, self.num_threads, device_id,
             0, 1, self.shuffle, min(self.shuffle_buffer, keys.size),
-            int(np.random.default_rng([self.seed, epoch, self.rank] + ([k] if k else [])).integers(0, 2**31 - 1)),
+            self._pipeline_seed(epoch, self.rank, k),
             self.flip, self.augment, self.image_size,
         )
         it = None

@@ -64,9 +64,10 @@ class FaceLoaderBase:
         self.segments = plan.coerce_segments(segments)
 
     # --------------------------------------------------------------- segments
-    def consumed_order(self, share: np.ndarray, epoch: int, rank: int, segment: int, world_size: int,
-                       batch_size: int) -> np.ndarray:
-        """The order in which ``rank`` consumed ``share`` in that segment (the loader's own)."""
+    def consumed(self, share: np.ndarray, epoch: int, rank: int, segment: int, world_size: int,
+                 batch_size: int, batches: int) -> np.ndarray:
+        """The images of ``share`` that ``rank`` consumed in its first ``batches`` batches of that
+        segment, in consumption order (the loader's own order: :data:`trainer.data.plan.Consumed`)."""
         raise NotImplementedError
 
     def segment(self, epoch: int) -> Tuple[np.ndarray, int]:
@@ -79,7 +80,7 @@ class FaceLoaderBase:
             return self.plan.rank_positions(epoch), 0
         key = (epoch, self.segments)
         if self._seg_cache is None or self._seg_cache[0] != key:
-            rest = plan.remaining_stream(self.plan.stream(epoch), self.segments, epoch, self.consumed_order)
+            rest = plan.remaining_stream(self.plan.stream(epoch), self.segments, epoch, self.consumed)
             per = plan.batches_per_rank(rest.size, self.world_size, self.batch_size) * self.batch_size
             self._seg_cache = (key, rest[self.rank * per:(self.rank + 1) * per].copy())
         return self._seg_cache[1], len(self.segments)

@@ -73,13 +73,13 @@ def coerce_segments(segments: Sequence) -> tuple:
     return out
 
 
-#: ``consumed_order(share, epoch, rank, segment_index, world_size, batch_size)`` -> the share's image
-#: indices in the order the loader consumed them (a permutation of ``share``)
-ConsumedOrder = Callable[[np.ndarray, int, int, int, int, int], np.ndarray]
+#: ``consumed(share, epoch, rank, segment_index, world_size, batch_size, batches)`` -> the first
+#: ``batches x batch_size`` image indices of ``share`` in the order the loader consumed them
+Consumed = Callable[[np.ndarray, int, int, int, int, int, int], np.ndarray]
 
 
 def remaining_stream(stream: np.ndarray, segments: Sequence[Segment], epoch: int,
-                     consumed_order: ConsumedOrder) -> np.ndarray:
+                     consumed: Consumed) -> np.ndarray:
     """``L_k``: the images of ``stream`` (the epoch's order) that ``segments`` left, in stream order.
 
     Raises ValueError when a segment claims more batches than its share holds.
@@ -96,7 +96,11 @@ def remaining_stream(stream: np.ndarray, segments: Sequence[Segment], epoch: int
         gone = np.zeros(int(remaining.max(initial=-1)) + 1, dtype=bool)
         for r in range(s.world_size):
             share = remaining[r * per:(r + 1) * per]
-            gone[consumed_order(share, epoch, r, k, s.world_size, s.batch_size)[:take]] = True
+            used = np.asarray(consumed(share, epoch, r, k, s.world_size, s.batch_size, s.batches))
+            if used.size != take:
+                raise ValueError(f"epoch {epoch} segment {k} rank {r}: the loader replayed {used.size} of "
+                                 f"{take} images")
+            gone[used] = True
         remaining = remaining[~gone[remaining]]
     return remaining
 

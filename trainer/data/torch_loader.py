@@ -113,8 +113,11 @@ class TorchFaceLoader(FaceLoaderBase):
         self._dl: Optional[DataLoader] = None
         self._plan_epoch: Optional[int] = None
 
-    def consumed_order(self, share: np.ndarray, epoch: int, rank: int, segment: int, world_size: int,
-                       batch_size: int) -> np.ndarray:
+    def consumed(self, share: np.ndarray, epoch: int, rank: int, segment: int, world_size: int,
+                 batch_size: int, batches: int) -> np.ndarray:
+        return self.consumption_order(share, epoch, rank, segment)[:batches * batch_size]
+
+    def consumption_order(self, share: np.ndarray, epoch: int, rank: int, segment: int) -> np.ndarray:
         """The shuffle window over ``share`` (block shuffle); the stream order otherwise.
         Segment 0 draws what the loader always drew; segment k > 0 draws with k in the seed."""
         if not (self.shuffle and self.shuffle_mode == "block"):
@@ -129,7 +132,7 @@ class TorchFaceLoader(FaceLoaderBase):
         key = (epoch, self.segments)
         if self._plan_epoch != key:
             share, k = self.segment(epoch)
-            pos = self.consumed_order(share, epoch, self.rank, k, self.world_size, self.batch_size)
+            pos = self.consumption_order(share, epoch, self.rank, k)
             fl = (plan.rank_flips(self.seed, epoch, self.rank, share.size) if k == 0 else
                   np.random.default_rng([self.seed, epoch, self.rank, k, 0xF11F]).random(share.size) < 0.5)
             if not self.flip:
