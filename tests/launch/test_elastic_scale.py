@@ -24,9 +24,11 @@ TOTAL, EVERY, FAULT, GROW = 24, 2, 5, 10  # 128 images / global batch 16: 8 step
 
 
 def _node(tmp_path, name, port, cfg, host, env):
+    # --last-call-timeout 10: A and B start together and form one 4-rank round even on a loaded
+    # machine (a round with MAX nodes closes at once); after the kill A waits 10 s for B
     cmd = [sys.executable, "-m", "launch", "multi", "--nnodes", "1:2", "--nproc-per-node", "2",
            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"elastic-{port}", "--rdzv-host", host,
-           "--last-call-timeout", "3", "--join-timeout", "120", "--keep-alive-interval", "1",
+           "--last-call-timeout", "10", "--join-timeout", "120", "--keep-alive-interval", "1",
            "--shutdown-timeout", "60", "--max-restarts", "3",
            "--module", "tests.launch.elastic_worker", "--", str(cfg), "data.batch_size=4"]
     f = open(tmp_path / f"{name}.log", "w")
