@@ -5,6 +5,9 @@ the elastic end-to-end test (tests/launch/test_elastic_scale.py).
   ``attempt-start-step step epoch world accum image-indices...`` (the indices the torch loader's plan gives).
 * ``$UNPG_NODE_FAULT_STEP`` (set on one node only): on the first attempt its ranks stop
   before that step and write ``$UNPG_FAULT_DIR/node-ready``; the test then kills the node.
+* ``$UNPG_NODE_PAUSE_STEP`` (set on one node only): on the first attempt its ranks wait before
+  that step, rank-local ``$UNPG_FAULT_DIR/node-paused`` written, until a preemption signal arrives
+  (the test sends SIGTERM to that node's launcher), then go on: the group saves at the next step.
 * ``$UNPG_GROW_STEP``: at that step, while the world is smaller than 4, rank 0 writes
   ``$UNPG_FAULT_DIR/grow-ready`` and every rank waits for torchrun's SIGTERM (a node joined and
   the agents restart the group), so the test's third node joins while the job still runs.
@@ -25,6 +28,7 @@ def _install() -> None:
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # of this node's agent
     node_fault = int(os.environ.get("UNPG_NODE_FAULT_STEP", "0") or 0)
     grow = int(os.environ.get("UNPG_GROW_STEP", "0") or 0)
+    pause = int(os.environ.get("UNPG_NODE_PAUSE_STEP", "0") or 0)
     one_step, next_batch = loop.Trainer._one_step, loop.Trainer._next_batch
 
     def write(name: str) -> None:
@@ -39,6 +43,11 @@ def _install() -> None:
             write("node-ready")
             while True:  # until the test kills this node
                 time.sleep(0.2)
+        if pause and restart == "0" and self.step == pause:
+            write("node-paused")
+            deadline = time.monotonic() + 120
+            while not self.preempt.requested and time.monotonic() < deadline:
+                time.sleep(0.1)
         if grow and self.step == grow and self.d.world_size < 4:
             if self.d.rank == 0:
                 write("grow-ready")

@@ -104,3 +104,43 @@ def test_lose_a_node_then_grow_back_same_global_batch_each_image_once(tmp_path, 
         assert ranges[0][0] == 0 and ranges[-1][1] == 16 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert "continues at 2 ranks x batch 4 after 4 batches at 4 ranks" in text
     assert "optim.grad_accum=2 (configured 1) keeps the global batch 16" in text
+
+
+def test_preempted_node_saves_then_the_rest_goes_on(tmp_path, tiny_dataset):
+    """SIGTERM to node B's launcher at step 5 (a preemption, not a kill): every rank saves at step
+    6 (not a checkpoint step: save_every 4), B exits 143, A's agent restarts its workers alone
+    and they continue from step 6 at world size 2 with grad_accum 2, each image once per epoch."""
+    total = 16
+    output = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "cfg.yaml", tiny_dataset, output, max_steps=total, save_every=4)
+    ids, fault = tmp_path / "ids", tmp_path / "fault"
+    ids.mkdir()
+    fault.mkdir()
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNPG_IDS_DIR": str(ids), "UNPG_FAULT_DIR": str(fault)}
+    procs = [_node(tmp_path, "nodeA", port, cfg, "yes", env)]
+    procs.append(_node(tmp_path, "nodeB", port, cfg, "no", {**env, "UNPG_NODE_PAUSE_STEP": "5"}))
+    with reaped(procs):
+        try:
+            _wait_for(fault / "node-paused", procs, "node B reaching the pause step")
+            os.kill(procs[1][0].pid, signal.SIGTERM)  # the scheduler preempts node B
+            codes = [procs[0][0].wait(timeout=240), procs[1][0].wait(timeout=240)]
+        finally:
+            logs = "\n".join(f"--- {n}\n" + (tmp_path / f"{n}.log").read_text()[-3000:] for n in ("nodeA", "nodeB"))
+        assert codes == [0, 143], logs
+    text = (output / "train.log").read_text()
+    assert "resumed from" in text and "(step 6, epoch 0, batch 0, world size 4 -> 2)" in text, text[-3000:]
+    metas = checkpoint_meta(output)
+    assert metas[4]["world_size"] == metas[6]["world_size"] == 4 and metas[total]["world_size"] == 2
+    recs = []
+    for f in ids.iterdir():
+        for line in f.read_text().split("\n"):
+            if line:
+                start, step, epoch, world, accum, *idx = map(int, line.split())
+                recs.append((start, step, epoch, world, accum, idx))
+    assert sorted({r[0] for r in recs}) == [0, 6]  # no step redone: the save was at the step reached
+    assert sorted({r[1] for r in recs}) == list(range(1, total + 1))
+    assert {(r[3], r[4]) for r in recs if r[1] > 6} == {(2, 2)}
+    for epoch in (0, 1):
+        used = [i for r in recs if r[2] == epoch for i in r[5]]
+        assert len(used) == len(set(used)) == 128, (epoch, len(used), len(set(used)))
