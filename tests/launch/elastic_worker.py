@@ -1,8 +1,9 @@
 """``python -m tests.launch.elastic_worker CONFIG [k=v ...]``: trainer.train, instrumented for
 the elastic end-to-end test (tests/launch/test_elastic_scale.py).
 
-* Every rank appends one line per micro-batch it trains on to ``$UNPG_IDS_DIR/ids-<pid>``:
-  ``attempt-start-step step epoch world accum image-indices...`` (the indices the torch loader's plan gives).
+* Every rank writes its classifier rows as loaded to ``$UNPG_IDS_DIR/head-<start step>-<rank>.pt``
+  and appends one line per micro-batch it trains on to ``$UNPG_IDS_DIR/ids-<pid>``:
+  ``attempt-start-step step epoch world accum image-indices...`` (the torch loader's plan).
 * ``$UNPG_NODE_FAULT_STEP`` (set on one node only): on the first attempt its ranks stop
   before that step and write ``$UNPG_FAULT_DIR/node-ready``; the test then kills the node.
 * ``$UNPG_NODE_PAUSE_STEP`` (set on one node only): on the first attempt its ranks wait before
@@ -39,6 +40,10 @@ def _install() -> None:
     def step(self):
         if not hasattr(self, "_attempt_start"):
             self._attempt_start = self.step  # the step this process resumed at
+            import torch  # the classifier rows this rank holds after the resume
+
+            torch.save({"class_range": tuple(self.head.class_range), "weight": self.head.weight.detach().cpu()},
+                       ids.parent / f"head-{self.step}-{self.d.rank}.pt")
         if node_fault and restart == "0" and self.step == node_fault:
             write("node-ready")
             while True:  # until the test kills this node

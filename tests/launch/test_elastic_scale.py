@@ -68,7 +68,7 @@ def test_lose_a_node_then_grow_back_same_global_batch_each_image_once(tmp_path, 
 
     # the micro-batches that count: for each step, those of the last attempt that ran it
     recs = []
-    for f in ids.iterdir():
+    for f in ids.glob("ids-*"):
         for line in f.read_text().split("\n"):
             if line:
                 start, step, epoch, world, accum, *idx = map(int, line.split())
@@ -102,6 +102,18 @@ def test_lose_a_node_then_grow_back_same_global_batch_each_image_once(tmp_path, 
     for meta in metas.values():
         ranges = meta["class_ranges"]
         assert ranges[0][0] == 0 and ranges[-1][1] == 16 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    # the rows each rank holds after a resume are the checkpoint's, all of them, re-sliced
+    import torch
+
+    for start, world in ((4, 2), (11, 4)):
+        saved = sorted((torch.load(f, weights_only=True) for f in (output / "checkpoints" / f"step_{start:08d}")
+                        .glob("shard_*.pt")), key=lambda sh: sh["class_range"][0]) if start in metas else None
+        loaded = sorted((torch.load(ids / f"head-{start}-{r}.pt", weights_only=True) for r in range(world)),
+                        key=lambda h: h["class_range"][0])
+        got = torch.cat([h["weight"] for h in loaded])
+        assert got.shape[0] == 16 and [h["class_range"] for h in loaded][-1][1] == 16
+        if saved is not None:
+            assert torch.equal(got, torch.cat([sh["head"]["weight"] for sh in saved]).to(got.dtype))
     assert "continues at 2 ranks x batch 4 after 4 batches at 4 ranks" in text
     assert "optim.grad_accum=2 (configured 1) keeps the global batch 16" in text
 
@@ -133,7 +145,7 @@ def test_preempted_node_saves_then_the_rest_goes_on(tmp_path, tiny_dataset):
     metas = checkpoint_meta(output)
     assert metas[4]["world_size"] == metas[6]["world_size"] == 4 and metas[total]["world_size"] == 2
     recs = []
-    for f in ids.iterdir():
+    for f in ids.glob("ids-*"):
         for line in f.read_text().split("\n"):
             if line:
                 start, step, epoch, world, accum, *idx = map(int, line.split())
