@@ -59,6 +59,8 @@ DEFAULT_MODULE = "trainer.train"
 #: torchrun's default signals + SIGUSR1 (SLURM --signal); every one is forwarded to the workers
 SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 DEFAULT_SHUTDOWN_TIMEOUT = 300
+#: torchrun's c10d rendezvous defaults (seconds): wait for MIN nodes; then for more nodes
+DEFAULT_JOIN_TIMEOUT, DEFAULT_LAST_CALL_TIMEOUT = 600, 30
 #: the signals the launcher catches; the first of each goes to torchrun
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 #: seconds the launcher waits for torchrun beyond its shutdown timeout after a forwarded signal
@@ -122,6 +124,32 @@ def _shutdown_timeout(args: argparse.Namespace, env: dict) -> int:
     return v
 
 
+def rdzv_conf(args: argparse.Namespace) -> str:
+    """torchrun ``--rdzv-conf`` of ``multi``: the store host and the elastic waits (seconds)."""
+    conf = []
+    if args.rdzv_host != "auto":
+        conf.append(f"is_host={1 if args.rdzv_host == 'yes' else 0}")
+    for name in ("join_timeout", "last_call_timeout", "close_timeout", "keep_alive_interval"):
+        v = getattr(args, name, None)
+        if v is not None:
+            if v < 1:
+                raise LaunchError(f"--{name.replace('_', '-')} must be >= 1 second, got {v}")
+            conf.append(f"{name}={v}")
+    return ",".join(conf)
+
+
+def rendezvous_hint(args: argparse.Namespace) -> str:
+    """What a torchrun failure without any worker exit code means for ``multi`` (docs/launch.md, Elastic)."""
+    if args.cmd != "multi":
+        return ""
+    lo, _, hi = args.nnodes.partition(":")
+    join = args.join_timeout or DEFAULT_JOIN_TIMEOUT
+    return (f"no worker exit code: the rendezvous {args.rdzv_endpoint} (id {args.rdzv_id}) did not complete or "
+            f"was lost: fewer than {lo} node(s) (--nnodes {args.nnodes}) joined within --join-timeout={join} s, "
+            "or the node hosting the store at that endpoint died (the job cannot outlive it), or more failures "
+            f"happened than --max-restarts={args.max_restarts} allows; torchrun's message is above")
+
+
 def torchrun_command(torchrun_flags: Sequence[str], module: str, target_args: Sequence[str],
                      python: str = sys.executable) -> List[str]:
     """``python -m torch.distributed.run FLAGS -m MODULE ARGS`` (same interpreter as the launcher)."""
@@ -148,8 +176,9 @@ def build_command(args: argparse.Namespace, env: Optional[dict] = None) -> List[
                  "--rdzv-backend=c10d",
                  f"--rdzv-endpoint={_check_endpoint(args.rdzv_endpoint)}",
                  f"--rdzv-id={args.rdzv_id}"]
-        if args.rdzv_host != "auto":
-            flags.append(f"--rdzv-conf=is_host={1 if args.rdzv_host == 'yes' else 0}")
+        conf = rdzv_conf(args)
+        if conf:
+            flags.append(f"--rdzv-conf={conf}")
     elif args.cmd == "slurm":
         nproc = nproc or slurm_env.gpus_per_node(env) or default_nproc()
         r = slurm_env.slurm_rendezvous(env, nproc_per_node=nproc, port=args.port)
@@ -190,6 +219,17 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--rdzv-id", required=True, help="job id shared by all nodes of this run")
     m.add_argument("--rdzv-host", choices=("auto", "yes", "no"), default="auto",
                    help="does THIS node host the store? auto: the node whose address is the endpoint")
+    m.add_argument("--join-timeout", type=int, default=None,
+                   help="seconds the agents wait for MIN nodes at every rendezvous before failing "
+                        f"(torchrun's default {DEFAULT_JOIN_TIMEOUT})")
+    m.add_argument("--last-call-timeout", type=int, default=None,
+                   help="once MIN nodes are there, seconds they wait for more (a lost node coming back, "
+                        "a new one) before starting at the size reached "
+                        f"(torchrun's default {DEFAULT_LAST_CALL_TIMEOUT})")
+    m.add_argument("--close-timeout", type=int, default=None,
+                   help="seconds a closed rendezvous stays open for late joiners (torchrun's default 30)")
+    m.add_argument("--keep-alive-interval", type=int, default=None,
+                   help="seconds between an agent's heartbeats; a node missing 3 is dropped (default 5)")
     _add_common(m)
     sl = sub.add_parser("slurm", help="one torchrun per node under srun; reads SLURM_* variables")
     sl.add_argument("--port", type=int, default=None,
@@ -231,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     env_defaults.apply_defaults()
     print(f"[launch] {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    return supervise(cmd, _shutdown_timeout(args, dict(os.environ)))
+    return supervise(cmd, _shutdown_timeout(args, dict(os.environ)), rendezvous_hint(args))
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -270,7 +310,7 @@ def job_exit_code(codes: Dict[int, int], torchrun_rc: int, signum: int) -> int:
     return 128 - torchrun_rc if torchrun_rc < 0 else torchrun_rc
 
 
-def supervise(cmd: Sequence[str], shutdown_timeout: int) -> int:
+def supervise(cmd: Sequence[str], shutdown_timeout: int, hint: str = "") -> int:
     """Run torchrun ``cmd`` as a child, forward signals once each, return the job's code."""
     folder = Path(tempfile.mkdtemp(prefix="unpg-launch-"))
     env = {**os.environ, EXIT_CODE_DIR_ENV: str(folder)}
@@ -317,6 +357,8 @@ def supervise(cmd: Sequence[str], shutdown_timeout: int) -> int:
             child.wait()
         shutil.rmtree(folder, ignore_errors=True)
     code = job_exit_code(codes, rc, state["signum"])
+    if hint and code and not codes and not state["signum"]:
+        print(f"[launch] {hint}", file=sys.stderr, flush=True)
     print(f"[launch] torchrun exited {rc}; workers' codes {dict(sorted(codes.items())) or 'not written'}: "
           f"exit {code}", file=sys.stderr, flush=True)
     return code

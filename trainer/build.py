@@ -8,13 +8,14 @@ optimizers). Each turns a configuration error into a :class:`ConfigError` naming
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import torch
 
 from trainer.backbones import get_backbone
 from trainer.config import Config, ConfigError
+from trainer.elastic import check_world_size
 from trainer.engine import Engine, build_engine
 from trainer.heads import STATE_DTYPES, UNPG, PartialFC, PartialFCSGD, build_margin
 from trainer.optim import LRScheduler, optimizer_factory
@@ -42,6 +43,7 @@ def build_loader(cfg: Config, d: DistInfo, factory: LoaderFactory):
     """The training loader, after the checks that need the dataset (class count, batch size, labels)."""
     loader = factory(cfg, d)
     num_classes = int(loader.num_classes)
+    check_world_size(num_classes, d.world_size, cfg.data.train_dir)  # every rank holds a class
     log.info("data: %s, %d images, %d classes, %d batches of %d per rank per epoch",
              type(loader).__name__, int(loader.num_images), num_classes, len(loader), cfg.data.batch_size)
     if len(loader) == 0:
@@ -103,10 +105,13 @@ def build_head(cfg: Config, num_classes: int, device: torch.device) -> Tuple[Par
 
 
 def build_run_engine(cfg: Config, backbone: torch.nn.Module, head: PartialFC, head_opt: PartialFCSGD,
-                     d: DistInfo) -> Engine:
-    """The engine of ``cfg.engine`` around the backbone; it builds the backbone optimizer."""
+                     d: DistInfo, accum: Optional[int] = None) -> Engine:
+    """The engine of ``cfg.engine`` around the backbone; it builds the backbone optimizer.
+    ``accum``: micro-batches per step when it differs from ``optim.grad_accum``
+    (``data.keep_global_batch`` at another world size, :mod:`trainer.elastic`)."""
     engine = build_engine(cfg.engine, optimizer_factory(cfg.optim), cfg.optim.clip_grad_norm, backbone,
-                          head, head_opt, d, cfg.optim.grad_accum, cfg.data.batch_size, compile=cfg.model.compile)
+                          head, head_opt, d, accum or cfg.optim.grad_accum, cfg.data.batch_size,
+                          compile=cfg.model.compile)
     engine.bn_frozen = cfg.model.bn_mode == "frozen"
     return engine
 

@@ -224,7 +224,9 @@ RESUME_KEYS = ("model.backbone", "model.embedding_size", "model.dropout", "model
                "optim.freeze_backbone_steps",
                "loss", "data.train_dir", "data.num_classes", "optim.optimizer", "optim.lr", "optim.head_lr",
                "optim.momentum", "optim.weight_decay", "optim.betas", "optim.scheduler", "optim.power",
-               "optim.warmup_steps", "optim.min_lr", "optim.clip_grad_norm")
+               "optim.warmup_steps", "optim.min_lr", "optim.clip_grad_norm",
+               # the epoch's data order (trainer.data.plan): a change mid-run would switch it half-way
+               "run.seed", "data.shuffle_mode", "data.block_bytes", "data.shuffle_buffer")
 
 
 def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from trainer import elastic
 from trainer.batchnorm import recalibrate
 from trainer.build import (
     LoaderFactory,
@@ -127,17 +128,20 @@ class Trainer:
             self.init_info = init_backbone(self.backbone, cfg.model.init_from, cfg.model.init_strict)
         torch.manual_seed(cfg.run.seed + 1 + d.rank)
         self.head, self.head_opt, head_lr = build_head(cfg, self.num_classes, d.device)
-        self.accum = cfg.optim.grad_accum
-        self.steps_per_epoch = max(1, len(self.loader) // self.accum)
+        # data.keep_global_batch: the accumulation that keeps the checkpoint's global batch (trainer.elastic);
+        # an epoch is counted in global batches, the same at any world size
+        self.accum, global_batch = elastic.grad_accum_for(cfg, d.world_size, elastic.resume_candidates(cfg, self.out))
+        n = getattr(self.loader, "num_images", None)
+        self.steps_per_epoch = max(1, int(n) // global_batch if n else len(self.loader) // self.accum)
         self.total_steps = (
             cfg.run.max_steps if cfg.run.max_steps is not None else cfg.run.num_epochs * self.steps_per_epoch
         )
-        self.engine = build_run_engine(cfg, self.backbone, self.head, self.head_opt, d)
+        self.engine = build_run_engine(cfg, self.backbone, self.head, self.head_opt, d, self.accum)
         self.precision = self.engine.precision
         self.scheduler = build_scheduler(cfg, self.engine, self.head_opt, head_lr, self.total_steps)
         self.validator = Validator.build(cfg.validation, cfg.data.train_dir, d, self.out, self.total_steps)
-        self.state = TrainState(best=self.validator.best,
-                                samples_per_step=cfg.data.batch_size * d.world_size * self.accum)
+        self.state = TrainState(best=self.validator.best, samples_per_step=global_batch, world_size=d.world_size,
+                                batch_size=cfg.data.batch_size, keep_global_batch=cfg.data.keep_global_batch)
         self.guard = StepGuard(self.state, self.history, cfg.run.nan_policy, cfg.run.max_skips,
                                cfg.engine.min_scale, cfg.engine.max_overflows)
         self.checkpointer = Checkpointer(
@@ -207,14 +211,14 @@ class Trainer:
         st = self.state
         while True:
             if self._it is None:
-                self.loader.set_epoch(st.epoch, start_batch=st.batch)
+                elastic.set_epoch(self.loader, st.epoch, st.batch, st.segments)
                 self._it = iter(self.loader)
             try:
                 images, labels = next(self._it)
                 st.batch += 1
                 return to_model_input(images), labels  # cast + normalise on the device
             except StopIteration:
-                st.epoch, st.batch, self._it = st.epoch + 1, 0, None
+                st.epoch, st.batch, st.segments, self._it = st.epoch + 1, 0, (), None
 
     # ----------------------------------------------------------------- train
     def _one_step(self):

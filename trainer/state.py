@@ -26,7 +26,12 @@ class TrainState:
     skipped_steps: int = 0        # non-finite loss steps skipped (run.nan_policy=skip), the whole run
     overflow_steps: int = 0       # fp16 loss-scale overflows (skipped by GradScaler), the whole run
     best: Dict[str, float] = field(default_factory=dict)  # per verification set; the validator's dict
+    segments: tuple = ()          # parts of this epoch run at another world size / per-rank batch
     samples_per_step: int = 0     # not saved: data.batch_size x ranks x optim.grad_accum of this run
+    world_size: int = 0           # not saved (the checkpoint's own is): this run's ranks...
+    batch_size: int = 0           # ...and per-rank batch; with them a resume at another size
+    keep_global_batch: bool = True  # closes the saved segment (trainer.elastic)
+    _loaded: Any = field(default=None, repr=False)  # the state being loaded, until load_files
 
     def advance(self) -> None:
         """One optimizer step done."""
@@ -35,7 +40,10 @@ class TrainState:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "samples": self.samples,
-                "skipped_steps": self.skipped_steps, "overflow_steps": self.overflow_steps, "best": dict(self.best)}
+                "skipped_steps": self.skipped_steps, "overflow_steps": self.overflow_steps, "best": dict(self.best),
+                # trainer.elastic: the epoch's earlier segments, this segment's per-rank batch, the global batch
+                "segments": [list(s) for s in self.segments], "batch_size": self.batch_size,
+                "global_batch": self.samples_per_step}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """From ``trainer.pt`` (its top level). A checkpoint written before ``samples`` and the
@@ -48,6 +56,19 @@ class TrainState:
         self.overflow_steps = int(state.get("overflow_steps", flags["overflow"]))
         self.best.clear()  # in place: the validator holds the same dict
         self.best.update({str(k): float(v) for k, v in dict(state.get("best", {})).items()})
+        self._loaded = state
+
+    def load_files(self, ckpt_dir: Any, same_world: bool) -> None:
+        """After :meth:`load_state_dict` (the checkpointer's hook, with the checkpoint's path):
+        a resume at another world size or per-rank batch closes the saved segment of the
+        epoch, and the global batch must be the one the accumulation was derived from."""
+        from trainer import elastic
+
+        state, self._loaded = self._loaded, None
+        if state is None or not self.world_size:
+            return
+        self.batch, self.segments = elastic.continue_epoch(state, self.world_size, self.batch_size, str(ckpt_dir))
+        elastic.check_resumed_global_batch(state, self.samples_per_step, self.keep_global_batch, str(ckpt_dir))
 
 
 def _history_flags(hist: Any, upto: int) -> Dict[str, int]:

@@ -196,3 +196,49 @@ def test_array_reader_behaves_like_the_dict_reader(synth_dir, tmp_path):
     (tmp_path / "t.idx").write_bytes(b"0\t0\n1\t60\n")
     with pytest.raises(RecordIOError, match="key 1 points to byte 60, past the end"):
         ArrayIndexedRecordReader(tmp_path / "t.rec")
+
+
+# --------------------------------------------------------------------------- segments (elastic)
+def _window_order(window, seed):
+    def order(share, epoch, rank, k, world, batch, batches=None):
+        out = plan.window_shuffle(share, min(window, share.size), np.random.default_rng([seed, epoch, rank, k]))
+        return out if batches is None else out[:batches * batch]
+    return order
+
+
+@pytest.mark.parametrize("mode", ["block", "global"])
+def test_segments_consume_each_image_once_across_world_and_batch_changes(mode):
+    """4 ranks x 5 for 3 batches -> 2 ranks x 8 for 4 batches -> 3 ranks x 6 to the end of the
+    epoch: no image twice, and only the last segment's rounding left out."""
+    offs = _offsets(613)
+    order = _window_order(17, 9)
+    p = plan.RankPlan(offs, 0, 1, 613, seed=4, shuffle=True, mode=mode, block_images=13)
+    stream = p.stream(2)
+    assert np.array_equal(np.sort(stream), np.arange(613))
+    runs = [(4, 5, 3), (2, 8, 4), (3, 6, None)]
+    used, segs = [], []
+    for world, batch, batches in runs:
+        rest = plan.remaining_stream(stream, segs, 2, order)
+        per = plan.batches_per_rank(rest.size, world, batch) * batch
+        n = per // batch if batches is None else batches
+        for r in range(world):
+            used.append(order(rest[r * per:(r + 1) * per], 2, r, len(segs), world, batch)[:n * batch])
+        segs.append(plan.Segment(world, batch, n))
+    used = np.concatenate(used)
+    assert np.unique(used).size == used.size  # exactly once
+    assert used.size == 4 * 5 * 3 + 2 * 8 * 4 + 3 * ((613 - 60 - 64) // 3 // 6) * 6
+    assert 613 - used.size < 3 * 6 + 3  # the last segment's tail only
+    # no segment: the stream's rank chunks are RankPlan's own (segment 0 is today's plan)
+    per = plan.batches_per_rank(613, 4, 5) * 5
+    for r in range(4):
+        mine = plan.RankPlan(offs, r, 4, per, 4, True, mode, 13).rank_positions(2)
+        assert np.array_equal(mine, stream[r * per:(r + 1) * per])
+
+
+def test_segments_reject_more_batches_than_the_share():
+    offs = _offsets(40)
+    stream = plan.RankPlan(offs, 0, 1, 40, 0, True).stream(0)
+    with pytest.raises(ValueError, match="segment 0 .*5 batches consumed but the share holds 4"):
+        plan.remaining_stream(stream, [plan.Segment(2, 5, 5)], 0, _window_order(4, 0))
+    with pytest.raises(ValueError, match="world size and batch size must be >= 1"):
+        plan.coerce_segments([(0, 5, 1)])

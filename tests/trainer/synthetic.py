@@ -70,14 +70,17 @@ class MemoryLoader:
         self.num_classes = num_classes or int(labels.max()) + 1
         self.num_images = len(images)
         self.nan_at_batch = nan_at_batch
-        self.epoch, self.start = 0, 0
+        self.epoch, self.start, self.offset = 0, 0, 0
         self.served = 0
 
     def __len__(self) -> int:
         return self.num_images // (self.B * self.R)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0, segments=()) -> None:
+        """``segments`` (trainer.data.plan.Segment): the epoch's parts at other sizes; the global
+        order is one stream, so the next segment starts where they stopped."""
         self.epoch, self.start = epoch, start_batch
+        self.offset = sum(w * b * n for w, b, n in segments)
 
     @property
     def imprint_source(self):
@@ -88,8 +91,8 @@ class MemoryLoader:
         g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
         perm = torch.randperm(self.num_images, generator=g)
         G = self.B * self.R
-        for b in range(self.start, len(self)):
-            idx = perm[b * G:(b + 1) * G][self.rank * self.B:(self.rank + 1) * self.B]
+        for b in range(self.start, (self.num_images - self.offset) // G):
+            idx = perm[self.offset + b * G:self.offset + (b + 1) * G][self.rank * self.B:(self.rank + 1) * self.B]
             x = self.images[idx].clone()
             self.served += 1
             if self.nan_at_batch is not None and self.served == self.nan_at_batch:

@@ -37,7 +37,7 @@ def tiny_config(out: Path, overrides: List[str], val: bool = False):
 
 def train_worker(rank: int, world: int, out: str, overrides: List[str], data: Dict[str, Any],
                  val: bool = False, nan_at_batch: Optional[int] = None, return_weights: bool = False,
-                 head_init_seed: Optional[int] = None):
+                 head_init_seed: Optional[int] = None, record: bool = False):
     out = Path(out)
     cfg = tiny_config(out, overrides, val)
     imgs, labels = make_dataset(**data)
@@ -54,12 +54,28 @@ def train_worker(rank: int, world: int, out: str, overrides: List[str], data: Di
         with torch.no_grad():
             t.head.weight.copy_(full[s:e])
     start_step = t.step
+    lrs, served = [], []
+    if record:  # lr per optimizer step (as the loop reads it) and this rank's served labels
+        orig_get_lr, orig_next = t.scheduler.get_lr, t._next_batch
+
+        def get_lr():
+            lrs.append(orig_get_lr())
+            return lrs[-1]
+
+        def next_batch():
+            x, y = orig_next()
+            served.append(y.clone())
+            return x, y
+        t.scheduler.get_lr, t._next_batch = get_lr, next_batch
     if return_weights:
         init_bb = {k: v.detach().clone() for k, v in t.backbone.state_dict().items()}
         init_head = t.head.weight.detach().clone()
     res = t.train()
     res["start_step"] = start_step
     res["class_range"] = tuple(t.head.class_range)
+    res["accum"], res["total_steps"] = t.accum, t.total_steps
+    if record:
+        res["lr"], res["served"] = lrs, served
     if return_weights:
         res["backbone"] = {k: v.detach().clone() for k, v in t.backbone.state_dict().items()}
         res["head"] = t.head.weight.detach().clone()

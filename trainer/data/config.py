@@ -28,6 +28,10 @@ class DataConfig:
     # seconds a rank waits on the node's label-scan / index lock while its holder shows no
     # progress (the holder marks progress at every piece it scans); then a clear error
     lock_timeout: float = 300.0
+    # a resume at another world size / per-rank batch keeps the run's global batch (images per
+    # optimizer step) by deriving optim.grad_accum; false: optim.grad_accum as configured
+    # (trainer.elastic, docs/launch.md "Elastic")
+    keep_global_batch: bool = True
 
     def __post_init__(self) -> None:
         one_of("data.backend", self.backend, BACKENDS)

@@ -47,6 +47,7 @@ from trainer.data.decode_check import BadRecordError, ChunkVerdicts, RunAhead, r
 from trainer.data.face_rec import FaceRecDataset, warn_if_identity_sorted
 from trainer.data.loader_base import DEFAULT_SHUFFLE_BUFFER, FaceLoaderBase  # noqa: F401 (re-export)
 from trainer.data.recordio import write_index_arrays
+from trainer.section import ConfigError
 
 #: the DALI release this project is tested with (requirements.txt pins it).
 DALI_VERSION = "2.1.1"
@@ -107,6 +108,65 @@ class DaliDataError(RuntimeError):
     """DALI failed on a record; the message names the file, key and the fix."""
 
 
+class DaliElasticError(ConfigError):
+    """A shuffled DALI epoch cannot continue exactly once at another world size / per-rank batch."""
+
+
+def replay_reader(tmp: str, n: int, batch_size: int, batches: int, initial_fill: int, seed: int,
+                  num_threads: int) -> np.ndarray:
+    """Positions (0..n-1, in the byte order DALI reads) that ``fn.readers.mxnet`` as built by
+    :func:`_build_pipeline` serves in its first ``batches`` batches, from a stand-in file of n
+    records (label = (position >> 12, position & 4095), exact in float32, never negative, so never
+    RecordIO's magic word); O(n) bytes of disk."""
+    import nvidia.dali
+
+    from trainer.data.irheader import IR_SIZE, IRHeader, pack
+    from trainer.data.recordio import encode_record
+
+    fn: Any = nvidia.dali.fn  # generated operators: not in DALI's type stubs
+    pipeline_def: Any = nvidia.dali.pipeline_def  # pyright: ignore[reportPrivateImportUsage]
+
+    rec = np.frombuffer(encode_record(pack(IRHeader(2, np.zeros(2, np.float32)), b"x")), dtype=np.uint8)
+    at = 8 + IR_SIZE  # RecordIO head (magic, length), then the IRHeader, then the two labels
+    recs = np.tile(rec, (n, 1))
+    j = np.arange(n, dtype=np.int64)
+    labels = np.stack([j >> 12, j & 4095], axis=1).astype("<f4")
+    recs[:, at:at + 8] = labels.view(np.uint8).reshape(n, 8)
+    path = os.path.join(tmp, "replay.rec")
+    with open(path, "wb") as f:
+        f.write(recs.tobytes())
+    idx = os.path.join(tmp, "replay.idx")
+    write_index_arrays(idx, j, j * rec.size)
+
+    @pipeline_def
+    def reader_only():
+        _, lab = fn.readers.mxnet(path=[path], index_path=[idx], shard_id=0, num_shards=1, random_shuffle=True,
+                                  initial_fill=initial_fill, pad_last_batch=True, stick_to_shard=True, name="Reader")
+        return lab
+
+    pipe = reader_only(batch_size=batch_size, num_threads=max(1, num_threads), device_id=None, seed=seed,
+                       prefetch_queue_depth=2, exec_dynamic=False)
+    pipe.build()
+    out = []
+    try:
+        for _ in range(batches):
+            (lab,) = pipe.run()
+            arr = np.stack([np.asarray(lab[i]).reshape(-1)[:2] for i in range(len(lab))]).astype(np.int64)
+            out.append((arr[:, 0] << 12) | arr[:, 1])
+    finally:
+        del pipe
+        for p in (path, idx):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+    got = np.concatenate(out) if out else np.zeros(0, np.int64)
+    if got.size != batches * batch_size or np.unique(got).size != got.size or (got.size and got.max() >= n):
+        raise RuntimeError(f"the replay served {got.size} positions ({np.unique(got).size} distinct) "
+                           f"for {batches} batches of {batch_size} of {n} records")
+    return got
+
+
 class DaliFaceLoader(FaceLoaderBase):
     """DALI-backed loader; same interface as :class:`trainer.data.torch_loader.TorchFaceLoader`."""
 
@@ -136,9 +196,41 @@ class DaliFaceLoader(FaceLoaderBase):
         self._offsets = ds.image_offsets
         self._tmp = tempfile.mkdtemp(prefix="unpg-dali-")
 
+    def _pipeline_seed(self, epoch: int, rank: int, segment: int) -> int:
+        key = [self.seed, epoch, rank] + ([segment] if segment else [])
+        return int(np.random.default_rng(key).integers(0, 2**31 - 1))
+
+    def consumed(self, share: np.ndarray, epoch: int, rank: int, segment: int, world_size: int,
+                 batch_size: int, batches: int) -> np.ndarray:
+        """What ``rank``'s DALI reader served in its first ``batches`` batches of that segment.
+
+        DALI reads the share in byte order; unshuffled that is the order. Shuffled, its reader
+        buffer picks the order inside the pipeline, so it is replayed (:func:`replay_reader`):
+        the same reader with the same seed, batch size and ``initial_fill`` over a stand-in file
+        of ``len(share)`` tiny records whose labels are their positions. The draws of DALI's
+        reader do not depend on the records' contents (checked against the real pipeline in
+        tests/data/test_loaders.py); raises :class:`DaliElasticError` if the replay fails.
+        """
+        srt = share[np.argsort(self._offsets[share], kind="stable")]
+        take = batches * batch_size
+        if not self.shuffle or take == 0:
+            return srt[:take]
+        fill = max(1, min(self.buffer_config, share.size))  # what that segment's loader used
+        try:
+            pos = replay_reader(self._tmp, share.size, batch_size, batches, fill,
+                                self._pipeline_seed(epoch, rank, segment), self.num_threads)
+        except Exception as e:  # any DALI failure: refuse rather than guess
+            raise DaliElasticError(
+                f"{self.ds.rec_path}: epoch {epoch} was interrupted after {batches} batches at {world_size} ranks x "
+                f"batch {batch_size} and resumes at {self.world_size} x {self.batch_size}: replaying rank {rank}'s "
+                f"DALI reader failed ({type(e).__name__}: {e}); resume at the same world size and data.batch_size, "
+                "or with data.backend=torch") from e
+        return srt[pos]
+
     def rank_index_arrays(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(keys, byte offsets) of this rank's images in ``epoch``, in the order DALI reads them."""
-        pos = self.plan.rank_positions(epoch)
+        """(keys, byte offsets) of this rank's images in ``epoch`` (its current segment),
+        in the order DALI reads them."""
+        pos, _ = self.segment(epoch)
         offs = self._offsets[pos]
         o = np.argsort(offs, kind="stable")  # DALI reads its index in byte order
         return self.ds.image_keys[pos[o]], offs[o]
@@ -158,6 +250,9 @@ class DaliFaceLoader(FaceLoaderBase):
         epoch, start = self.epoch, self.start_batch
         self.start_batch = 0
         keys, offs = self.rank_index_arrays(epoch)
+        k, n_batches = len(self.segments), keys.size // self.batch_size
+        if n_batches == 0:
+            return  # the segment's remainder does not fill one batch per rank: the epoch ends
         idx = os.path.join(self._tmp, f"epoch{epoch}-rank{self.rank}.idx")
         write_index_arrays(idx, keys, offs)
         check = RunAhead(self.verdicts, offs, self.num_threads)
@@ -166,8 +261,8 @@ class DaliFaceLoader(FaceLoaderBase):
             device_id = torch.cuda.current_device()
         pipe = _build_pipeline(
             str(self.ds.rec_path), idx, self.batch_size, self.num_threads, device_id,
-            0, 1, self.shuffle, self.shuffle_buffer,
-            int(np.random.default_rng([self.seed, epoch, self.rank]).integers(0, 2**31 - 1)),
+            0, 1, self.shuffle, min(self.shuffle_buffer, keys.size),
+            self._pipeline_seed(epoch, self.rank, k),
             self.flip, self.augment, self.image_size,
         )
         it = None
@@ -175,12 +270,12 @@ class DaliFaceLoader(FaceLoaderBase):
             # the iterator runs the pipeline already while being constructed (prefetch)
             it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
                                      last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
-            for b in range(self._len):
+            for b in range(n_batches):
                 try:
                     out = next(it)[0]
                 except StopIteration:
                     raise RuntimeError(
-                        f"{self.ds.rec_path}: DALI ended the epoch after {b} of {self._len} batches"
+                        f"{self.ds.rec_path}: DALI ended the epoch after {b} of {n_batches} batches"
                     ) from None
                 if b < start:
                     continue  # resume: the local shuffle is only reproducible by replaying

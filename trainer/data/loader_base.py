@@ -2,8 +2,9 @@
 the rank's epoch selection (:class:`trainer.data.plan.RankPlan`)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from trainer.data import plan
@@ -42,7 +43,10 @@ class FaceLoaderBase:
         self.per_rank = self._len * batch_size
         self.shuffle_mode = shuffle_mode
         self.block_bytes = int(block_bytes or plan.DEFAULT_BLOCK_BYTES)
-        self.shuffle_buffer = max(1, min(shuffle_buffer or DEFAULT_SHUFFLE_BUFFER, self.per_rank))
+        self.buffer_config = int(shuffle_buffer or DEFAULT_SHUFFLE_BUFFER)  # before clamping to a share
+        self.shuffle_buffer = max(1, min(self.buffer_config, self.per_rank))
+        self.segments: tuple = ()
+        self._seg_cache: Optional[tuple] = None
         offsets = ds.image_offsets
         self.plan = plan.RankPlan(
             offsets, rank, world_size, self.per_rank, seed, shuffle, shuffle_mode,
@@ -52,5 +56,35 @@ class FaceLoaderBase:
     def __len__(self) -> int:
         return self._len
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0, segments: Sequence = ()) -> None:
+        """Iterate ``epoch`` from batch ``start_batch`` of the current segment; ``segments``:
+        the parts of this epoch already run at other world sizes / per-rank batches
+        (:class:`trainer.data.plan.Segment`; their images are not served again)."""
         self.epoch, self.start_batch = int(epoch), int(start_batch)
+        self.segments = plan.coerce_segments(segments)
+
+    # --------------------------------------------------------------- segments
+    def consumed(self, share: np.ndarray, epoch: int, rank: int, segment: int, world_size: int,
+                 batch_size: int, batches: int) -> np.ndarray:
+        """The images of ``share`` that ``rank`` consumed in its first ``batches`` batches of that
+        segment, in consumption order (the loader's own order: :data:`trainer.data.plan.Consumed`)."""
+        raise NotImplementedError
+
+    def segment(self, epoch: int) -> Tuple[np.ndarray, int]:
+        """(this rank's image indices in the current segment of ``epoch`` in stream order, segment index).
+
+        Without segments: :meth:`RankPlan.rank_positions` (O(P)); otherwise the
+        remainder ``L_k`` of the epoch is recomputed once (O(N)) and cached.
+        """
+        if not self.segments:
+            return self.plan.rank_positions(epoch), 0
+        key = (epoch, self.segments)
+        if self._seg_cache is None or self._seg_cache[0] != key:
+            rest = plan.remaining_stream(self.plan.stream(epoch), self.segments, epoch, self.consumed)
+            per = plan.batches_per_rank(rest.size, self.world_size, self.batch_size) * self.batch_size
+            self._seg_cache = (key, rest[self.rank * per:(self.rank + 1) * per].copy())
+        return self._seg_cache[1], len(self.segments)
+
+    def segment_len(self) -> int:
+        """Batches of the current segment (``len()`` without segments)."""
+        return len(self.segment(self.epoch)[0]) // self.batch_size if self.segments else self._len

@@ -25,10 +25,26 @@ image. Three selections (``mode``):
 * no shuffle: images in physical order, contiguous chunks: also what DALI's
   reader does with ``random_shuffle=False``, so both backends give the same
   sequence.
+
+**Segments (a world size or per-rank batch change mid-epoch).** The epoch's
+stream ``S`` (all N images, the order above) is a function of (seed, epoch)
+only. A part of an epoch run at world size ``W`` and per-rank batch ``B`` is a
+*segment*; it works on the images still remaining, ``L_k`` (``L_0 = S``), in
+stream order: ``P_k = ((|L_k| // W) // B) B``, rank r's share is
+``L_k[r P_k, (r + 1) P_k)``, consumed in the loader's order (the torch
+loader's shuffle window; DALI's reader buffer) one batch of B at a time. When
+segment k stops after ``b_k`` batches (a checkpoint, then a restart at another
+size), its consumed images ``C_k`` = the first ``b_k B`` of every rank's
+share in consumption order, and ``L_{k+1}`` = ``L_k`` minus ``C_k`` in stream order.
+Hence every image of the epoch is consumed at most once, and none is skipped
+but the last segment's dropped tail (fewer than ``W B`` plus the rounding).
+The finished segments of the current epoch are recorded in the checkpoint
+(``(W, B, b)`` each, :class:`Segment`); recomputing ``L_k`` at a resume costs
+O(N) memory and time once (8 bytes per image), the steady state stays O(P).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -40,6 +56,53 @@ DEFAULT_BLOCK_BYTES = 4 << 20
 
 def batches_per_rank(num_images: int, world_size: int, batch_size: int) -> int:
     return (num_images // world_size) // batch_size
+
+
+class Segment(NamedTuple):
+    """A finished part of an epoch: ``batches`` batches of ``batch_size`` on each of ``world_size`` ranks."""
+    world_size: int
+    batch_size: int
+    batches: int
+
+
+def coerce_segments(segments: Sequence) -> tuple:
+    out = tuple(Segment(*(int(v) for v in s)) for s in segments or ())
+    for s in out:
+        if s.world_size < 1 or s.batch_size < 1 or s.batches < 0:
+            raise ValueError(f"epoch segment {tuple(s)}: world size and batch size must be >= 1, batches >= 0")
+    return out
+
+
+#: ``consumed(share, epoch, rank, segment_index, world_size, batch_size, batches)`` -> the first
+#: ``batches x batch_size`` image indices of ``share`` in the order the loader consumed them
+Consumed = Callable[[np.ndarray, int, int, int, int, int, int], np.ndarray]
+
+
+def remaining_stream(stream: np.ndarray, segments: Sequence[Segment], epoch: int,
+                     consumed: Consumed) -> np.ndarray:
+    """``L_k``: the images of ``stream`` (the epoch's order) that ``segments`` left, in stream order.
+
+    Raises ValueError when a segment claims more batches than its share holds.
+    """
+    remaining = np.asarray(stream, dtype=np.int64)
+    for k, s in enumerate(coerce_segments(segments)):
+        if s.batches == 0:
+            continue
+        per = batches_per_rank(remaining.size, s.world_size, s.batch_size) * s.batch_size
+        take = s.batches * s.batch_size
+        if take > per:
+            raise ValueError(f"epoch {epoch} segment {k} ({s.world_size} ranks x batch {s.batch_size}): "
+                             f"{s.batches} batches consumed but the share holds {per // s.batch_size}")
+        gone = np.zeros(int(remaining.max(initial=-1)) + 1, dtype=bool)
+        for r in range(s.world_size):
+            share = remaining[r * per:(r + 1) * per]
+            used = np.asarray(consumed(share, epoch, r, k, s.world_size, s.batch_size, s.batches))
+            if used.size != take:
+                raise ValueError(f"epoch {epoch} segment {k} rank {r}: the loader replayed {used.size} of "
+                                 f"{take} images")
+            gone[used] = True
+        remaining = remaining[~gone[remaining]]
+    return remaining
 
 
 def epoch_selection(offsets: np.ndarray, seed: int, epoch: int, used: int, shuffle: bool) -> np.ndarray:
@@ -126,6 +189,14 @@ class RankPlan:
 
     def block_permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch, 0xB10C]).permutation(self.num_blocks())
+
+    def stream(self, epoch: int) -> np.ndarray:
+        """The whole epoch's stream ``S``: all N image indices in stream order (int64, O(N))."""
+        if not self.shuffle:
+            return self._phys(np.arange(self.n, dtype=np.int64))
+        if self.mode == "global":
+            return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.n).astype(np.int64)
+        return self._phys(self.stream_physical(epoch, 0, self.n))
 
     def rank_positions(self, epoch: int) -> np.ndarray:
         """Image indices (into the image list) of this rank in ``epoch``, stream order (int64)."""

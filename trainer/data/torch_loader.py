@@ -117,20 +117,35 @@ class TorchFaceLoader(FaceLoaderBase):
         self._set = _EpochBatches(ds, ds.image_offsets, seed, augment, self.image_size)
         self._sampler = _EpochSampler(self._len)
         self._dl: Optional[DataLoader] = None
-        self._plan_epoch: Optional[int] = None
+        self._plan_epoch: Optional[Tuple[int, tuple]] = None  # (epoch, segments) of the cached plan
+
+    def consumed(self, share: np.ndarray, epoch: int, rank: int, segment: int, world_size: int,
+                 batch_size: int, batches: int) -> np.ndarray:
+        return self.consumption_order(share, epoch, rank, segment)[:batches * batch_size]
+
+    def consumption_order(self, share: np.ndarray, epoch: int, rank: int, segment: int) -> np.ndarray:
+        """The shuffle window over ``share`` (block shuffle); the stream order otherwise.
+        Segment 0 draws what the loader always drew; segment k > 0 draws with k in the seed."""
+        if not (self.shuffle and self.shuffle_mode == "block"):
+            return share
+        key = [self.seed, epoch, rank, 0xB0FF] if segment == 0 else [self.seed, epoch, rank, segment, 0xB0FF]
+        window = max(1, min(self.buffer_config, share.size))
+        return plan.window_shuffle(share, window, np.random.default_rng(key))
 
     def epoch_plan(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(image indices [len, B], flips [len, B]) of this rank in ``epoch``; O(images per rank)."""
-        if self._plan_epoch != epoch:
-            pos = self.plan.rank_positions(epoch)
-            if self.shuffle and self.shuffle_mode == "block":
-                rng = np.random.default_rng([self.seed, epoch, self.rank, 0xB0FF])
-                pos = plan.window_shuffle(pos, self.shuffle_buffer, rng)
-            fl = plan.rank_flips(self.seed, epoch, self.rank, self.per_rank)
+        """(image indices [len, B], flips [len, B]) of this rank in ``epoch``'s current segment;
+        O(images per rank) (O(N) once after a mid-epoch change, trainer.data.plan)."""
+        key = (epoch, self.segments)
+        if self._plan_epoch != key:
+            share, k = self.segment(epoch)
+            pos = self.consumption_order(share, epoch, self.rank, k)
+            fl = (plan.rank_flips(self.seed, epoch, self.rank, share.size) if k == 0 else
+                  np.random.default_rng([self.seed, epoch, self.rank, k, 0xF11F]).random(share.size) < 0.5)
             if not self.flip:
                 fl[:] = False
-            self._plan = (pos.reshape(self._len, self.batch_size), fl.reshape(self._len, self.batch_size))
-            self._plan_epoch = epoch
+            n = share.size // self.batch_size
+            self._plan = (pos.reshape(n, self.batch_size), fl.reshape(n, self.batch_size))
+            self._plan_epoch = key
         return self._plan
 
     def rank_indices(self, epoch: int) -> np.ndarray:
@@ -151,6 +166,7 @@ class TorchFaceLoader(FaceLoaderBase):
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         self._sampler.batches, self._sampler.flips = self.epoch_plan(self.epoch)
         self._sampler.epoch, self._sampler.start = self.epoch, self.start_batch
+        self._sampler.n = len(self._sampler.batches)
         self.start_batch = 0  # a resume offset applies to one pass only
         for imgs, labels in self._loader():
             yield imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
