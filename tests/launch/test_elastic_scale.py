@@ -43,6 +43,17 @@ def _wait_for(path, procs, what, timeout=240):
         time.sleep(0.1)
 
 
+
+def _id_records(ids):
+    """Every micro-batch the workers served: (resumed-at step, step, epoch, world, accum, image ids)."""
+    recs = []
+    for f in ids.glob("ids-*"):
+        for line in f.read_text().split("\n"):
+            if line:
+                start, step, epoch, world, accum, *idx = map(int, line.split())
+                recs.append((start, step, epoch, world, accum, idx))
+    return recs
+
 def test_lose_a_node_then_grow_back_same_global_batch_each_image_once(tmp_path, tiny_dataset):
     output = tmp_path / "run"
     cfg = tiny_config(tmp_path / "cfg.yaml", tiny_dataset, output, max_steps=TOTAL, save_every=EVERY)
@@ -67,12 +78,7 @@ def test_lose_a_node_then_grow_back_same_global_batch_each_image_once(tmp_path, 
         assert codes == [0, 0], logs
 
     # the micro-batches that count: for each step, those of the last attempt that ran it
-    recs = []
-    for f in ids.glob("ids-*"):
-        for line in f.read_text().split("\n"):
-            if line:
-                start, step, epoch, world, accum, *idx = map(int, line.split())
-                recs.append((start, step, epoch, world, accum, idx))
+    recs = _id_records(ids)
     starts = sorted({r[0] for r in recs})
     assert starts == [0, 4, 11], starts  # fresh; resumed at 4 (world 2); at 11 (world 4 again)
     kept = [r for r in recs if r[0] == max(s for s in starts if s < r[1])]
@@ -145,12 +151,7 @@ def test_preempted_node_saves_then_the_rest_goes_on(tmp_path, tiny_dataset):
     assert "epoch 0 continues at 2 ranks x batch 4 after 6 batches at 4 ranks x batch 4" in text, text[-3000:]
     metas = checkpoint_meta(output)
     assert metas[4]["world_size"] == metas[6]["world_size"] == 4 and metas[total]["world_size"] == 2
-    recs = []
-    for f in ids.glob("ids-*"):
-        for line in f.read_text().split("\n"):
-            if line:
-                start, step, epoch, world, accum, *idx = map(int, line.split())
-                recs.append((start, step, epoch, world, accum, idx))
+    recs = _id_records(ids)
     assert sorted({r[0] for r in recs}) == [0, 6]  # no step redone: the save was at the step reached
     assert sorted({r[1] for r in recs}) == list(range(1, total + 1))
     assert {(r[3], r[4]) for r in recs if r[1] > 6} == {(2, 2)}

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from trainer.data import plan
+import trainer.data.plan as plan
 from trainer.data.augment import AugmentConfig
 from trainer.data.face_rec import FaceRecDataset
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from trainer.data import plan
+import trainer.data.plan as plan
 from trainer.data.augment import AugmentConfig, apply_numpy
 from trainer.data.face_rec import FaceRecDataset, warn_if_identity_sorted
 from trainer.data.loader_base import FaceLoaderBase
