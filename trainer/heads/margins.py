@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional, Protocol, Tuple
 
 import torch
 
@@ -37,6 +37,35 @@ _SIN_EPS = 1e-12
 
 def _sin_theta(c: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(torch.clamp(1.0 - c * c, min=0.0))
+
+
+#: per-row tensors a margin's ``prepare`` hands to its other hooks (by name)
+Prep = Dict[str, torch.Tensor]
+
+
+class SoftmaxMargin(Protocol):
+    """What the fused softmax (``softmax.py``) and ``PartialFC`` use of a margin: the fixed
+    margins below and the adaptive ones (``adaptive.py``) alike."""
+
+    cos_eps: ClassVar[float]
+    needs_target_cos: ClassVar[bool]
+    modulates_negatives: ClassVar[bool]
+
+    @property
+    def s(self) -> float: ...
+
+    def prepare(self, x_norm: torch.Tensor, target_cos: Optional[torch.Tensor]) -> Prep: ...
+
+    def target_value(self, c: torch.Tensor, idx: Optional[torch.Tensor], prep: Prep) -> torch.Tensor: ...
+
+    def target_grads(self, c: torch.Tensor, prep: Prep) -> Tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+
+    def negatives(self, cos: torch.Tensor, prep: Prep, need_grad: bool = True
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+
+    def extra_loss(self, global_x: torch.Tensor) -> Optional[torch.Tensor]: ...
+
+    def stats(self) -> Dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,14 +94,19 @@ class Margin:
     needs_target_cos: ClassVar[bool] = False
     modulates_negatives: ClassVar[bool] = False
 
-    def prepare(self, x_norm: torch.Tensor, target_cos: Optional[torch.Tensor]) -> dict:
+    def prepare(self, x_norm: torch.Tensor, target_cos: Optional[torch.Tensor]) -> Prep:
         return {}
 
-    def target_value(self, c: torch.Tensor, idx, prep: dict) -> torch.Tensor:
+    def target_value(self, c: torch.Tensor, idx: Optional[torch.Tensor], prep: Prep) -> torch.Tensor:
         return self.value(c)
 
-    def target_grads(self, c: torch.Tensor, prep: dict) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def target_grads(self, c: torch.Tensor, prep: Prep) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.target(c)[1], None
+
+    def negatives(self, cos: torch.Tensor, prep: Prep, need_grad: bool = True
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Not called: a fixed margin leaves the non-target cosines alone (``modulates_negatives``)."""
+        raise NotImplementedError
 
     def extra_loss(self, global_x: torch.Tensor) -> Optional[torch.Tensor]:
         return None

@@ -90,7 +90,7 @@ def _quartile_positions(n: torch.Tensor) -> torch.Tensor:
 
 def metric_negatives_lse(
     x_hat: torch.Tensor, labels: torch.Tensor, s: float, wisk: float
-) -> Tuple[torch.Tensor, Dict[str, object]]:
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``V = log sum_{t in K} exp(s t)`` and monitoring statistics (0-dim device tensors).
 
     ``V = -inf`` when there is no negative pair (every label equal): the UNPG term
@@ -121,7 +121,7 @@ def metric_negatives_lse(
         has = n > 0
         zero = t.new_zeros(())
         step = max(1, holes.numel() // _HIST_SAMPLE)
-        stats: Dict[str, object] = {
+        stats: Dict[str, torch.Tensor] = {
             "neg_pairs": n.to(torch.float64),
             "mean_pos_sim": torch.where(pos_mask, t, zero).sum(dtype=torch.float64) / pos_n,  # 0/0: NaN
             "kept": keep.sum().to(torch.float64),
@@ -228,7 +228,7 @@ def sharded_metric_negatives_lse(
     wisk: float,
     group: ProcessGroup = None,
     chunk_elements: int = 1 << 20,
-) -> Tuple[torch.Tensor, Dict[str, object]]:
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``V`` over the global batch with this rank computing only the pairs it owns.
 
     ``x_hat [N, D]``: the gathered, L2-normalised global batch (with gradient
@@ -317,7 +317,7 @@ def sharded_metric_negatives_lse(
         sample = all_gather_rows(sample, [_sample_positions(b * width, world)[1] for b in sizes], group)
         has = n > 0
         nan = float("nan")
-        stats: Dict[str, object] = {
+        stats: Dict[str, torch.Tensor] = {
             "neg_pairs": n.to(torch.float64),
             "mean_pos_sim": pos_sim_total / pos_total,  # 0/0: NaN
             "kept": kept_total,
