@@ -50,7 +50,7 @@ each target computes it and one all-reduce SUM of N values shares it
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Dict, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -62,6 +62,11 @@ Prep = Dict[str, torch.Tensor]
 
 def _sin_theta(c: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(torch.clamp(1.0 - c * c, min=0.0))
+
+
+def _row_norm(x: torch.Tensor) -> torch.Tensor:
+    """``|x_i|`` per row (``Tensor.norm`` is partly unannotated in torch: one typed door)."""
+    return cast(torch.Tensor, x.norm(dim=1))  # pyright: ignore[reportUnknownMemberType]
 
 
 def _pick(t: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
@@ -121,14 +126,15 @@ class AdaptiveMargin(nn.Module):
         for name, buf in self._buffers.items():
             if buf is not None and prefix + name not in state_dict:
                 state_dict[prefix + name] = buf.detach().clone()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        load = cast(Callable[..., None], super()._load_from_state_dict)  # pyright: ignore[reportUnknownMemberType]
+        load(state_dict, prefix, *args, **kwargs)
 
     def _params(self) -> Dict[str, float]:
         return {"s": self.s}
 
 
 class AdaFace(AdaptiveMargin):
-    cos_eps = 1e-3
+    cos_eps: ClassVar[float] = 1e-3
     batch_mean: torch.Tensor  # buffers (registered in __init__)
     batch_std: torch.Tensor
 
@@ -200,13 +206,13 @@ class MagFace(AdaptiveMargin):
         return torch.where(easy, d_c, torch.ones_like(c)), torch.where(easy, d_a, torch.zeros_like(c))
 
     def extra_loss(self, global_x: torch.Tensor) -> Optional[torch.Tensor]:
-        a = global_x.norm(dim=1).clamp(self.l_a, self.u_a)
+        a = _row_norm(global_x).clamp(self.l_a, self.u_a)
         return self.lambda_g * (a / self.u_a**2 + 1.0 / a).mean()
 
 
 class CurricularFace(AdaptiveMargin):
-    needs_target_cos = True
-    modulates_negatives = True
+    needs_target_cos: ClassVar[bool] = True
+    modulates_negatives: ClassVar[bool] = True
     momentum = 0.01
     t: torch.Tensor  # buffer (registered in __init__)
 

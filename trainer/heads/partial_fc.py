@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,11 @@ log = logging.getLogger("trainer.heads")
 # rank raises the same error instead of leaving the others hanging.
 _BAD_EMB_SHAPE, _BAD_LABEL_SHAPE, _BAD_LABEL_DTYPE = 1, 2, 4
 _SHOWN_BAD = 10  # bad label values named in the error
+
+
+def _host_list(t: torch.Tensor) -> List[Any]:
+    """``t.tolist()`` (nested Python numbers; unannotated in torch: one typed door)."""
+    return cast(List[Any], t.tolist())  # pyright: ignore[reportUnknownMemberType]
 
 
 class PartialFC(nn.Module):
@@ -84,7 +89,8 @@ class PartialFC(nn.Module):
                             f"got {type(margin).__name__}")
         if not sample_rate_ok(sample_rate):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        if unpg is not None and not isinstance(unpg, UNPG):
+        # a runtime check for callers the type checker does not see (a YAML-built config, a test)
+        if unpg is not None and not isinstance(unpg, UNPG):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"unpg must be a trainer.heads.UNPG or None, got {type(unpg).__name__}")
         if dtype not in (torch.float32, torch.float64, torch.bfloat16):
             raise TypeError(f"PartialFC: centres are stored in float32, float64 or bfloat16 "
@@ -167,9 +173,9 @@ class PartialFC(nn.Module):
         key = (int(local_embeddings.shape[0]), problems)
         if self._sizes is not None and key == self._size_key:
             return self._sizes
-        info = all_gather_object_ints(list(key), self.process_group).tolist()  # CPU ints
+        info: List[List[int]] = _host_list(all_gather_object_ints(list(key), self.process_group))  # CPU ints
         if any(p for _, p in info):
-            lines = []
+            lines: List[str] = []
             for r, (_b, p) in enumerate(info):
                 if p & _BAD_EMB_SHAPE:
                     lines.append(f"rank {r}: embeddings must be [batch, {self.embedding_size}]")
@@ -213,7 +219,7 @@ class PartialFC(nn.Module):
         One host sync: call it at logging steps. The first ``eager_checks`` steps check
         at once, so bad input of a fresh run stops it immediately.
         """
-        check = self._label_check.cpu().tolist()  # the one sync
+        check: List[float] = _host_list(self._label_check.cpu())  # the one sync
         step, row, count = int(check[0]), int(check[1]), int(check[2])
         sizes = self._size_log.get(max((k for k in self._size_log if k <= step), default=-1), [])
         if self._size_log:  # keep only the sizes in force now
@@ -347,7 +353,8 @@ class PartialFC(nn.Module):
             log.warning("class centres and momentum stored as %s, this run keeps them as %s (loss.state_dtype): "
                         "converted on load%s", saved.dtype, self.weight.dtype,
                         " (rounded to nearest)" if self.weight.element_size() < saved.dtype.itemsize else " (exact)")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        load = cast(Callable[..., None], super()._load_from_state_dict)  # pyright: ignore[reportUnknownMemberType]
+        load(state_dict, prefix, *args, **kwargs)
 
     def _unpg_term(self, unpg: UNPG, local_x: torch.Tensor, global_x: torch.Tensor, global_labels: torch.Tensor,
                    sizes: List[int]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

@@ -74,8 +74,19 @@ def _mm(a: torch.Tensor, b: torch.Tensor, low: Optional[torch.dtype]) -> torch.T
 _CUDA_MM_OUT_DTYPE = [True]
 
 
+def _row_norm(t: torch.Tensor) -> torch.Tensor:
+    """``|t_i|`` per row, [N, 1] (``Tensor.norm`` is partly unannotated in torch: one typed door)."""
+    return cast(torch.Tensor, t.norm(dim=1, keepdim=True))  # pyright: ignore[reportUnknownMemberType]
+
+
+def _sparse_rows(rows: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The sparse COO gradient holding ``values`` at the sorted, distinct ``rows`` (one typed door)."""
+    return torch.sparse_coo_tensor(  # pyright: ignore[reportUnknownMemberType]
+        rows.unsqueeze(0), values, shape, is_coalesced=True, check_invariants=False)
+
+
 def _normalise(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    norm = t.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+    norm = _row_norm(t).clamp_min(_NORM_EPS)
     return t / norm, norm
 
 
@@ -195,8 +206,9 @@ class MarginSoftmaxParts(torch.autograd.Function):
         return lse, target
 
     @staticmethod
-    def backward(ctx: Any, grad_lse: torch.Tensor, grad_target: torch.Tensor
+    def backward(ctx: Any, *grad_outputs: torch.Tensor
                  ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], None, None, None, None, None]:
+        grad_lse, grad_target = grad_outputs
         rows: Optional[torch.Tensor]
         x_hat, x_norm, weight, rows, target_pos, target_cos, lse = ctx.saved_tensors
         margin: SoftmaxMargin = ctx.margin
@@ -255,9 +267,7 @@ class MarginSoftmaxParts(torch.autograd.Function):
             # the target logit also depends on |x| (MagFace): d|x|/dx = x^
             grad_x.addcmul_(x_hat, (s * f_norm * grad_z_target).unsqueeze(1))
         if grad_w is not None and rows is not None:
-            grad_w = torch.sparse_coo_tensor(
-                rows.unsqueeze(0), grad_w, weight.shape, is_coalesced=True, check_invariants=False
-            )
+            grad_w = _sparse_rows(rows, grad_w, weight.shape)
         return grad_x, grad_w, None, None, None, None, None
 
 
