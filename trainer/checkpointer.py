@@ -29,13 +29,14 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple, cast
 
 import torch
 
 from trainer import checkpoint as ckpt
 from trainer.collectives import class_range
 from trainer.config import CheckpointConfig, Config, ConfigError, config_diff, to_dict
+from trainer.heads.protocol import Head
 from trainer.io.atomic import atomic_torch_save
 from trainer.runtime.process_group import DistInfo, all_ok, barrier, gather_strings
 
@@ -96,7 +97,7 @@ class Stateful(Protocol):
 
     def state_dict(self) -> Dict[str, Any]: ...
 
-    def load_state_dict(self, state: Dict[str, Any]) -> Any: ...
+    def load_state_dict(self, state: Dict[str, Any], /) -> Any: ...
 
 
 def resume_mode(cfg: CheckpointConfig) -> str:
@@ -137,7 +138,7 @@ class Checkpointer:
         self.seed = seed
         if "head" not in self.states:
             raise ValueError("Checkpointer: states must hold the class-sharded 'head'")
-        self.head = self.states["head"]
+        self.head = cast(Head, self.states["head"])  # the class-sharded part: class_range, num_classes
 
     def should_save(self, step: int) -> bool:
         return bool(self.cfg.save_every) and step % self.cfg.save_every == 0 and step < self.total_steps
@@ -148,6 +149,12 @@ class Checkpointer:
     @property
     def num_classes(self) -> int:
         return int(self.head.num_classes)
+
+    @property
+    def class_range(self) -> Tuple[int, int]:
+        """This rank's classes ``(start, stop)``, as a tuple."""
+        start, stop = self.head.class_range
+        return start, stop
 
     def _hooks(self, hook: str):
         return [getattr(s, hook) for s in self.states.values() if callable(getattr(s, hook, None))]
@@ -177,7 +184,7 @@ class Checkpointer:
         for save_files in self._hooks("save_files"):
             save_files(path)
         files = self._files()
-        ckpt.write_shard(path, d.rank, {"class_range": tuple(self.head.class_range), "num_classes": self.num_classes,
+        ckpt.write_shard(path, d.rank, {"class_range": self.class_range, "num_classes": self.num_classes,
                                         **files["shard"]})
         if d.is_main:
             state = {**files["trainer"], "world_size": d.world_size, "num_classes": self.num_classes}
@@ -186,7 +193,7 @@ class Checkpointer:
             atomic_torch_save(state, path / "trainer.pt")
         barrier()
         if d.is_main:
-            ranges = [tuple(class_range(self.num_classes, r, d.world_size)) for r in range(d.world_size)]
+            ranges = [class_range(self.num_classes, r, d.world_size) for r in range(d.world_size)]
             ckpt.finish_save(path, step, d.world_size, ranges, self.cfg.keep_last)
             log.info("saved checkpoint %s", path)
         barrier()
@@ -220,7 +227,7 @@ class Checkpointer:
             return None
 
         def read(p: Path):
-            meta, state, shard = ckpt.load_for_rank(p, d.rank, d.world_size, tuple(self.head.class_range))
+            meta, state, shard = ckpt.load_for_rank(p, d.rank, d.world_size, self.class_range)
             if state["num_classes"] != self.num_classes:
                 raise ValueError(f"{p}: {state['num_classes']} classes, dataset has {self.num_classes}")
             for check_files in self._hooks("check_files"):  # the parts' own files (DeepSpeed's)

@@ -233,12 +233,14 @@ class Trainer:
         if any rank got a preemption signal, save at this step and stop."""
         if self.step >= self.total_steps:
             return  # the run ends normally with its final checkpoint
-        signum = self.preempt.agreed()
+        preempt = self.preempt
+        assert preempt is not None, "Trainer.setup() installs the preemption handler"
+        signum = preempt.agreed()
         if not signum:
             return
         step = self.step
         self.guard.flush()  # NaN policy and history before the checkpoint
-        self.preempt.saving = True
+        preempt.saving = True
         if not self.checkpointer.exists(step):
             self.checkpointer.save(step)
         if self.d.is_main:

@@ -50,7 +50,7 @@ each target computes it and one all-reduce SUM of N values shares it
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -62,6 +62,11 @@ Prep = Dict[str, torch.Tensor]
 
 def _sin_theta(c: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(torch.clamp(1.0 - c * c, min=0.0))
+
+
+def _row_norm(x: torch.Tensor) -> torch.Tensor:
+    """``|x_i|`` per row (``Tensor.norm`` is partly unannotated in torch: one typed door)."""
+    return cast(torch.Tensor, x.norm(dim=1))  # pyright: ignore[reportUnknownMemberType]
 
 
 def _pick(t: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
@@ -76,9 +81,9 @@ class AdaptiveMargin(nn.Module):
     modulates_negatives: non-target cosines go through ``negatives``.
     """
 
-    cos_eps = 0.0
-    needs_target_cos = False
-    modulates_negatives = False
+    cos_eps: ClassVar[float] = 0.0
+    needs_target_cos: ClassVar[bool] = False
+    modulates_negatives: ClassVar[bool] = False
 
     def __init__(self, s: float) -> None:
         super().__init__()
@@ -115,20 +120,23 @@ class AdaptiveMargin(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self._params().items())
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # A head state without this margin's running state (a run with another margin, an
         # arcface_torch import) keeps the current values (initial ones on a fresh head).
         for name, buf in self._buffers.items():
             if buf is not None and prefix + name not in state_dict:
                 state_dict[prefix + name] = buf.detach().clone()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        load = cast(Callable[..., None], super()._load_from_state_dict)  # pyright: ignore[reportUnknownMemberType]
+        load(state_dict, prefix, *args, **kwargs)
 
-    def _params(self) -> dict:
+    def _params(self) -> Dict[str, float]:
         return {"s": self.s}
 
 
 class AdaFace(AdaptiveMargin):
-    cos_eps = 1e-3
+    cos_eps: ClassVar[float] = 1e-3
+    batch_mean: torch.Tensor  # buffers (registered in __init__)
+    batch_std: torch.Tensor
 
     def __init__(self, s: float = 64.0, m: float = 0.4, h: float = 0.333, t_alpha: float = 0.01) -> None:
         super().__init__(s)
@@ -138,10 +146,10 @@ class AdaFace(AdaptiveMargin):
         self.register_buffer("batch_mean", torch.tensor(20.0))
         self.register_buffer("batch_std", torch.tensor(100.0))
 
-    def _params(self) -> dict:
+    def _params(self) -> Dict[str, float]:
         return dict(s=self.s, m=self.m, h=self.h, t_alpha=self.t_alpha)
 
-    def prepare(self, x_norm, target_cos):
+    def prepare(self, x_norm: torch.Tensor, target_cos: Optional[torch.Tensor]) -> Prep:
         safe = x_norm.detach().clamp(0.001, 100.0).to(self.batch_mean.dtype)
         a = self.t_alpha
         with torch.no_grad():
@@ -152,12 +160,12 @@ class AdaFace(AdaptiveMargin):
         k = k.to(x_norm.dtype)
         return {"g_ang": -self.m * k, "g_add": self.m + self.m * k}
 
-    def target_value(self, c, idx, prep):
+    def target_value(self, c: torch.Tensor, idx: Optional[torch.Tensor], prep: Prep) -> torch.Tensor:
         theta = torch.acos(c)
         theta_m = torch.clamp(theta + _pick(prep["g_ang"], idx), self.eps, math.pi - self.eps)
         return torch.cos(theta_m) - _pick(prep["g_add"], idx)
 
-    def target_grads(self, c, prep):
+    def target_grads(self, c: torch.Tensor, prep: Prep) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         theta = torch.acos(c)
         u = theta + prep["g_ang"]
         inside = (u >= self.eps) & (u <= math.pi - self.eps)
@@ -175,21 +183,21 @@ class MagFace(AdaptiveMargin):
         self.lambda_g = float(lambda_g)
         self.slope = (self.u_m - self.l_m) / (self.u_a - self.l_a)
 
-    def _params(self) -> dict:
+    def _params(self) -> Dict[str, float]:
         return dict(s=self.s, l_a=self.l_a, u_a=self.u_a, l_m=self.l_m, u_m=self.u_m, lambda_g=self.lambda_g)
 
-    def prepare(self, x_norm, target_cos):
+    def prepare(self, x_norm: torch.Tensor, target_cos: Optional[torch.Tensor]) -> Prep:
         a = x_norm.clamp(self.l_a, self.u_a)
         inside = (x_norm >= self.l_a) & (x_norm <= self.u_a)  # clamp passes gradient there
         dm = torch.where(inside, torch.full_like(a, self.slope), torch.zeros_like(a))
         return {"m": self.slope * (a - self.l_a) + self.l_m, "dm": dm}
 
-    def target_value(self, c, idx, prep):
+    def target_value(self, c: torch.Tensor, idx: Optional[torch.Tensor], prep: Prep) -> torch.Tensor:
         m = _pick(prep["m"], idx)
         out = c * torch.cos(m) - _sin_theta(c) * torch.sin(m)
         return torch.where(c > 0, out, c)
 
-    def target_grads(self, c, prep):
+    def target_grads(self, c: torch.Tensor, prep: Prep) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         m, dm = prep["m"], prep["dm"]
         sin_t = _sin_theta(c)
         d_c = torch.cos(m) + c * torch.sin(m) / torch.clamp(sin_t, min=_SIN_EPS)
@@ -197,15 +205,16 @@ class MagFace(AdaptiveMargin):
         easy = c > 0
         return torch.where(easy, d_c, torch.ones_like(c)), torch.where(easy, d_a, torch.zeros_like(c))
 
-    def extra_loss(self, global_x):
-        a = global_x.norm(dim=1).clamp(self.l_a, self.u_a)
+    def extra_loss(self, global_x: torch.Tensor) -> Optional[torch.Tensor]:
+        a = _row_norm(global_x).clamp(self.l_a, self.u_a)
         return self.lambda_g * (a / self.u_a**2 + 1.0 / a).mean()
 
 
 class CurricularFace(AdaptiveMargin):
-    needs_target_cos = True
-    modulates_negatives = True
+    needs_target_cos: ClassVar[bool] = True
+    modulates_negatives: ClassVar[bool] = True
     momentum = 0.01
+    t: torch.Tensor  # buffer (registered in __init__)
 
     def __init__(self, s: float = 64.0, m: float = 0.5) -> None:
         super().__init__(s)
@@ -215,10 +224,11 @@ class CurricularFace(AdaptiveMargin):
         self.mm = math.sin(math.pi - self.m) * self.m
         self.register_buffer("t", torch.tensor(0.0))
 
-    def _params(self) -> dict:
+    def _params(self) -> Dict[str, float]:
         return dict(s=self.s, m=self.m)
 
-    def prepare(self, x_norm, target_cos):
+    def prepare(self, x_norm: torch.Tensor, target_cos: Optional[torch.Tensor]) -> Prep:
+        assert target_cos is not None, "CurricularFace.needs_target_cos: the softmax passes every row's"
         with torch.no_grad():
             mean = target_cos.detach().mean().to(self.t.dtype)
             self.t.copy_(mean * self.momentum + (1 - self.momentum) * self.t)
@@ -226,14 +236,15 @@ class CurricularFace(AdaptiveMargin):
         hard = c * self.cos_m - _sin_theta(c) * self.sin_m  # cos(theta_y + m), per row
         return {"t": self.t.detach().clone().to(c.dtype), "hard": hard}
 
-    def target_value(self, c, idx, prep):
+    def target_value(self, c: torch.Tensor, idx: Optional[torch.Tensor], prep: Prep) -> torch.Tensor:
         return torch.where(c > self.threshold, c * self.cos_m - _sin_theta(c) * self.sin_m, c - self.mm)
 
-    def target_grads(self, c, prep):
+    def target_grads(self, c: torch.Tensor, prep: Prep) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         d = self.cos_m + c * self.sin_m / torch.clamp(_sin_theta(c), min=_SIN_EPS)
         return torch.where(c > self.threshold, d, torch.ones_like(c)), None
 
-    def negatives(self, cos, prep, need_grad=True):
+    def negatives(self, cos: torch.Tensor, prep: Prep, need_grad: bool = True
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         t = prep["t"]
         mask = cos > prep["hard"].unsqueeze(1)
         value = torch.where(mask, cos * (t + cos), cos)

@@ -16,6 +16,15 @@ import torch.distributed as dist
 from trainer.heads import UNPG, ArcFace, PartialFC, PartialFCSGD
 
 
+# torch's unannotated calls this demo makes, through one typed door each
+def _manual_seed(seed: int) -> None:
+    torch.manual_seed(seed)  # pyright: ignore[reportUnknownMemberType]
+
+
+def _step(opt: torch.optim.Optimizer) -> None:
+    opt.step()  # torch.optim.SGD's own step is partly unannotated; the base class's is typed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--classes", type=int, default=1000)
@@ -32,13 +41,13 @@ def main() -> None:
     device = (
         torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     )
-    torch.manual_seed(0)  # same prototypes and backbone init everywhere
+    _manual_seed(0)  # same prototypes and backbone init everywhere
     dim_in, dim = 64, 128
     prototypes = torch.randn(args.classes, dim_in, device=device)
     backbone = torch.nn.Linear(dim_in, dim).to(device)
     if world > 1:
         backbone = torch.nn.parallel.DistributedDataParallel(backbone)
-    torch.manual_seed(1 + rank)
+    _manual_seed(1 + rank)
     head = PartialFC(ArcFace(s=64.0, m=0.5), dim, args.classes, sample_rate=args.sample_rate,
                      unpg=UNPG(wisk=args.wisk)).to(device)
     opt_head = PartialFCSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -51,13 +60,16 @@ def main() -> None:
         x = prototypes[labels] + 0.5 * torch.randn(args.batch, dim_in, device=device)
         emb = backbone(x)
         # The head's gradient is that of the global-mean loss; DDP averages over ranks: undo it.
-        emb.register_hook(lambda g: g * world)
+        def undo_mean(g: torch.Tensor) -> torch.Tensor:
+            return g * world
+
+        emb.register_hook(undo_mean)
         loss = head(emb, labels)
         opt_head.zero_grad()
         opt_bb.zero_grad()
         loss.backward()
         opt_head.step()
-        opt_bb.step()
+        _step(opt_bb)
         if rank == 0 and (step == 1 or step % 5 == 0):
             st = {k: float(v) for k, v in head.stats().items() if v.dim() == 0}  # the one host sync
             print(f"step {step:3d} loss {st['head/loss']:8.3f} | neg pairs {st['unpg/neg_pairs']:.0f} "

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
+from typing import Callable, ClassVar, Dict, Optional, Protocol, Tuple
 
 import torch
 
@@ -37,6 +37,35 @@ _SIN_EPS = 1e-12
 
 def _sin_theta(c: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(torch.clamp(1.0 - c * c, min=0.0))
+
+
+#: per-row tensors a margin's ``prepare`` hands to its other hooks (by name)
+Prep = Dict[str, torch.Tensor]
+
+
+class SoftmaxMargin(Protocol):
+    """What the fused softmax (``softmax.py``) and ``PartialFC`` use of a margin: the fixed
+    margins below and the adaptive ones (``adaptive.py``) alike."""
+
+    cos_eps: ClassVar[float]
+    needs_target_cos: ClassVar[bool]
+    modulates_negatives: ClassVar[bool]
+
+    @property
+    def s(self) -> float: ...
+
+    def prepare(self, x_norm: torch.Tensor, target_cos: Optional[torch.Tensor]) -> Prep: ...
+
+    def target_value(self, c: torch.Tensor, idx: Optional[torch.Tensor], prep: Prep) -> torch.Tensor: ...
+
+    def target_grads(self, c: torch.Tensor, prep: Prep) -> Tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+
+    def negatives(self, cos: torch.Tensor, prep: Prep, need_grad: bool = True
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+
+    def extra_loss(self, global_x: torch.Tensor) -> Optional[torch.Tensor]: ...
+
+    def stats(self) -> Dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,14 +94,19 @@ class Margin:
     needs_target_cos: ClassVar[bool] = False
     modulates_negatives: ClassVar[bool] = False
 
-    def prepare(self, x_norm: torch.Tensor, target_cos: Optional[torch.Tensor]) -> dict:
+    def prepare(self, x_norm: torch.Tensor, target_cos: Optional[torch.Tensor]) -> Prep:
         return {}
 
-    def target_value(self, c: torch.Tensor, idx, prep: dict) -> torch.Tensor:
+    def target_value(self, c: torch.Tensor, idx: Optional[torch.Tensor], prep: Prep) -> torch.Tensor:
         return self.value(c)
 
-    def target_grads(self, c: torch.Tensor, prep: dict) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def target_grads(self, c: torch.Tensor, prep: Prep) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.target(c)[1], None
+
+    def negatives(self, cos: torch.Tensor, prep: Prep, need_grad: bool = True
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Not called: a fixed margin leaves the non-target cosines alone (``modulates_negatives``)."""
+        raise NotImplementedError
 
     def extra_loss(self, global_x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
@@ -149,18 +183,20 @@ def margin_from_list(margin_list: Tuple[float, float, float], s: float = 64.0) -
 
 
 
-#: margin name -> builder ``fn(s, m, margin_list, options) -> margin``; the names are
-#: :data:`trainer.heads.config.MARGINS` (the config's ``loss.margin``)
-_MARGIN_BUILDERS: Dict[str, Callable[..., Any]] = {}
+#: a margin builder ``fn(s, m, margin_list, options) -> margin``
+MarginBuilder = Callable[[float, float, Tuple[float, float, float], Dict[str, float]], SoftmaxMargin]
+
+#: margin name -> builder; the names are :data:`trainer.heads.config.MARGINS` (the config's ``loss.margin``)
+_MARGIN_BUILDERS: Dict[str, MarginBuilder] = {}
 
 
-def register_margin(name: str) -> Callable:
+def register_margin(name: str) -> Callable[[MarginBuilder], MarginBuilder]:
     """Decorator: register a margin builder under ``name`` (one of ``MARGINS``, which the
     configuration reads without torch)."""
     if name not in MARGINS:
         raise ValueError(f"margin {name!r} is not in trainer.heads.config.MARGINS; add it there")
 
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def deco(fn: MarginBuilder) -> MarginBuilder:
         if name in _MARGIN_BUILDERS:
             raise ValueError(f"margin name {name!r} registered twice")
         _MARGIN_BUILDERS[name] = fn
@@ -190,28 +226,29 @@ def _combined(s: float, m: float, margin_list: Tuple[float, float, float], optio
 # the adaptive margins (trainer/heads/adaptive.py) are built here too, imported on use:
 # adaptive.py then imports nothing of this module (no import circle)
 @register_margin("adaface")
-def _adaface(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> Any:
+def _adaface(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> SoftmaxMargin:
     from trainer.heads.adaptive import AdaFace
 
     return AdaFace(s=s, m=m, **{k: options[k] for k in ("h", "t_alpha") if k in options})
 
 
 @register_margin("magface")
-def _magface(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> Any:
+def _magface(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> SoftmaxMargin:
     from trainer.heads.adaptive import MagFace
 
     return MagFace(s=s, **{k: options[k] for k in ("l_a", "u_a", "l_m", "u_m", "lambda_g") if k in options})
 
 
 @register_margin("curricularface")
-def _curricularface(s: float, m: float, margin_list: Tuple[float, float, float], options: Dict[str, float]) -> Any:
+def _curricularface(s: float, m: float, margin_list: Tuple[float, float, float],
+                    options: Dict[str, float]) -> SoftmaxMargin:
     from trainer.heads.adaptive import CurricularFace
 
     return CurricularFace(s=s, m=m)
 
 
 def build_margin(name: str, s: float = 64.0, m: float = 0.5,
-                 margin_list: Tuple[float, float, float] = (1.0, 0.5, 0.0), **options: float) -> Any:
+                 margin_list: Tuple[float, float, float] = (1.0, 0.5, 0.0), **options: float) -> SoftmaxMargin:
     """A registered margin by name. ``arcface`` / ``cosface`` / ``curricularface`` use ``m``;
     ``combined`` uses insightface's ``margin_list`` (m1, m2, m3) through :func:`margin_from_list`;
     ``adaface`` uses ``m`` and ``options`` h, t_alpha; ``magface`` uses ``options`` l_a, u_a,

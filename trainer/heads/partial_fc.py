@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trainer.collectives import (
+    ProcessGroup,
     all_gather_object_ints,
     all_gather_rows,
     class_range,
@@ -34,7 +35,7 @@ from trainer.collectives import (
 )
 from trainer.heads.adaptive import AdaptiveMargin
 from trainer.heads.config import sample_rate_ok
-from trainer.heads.margins import Margin
+from trainer.heads.margins import Margin, SoftmaxMargin
 from trainer.heads.softmax import margin_softmax_parts
 from trainer.heads.unpg import UNPG, metric_negatives_lse, sharded_metric_negatives_lse
 
@@ -44,6 +45,11 @@ log = logging.getLogger("trainer.heads")
 # rank raises the same error instead of leaving the others hanging.
 _BAD_EMB_SHAPE, _BAD_LABEL_SHAPE, _BAD_LABEL_DTYPE = 1, 2, 4
 _SHOWN_BAD = 10  # bad label values named in the error
+
+
+def _host_list(t: torch.Tensor) -> List[Any]:
+    """``t.tolist()`` (nested Python numbers; unannotated in torch: one typed door)."""
+    return cast(List[Any], t.tolist())  # pyright: ignore[reportUnknownMemberType]
 
 
 class PartialFC(nn.Module):
@@ -66,12 +72,12 @@ class PartialFC(nn.Module):
 
     def __init__(
         self,
-        margin: Margin,
+        margin: SoftmaxMargin,
         embedding_size: int,
         num_classes: int,
         sample_rate: float = 1.0,
         unpg: Optional[UNPG] = None,
-        process_group=None,
+        process_group: ProcessGroup = None,
         chunk_elements: Optional[int] = None,
         init_std: float = 0.01,
         dtype: torch.dtype = torch.float32,
@@ -83,7 +89,8 @@ class PartialFC(nn.Module):
                             f"got {type(margin).__name__}")
         if not sample_rate_ok(sample_rate):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        if unpg is not None and not isinstance(unpg, UNPG):
+        # a runtime check for callers the type checker does not see (a YAML-built config, a test)
+        if unpg is not None and not isinstance(unpg, UNPG):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"unpg must be a trainer.heads.UNPG or None, got {type(unpg).__name__}")
         if dtype not in (torch.float32, torch.float64, torch.bfloat16):
             raise TypeError(f"PartialFC: centres are stored in float32, float64 or bfloat16 "
@@ -92,7 +99,8 @@ class PartialFC(nn.Module):
         if isinstance(margin, AdaptiveMargin):
             # a submodule: its running state (buffers) is part of the head's state_dict
             margin = margin.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-        self.margin, self.unpg = margin, unpg
+        self.margin: SoftmaxMargin = margin
+        self.unpg = unpg
         self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
         self.sample_rate, self.chunk_elements = float(sample_rate), chunk_elements
         self.process_group = process_group
@@ -116,15 +124,15 @@ class PartialFC(nn.Module):
         self.sampled_classes: Optional[torch.Tensor] = None
         # Statistics of the last forward: 0-dim detached device tensors (no host sync);
         # "batch" is a Python number. Convert them at logging steps only.
-        self.last_stats: Dict[str, object] = {}
+        self.last_stats: Dict[str, Union[torch.Tensor, float]] = {}
         self._margin_stats: Dict[str, torch.Tensor] = {}  # snapshots of the margin's running state
         # Input checks (see _exchange_sizes, check_inputs): cached sizes, device-side record.
         self.eager_checks = 1
         self._steps = 0
-        self._size_key: Optional[tuple] = None
-        self._sizes: Optional[list] = None
+        self._size_key: Optional[Tuple[int, int]] = None
+        self._sizes: Optional[List[int]] = None
         self._label_check = torch.zeros(3 + _SHOWN_BAD, dtype=torch.float64, device=device)
-        self._size_log: Dict[int, list] = {}  # first step -> sizes, since the last check
+        self._size_log: Dict[int, List[int]] = {}  # first step -> sizes, since the last check
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -147,7 +155,7 @@ class PartialFC(nn.Module):
         )
 
     # ------------------------------------------------------------------ inputs
-    def _exchange_sizes(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> list:
+    def _exchange_sizes(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> List[int]:
         """Batch sizes of all ranks (rank order); shape/dtype problems raise on every rank.
 
         Exchanged (one tiny all-gather read on the host) only when this rank's batch
@@ -165,9 +173,9 @@ class PartialFC(nn.Module):
         key = (int(local_embeddings.shape[0]), problems)
         if self._sizes is not None and key == self._size_key:
             return self._sizes
-        info = all_gather_object_ints(list(key), self.process_group).tolist()  # CPU ints
+        info: List[List[int]] = _host_list(all_gather_object_ints(list(key), self.process_group))  # CPU ints
         if any(p for _, p in info):
-            lines = []
+            lines: List[str] = []
             for r, (_b, p) in enumerate(info):
                 if p & _BAD_EMB_SHAPE:
                     lines.append(f"rank {r}: embeddings must be [batch, {self.embedding_size}]")
@@ -180,7 +188,7 @@ class PartialFC(nn.Module):
         self._size_log[self._steps + 1] = self._sizes  # to name the rank of a bad label later
         return self._sizes
 
-    def _validate_labels(self, global_labels: torch.Tensor, sizes: list) -> torch.Tensor:
+    def _validate_labels(self, global_labels: torch.Tensor, sizes: List[int]) -> torch.Tensor:
         """int64 global labels; bad ones (not an integer in [0, C)) recorded on the device.
 
         The first step with a bad label keeps (step, first bad row, up to 10 sorted bad
@@ -211,7 +219,7 @@ class PartialFC(nn.Module):
         One host sync: call it at logging steps. The first ``eager_checks`` steps check
         at once, so bad input of a fresh run stops it immediately.
         """
-        check = self._label_check.cpu().tolist()  # the one sync
+        check: List[float] = _host_list(self._label_check.cpu())  # the one sync
         step, row, count = int(check[0]), int(check[1]), int(check[2])
         sizes = self._size_log.get(max((k for k in self._size_log if k <= step), default=-1), [])
         if self._size_log:  # keep only the sizes in force now
@@ -292,10 +300,10 @@ class PartialFC(nn.Module):
                 global_x, self.weight, rows, target_pos, self.margin, group, chunk
             )
             denominator = lse
-            stats: Dict[str, object] = {"batch": float(global_x.shape[0])}
+            stats: Dict[str, Union[torch.Tensor, float]] = {"batch": float(global_x.shape[0])}
             if self.unpg is not None:
                 # V = -inf (no negative pair) adds exactly nothing: logaddexp(lse, -inf) == lse
-                v_rows, unpg_stats = self._unpg_term(local_x, global_x, global_labels, sizes)
+                v_rows, unpg_stats = self._unpg_term(self.unpg, local_x, global_x, global_labels, sizes)
                 stats.update(unpg_stats)
                 denominator = torch.logaddexp(lse, v_rows)
             loss = (denominator - target).mean()
@@ -318,8 +326,9 @@ class PartialFC(nn.Module):
         state. Detached device tensors (no host sync here)."""
         st = self.last_stats
         out: Dict[str, torch.Tensor] = {}
-        if isinstance(st.get("loss"), torch.Tensor):
-            out["head/loss"] = st["loss"]
+        loss = st.get("loss")
+        if isinstance(loss, torch.Tensor):
+            out["head/loss"] = loss
         if self.unpg is not None:
             out.update({f"unpg/{k}": v for k, v in st.items()
                         if k not in ("loss", "batch") and isinstance(v, torch.Tensor)})
@@ -333,29 +342,32 @@ class PartialFC(nn.Module):
         running state ``margin/<name>``."""
         out = dict(self._margin_stats)
         st = self.last_stats
-        if self.unpg is not None and "kept" in st:
-            out["kept_fraction"] = st["kept"] / st["neg_pairs"]  # 0/0 = NaN: no pair this step
+        kept, pairs = st.get("kept"), st.get("neg_pairs")
+        if self.unpg is not None and isinstance(kept, torch.Tensor) and isinstance(pairs, torch.Tensor):
+            out["kept_fraction"] = kept / pairs  # 0/0 = NaN: no pair this step
         return out
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         saved = state_dict.get(prefix + "weight")
         if isinstance(saved, torch.Tensor) and saved.dtype != self.weight.dtype:
             log.warning("class centres and momentum stored as %s, this run keeps them as %s (loss.state_dtype): "
                         "converted on load%s", saved.dtype, self.weight.dtype,
                         " (rounded to nearest)" if self.weight.element_size() < saved.dtype.itemsize else " (exact)")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        load = cast(Callable[..., None], super()._load_from_state_dict)  # pyright: ignore[reportUnknownMemberType]
+        load(state_dict, prefix, *args, **kwargs)
 
-    def _unpg_term(self, local_x, global_x, global_labels, sizes) -> Tuple[torch.Tensor, dict]:
+    def _unpg_term(self, unpg: UNPG, local_x: torch.Tensor, global_x: torch.Tensor, global_labels: torch.Tensor,
+                   sizes: List[int]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Per global row, V of its row's pairs ([N]; -inf where there is no negative pair)."""
-        s, wisk = self.margin.s, self.unpg.wisk
-        if self.unpg.use_sharded(self.world_size):
+        s, wisk = self.margin.s, unpg.wisk
+        if unpg.use_sharded(self.world_size):
             # Each rank evaluates only the pairs it owns: no 1/R scaling, the gather's backward sums.
             elements = self.chunk_elements or (1 << 26 if global_x.is_cuda else 1 << 21)
             v, stats = sharded_metric_negatives_lse(
                 F.normalize(global_x, dim=1), global_labels, sizes, s, wisk, self.process_group, elements
             )
             return v.expand(global_x.shape[0]), stats
-        if self.unpg.negatives == "global":
+        if unpg.negatives == "global":
             v, stats = metric_negatives_lse(F.normalize(global_x, dim=1), global_labels, s, wisk)
             # Replicated on every rank: each contributes 1/R of its gradient (collectives.py).
             return scale_grad(v, 1.0 / self.world_size).expand(global_x.shape[0]), stats

@@ -42,13 +42,12 @@ adds ``s * df/d|x| * dL/dz_target * x^`` to dL/dx.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple, cast
 
 import torch
-import torch.distributed as dist
 
-from trainer.collectives import world_info
-from trainer.heads.margins import Margin
+from trainer.collectives import ProcessGroup, all_reduce_, world_info
+from trainer.heads.margins import Prep, SoftmaxMargin
 
 _NORM_EPS = 1e-12
 
@@ -75,25 +74,41 @@ def _mm(a: torch.Tensor, b: torch.Tensor, low: Optional[torch.dtype]) -> torch.T
 _CUDA_MM_OUT_DTYPE = [True]
 
 
+def _row_norm(t: torch.Tensor) -> torch.Tensor:
+    """``|t_i|`` per row, [N, 1] (``Tensor.norm`` is partly unannotated in torch: one typed door)."""
+    return cast(torch.Tensor, t.norm(dim=1, keepdim=True))  # pyright: ignore[reportUnknownMemberType]
+
+
+def _sparse_rows(rows: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The sparse COO gradient holding ``values`` at the sorted, distinct ``rows`` (one typed door)."""
+    return torch.sparse_coo_tensor(  # pyright: ignore[reportUnknownMemberType]
+        rows.unsqueeze(0), values, shape, is_coalesced=True, check_invariants=False)
+
+
 def _normalise(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    norm = t.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+    norm = _row_norm(t).clamp_min(_NORM_EPS)
     return t / norm, norm
+
+
+def _vecdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product (``torch.linalg.vecdot``, unannotated in torch: one typed door)."""
+    return cast(torch.Tensor, torch.linalg.vecdot(a, b))  # pyright: ignore[reportUnknownMemberType]
 
 
 def _unnormalise_grad_(g_hat: torch.Tensor, t_hat: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """Gradient through ``t_hat = t / |t|`` (row-wise), computed in place in ``g_hat``."""
-    dot = torch.linalg.vecdot(t_hat, g_hat).unsqueeze(1)
+    dot = _vecdot(t_hat, g_hat).unsqueeze(1)
     return g_hat.addcmul_(t_hat, dot, value=-1.0).div_(norm)
 
 
 class _Chunks:
     """Iterates the centres used this step in chunks: ``(k0, k1, w_hat, w_norm)``."""
 
-    def __init__(self, weight: torch.Tensor, rows: Optional[torch.Tensor], chunk: int, dtype):
+    def __init__(self, weight: torch.Tensor, rows: Optional[torch.Tensor], chunk: int, dtype: torch.dtype) -> None:
         self.weight, self.rows, self.chunk, self.dtype = weight, rows, chunk, dtype
         self.count = weight.shape[0] if rows is None else rows.numel()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Tuple[int, int, torch.Tensor, torch.Tensor]]:
         for k0 in range(0, self.count, self.chunk):
             k1 = min(k0 + self.chunk, self.count)
             if self.rows is None:
@@ -104,7 +119,8 @@ class _Chunks:
             yield k0, k1, w_hat, w_norm
 
 
-def _all_target_cos(x_hat, weight, rows, target_pos, group, lo_c, hi_c) -> torch.Tensor:
+def _all_target_cos(x_hat: torch.Tensor, weight: torch.Tensor, rows: Optional[torch.Tensor], target_pos: torch.Tensor,
+                    group: ProcessGroup, lo_c: float, hi_c: float) -> torch.Tensor:
     """Every row's clamped target cosine on every rank: the owner computes it, one all-reduce SUM."""
     owned = target_pos >= 0
     n_used = weight.shape[0] if rows is None else rows.numel()
@@ -114,15 +130,12 @@ def _all_target_cos(x_hat, weight, rows, target_pos, group, lo_c, hi_c) -> torch
         pos = target_pos.clamp(0, n_used - 1)
         w = weight.index_select(0, pos if rows is None else rows.index_select(0, pos))
         w_hat, _ = _normalise(w.to(x_hat.dtype))
-        cos = torch.linalg.vecdot(x_hat, w_hat).clamp_(lo_c, hi_c)
+        cos = _vecdot(x_hat, w_hat).clamp_(lo_c, hi_c)
         out = torch.where(owned, cos, torch.zeros_like(cos))
-    _, world = world_info(group)
-    if world > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    return out
+    return all_reduce_(out, "sum", group)  # a no-op in one process
 
 
-def _targets_in_chunk(target_pos: torch.Tensor, k0: int, k1: int):
+def _targets_in_chunk(target_pos: torch.Tensor, k0: int, k1: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(hit [N] bool, col [N, 1])``: rows whose target lies in chunk ``[k0, k1)`` and its
     column there (clamped into the chunk for the other rows, whose entries are
     gathered and written back unchanged): fixed shapes, no ``nonzero``."""
@@ -138,23 +151,23 @@ def _put_targets_(block: torch.Tensor, hit: torch.Tensor, col: torch.Tensor, val
 
 class MarginSoftmaxParts(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
+    def forward(
+        ctx: Any,
         global_x: torch.Tensor,
         weight: torch.Tensor,
         rows: Optional[torch.Tensor],
         target_pos: torch.Tensor,
-        margin: Margin,
-        group,
+        margin: SoftmaxMargin,
+        group: ProcessGroup,
         chunk: int,
-    ):
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         dtype = global_x.dtype
         s = margin.s
         lo_c, hi_c = -1.0 + margin.cos_eps, 1.0 - margin.cos_eps
         x_hat, x_norm = _normalise(global_x)
         n = x_hat.shape[0]
         owned = target_pos >= 0
-        all_target_cos = None
+        all_target_cos: Optional[torch.Tensor] = None
         if margin.needs_target_cos:
             all_target_cos = _all_target_cos(x_hat, weight.detach(), rows, target_pos, group, lo_c, hi_c)
         # Running state updated once per forward (global batch, identical on every rank).
@@ -180,11 +193,10 @@ class MarginSoftmaxParts(torch.autograd.Function):
 
         _, world = world_info(group)
         if world > 1:
-            global_max = run_max.clone()
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+            global_max = all_reduce_(run_max.clone(), "max", group)
             # exp(-inf - finite) = 0 for an empty shard.
             packed = torch.cat([run_sum * torch.exp(run_max - global_max), target])
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+            all_reduce_(packed, "sum", group)
             run_sum, target = packed[:n], packed[n:]
             run_max = global_max
         lse = run_max + torch.log(run_sum)
@@ -194,14 +206,18 @@ class MarginSoftmaxParts(torch.autograd.Function):
         return lse, target
 
     @staticmethod
-    def backward(ctx, grad_lse: torch.Tensor, grad_target: torch.Tensor):
+    def backward(ctx: Any, *grad_outputs: torch.Tensor
+                 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], None, None, None, None, None]:
+        grad_lse, grad_target = grad_outputs
+        rows: Optional[torch.Tensor]
         x_hat, x_norm, weight, rows, target_pos, target_cos, lse = ctx.saved_tensors
-        margin, s, prep = ctx.margin, ctx.margin.s, ctx.prep
+        margin: SoftmaxMargin = ctx.margin
+        s, prep = margin.s, cast(Prep, ctx.prep)
         lo_c, hi_c = -1.0 + margin.cos_eps, 1.0 - margin.cos_eps
         dtype = x_hat.dtype
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_x, need_w = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
         grad_x_hat = torch.zeros_like(x_hat) if need_x else None
-        grad_w = None
+        grad_w: Optional[torch.Tensor] = None
         if need_w:
             n_used = weight.shape[0] if rows is None else rows.numel()
             # every row is written chunk by chunk below
@@ -222,7 +238,7 @@ class MarginSoftmaxParts(torch.autograd.Function):
             outside = (raw < lo_c) | (raw > hi_c)
             hit, col = _targets_in_chunk(target_pos, k0, k1)
             cos = raw.clamp_(lo_c, hi_c)
-            mod_grad = None
+            mod_grad: Optional[torch.Tensor] = None
             if margin.modulates_negatives:
                 cos, mod_grad = margin.negatives(cos, prep)
             logits = cos.mul_(s)
@@ -237,23 +253,21 @@ class MarginSoftmaxParts(torch.autograd.Function):
                 grad_cos.mul_(mod_grad)
             _put_targets_(grad_cos, hit, col, s * f_prime * grad_z_t)
             grad_cos.masked_fill_(outside, 0.0)
-            if need_x:
+            if grad_x_hat is not None:  # need_x
                 if low is None:
                     grad_x_hat.addmm_(grad_cos, w_hat)
                 else:
                     grad_x_hat.add_(_mm(grad_cos, w_hat, low))
-            if need_w:
+            if grad_w is not None:  # need_w
                 grad_w_hat = _mm(grad_cos.t(), x_hat, low)
                 grad_w[k0:k1] = _unnormalise_grad_(grad_w_hat, w_hat, w_norm)
 
-        grad_x = _unnormalise_grad_(grad_x_hat, x_hat, x_norm) if need_x else None
-        if need_x and f_norm is not None:
+        grad_x = _unnormalise_grad_(grad_x_hat, x_hat, x_norm) if grad_x_hat is not None else None
+        if grad_x is not None and f_norm is not None and grad_z_target is not None:
             # the target logit also depends on |x| (MagFace): d|x|/dx = x^
             grad_x.addcmul_(x_hat, (s * f_norm * grad_z_target).unsqueeze(1))
-        if need_w and rows is not None:
-            grad_w = torch.sparse_coo_tensor(
-                rows.unsqueeze(0), grad_w, weight.shape, is_coalesced=True, check_invariants=False
-            )
+        if grad_w is not None and rows is not None:
+            grad_w = _sparse_rows(rows, grad_w, weight.shape)
         return grad_x, grad_w, None, None, None, None, None
 
 
@@ -262,8 +276,8 @@ def margin_softmax_parts(
     weight: torch.Tensor,
     rows: Optional[torch.Tensor],
     target_pos: torch.Tensor,
-    margin: Margin,
-    group=None,
+    margin: SoftmaxMargin,
+    group: ProcessGroup = None,
     chunk: int = 16384,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(lse [N], target [N])``, both replicated on every rank. See the module docstring.
@@ -272,4 +286,6 @@ def margin_softmax_parts(
     target_pos: per global row, the position of its class among the used centres
     of THIS rank, or -1 when another rank owns the class.
     """
-    return MarginSoftmaxParts.apply(global_x, weight, rows, target_pos, margin, group, int(chunk))
+    apply = cast(Callable[..., Tuple[torch.Tensor, torch.Tensor]],
+                 MarginSoftmaxParts.apply)  # pyright: ignore[reportUnknownMemberType]
+    return apply(global_x, weight, rows, target_pos, margin, group, int(chunk))

@@ -52,7 +52,7 @@ other ``state_dtype``) to this parameter's dtype.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union, overload
 
 import torch
 from torch import nn
@@ -106,8 +106,14 @@ class PartialFCSGD(torch.optim.Optimizer):
         elements = self.chunk_elements or (1 << 24 if p.is_cuda else 1 << 20)
         return max(1, elements // max(1, p[0].numel() if p.dim() and p.shape[0] else 1))
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         loss = closure() if closure is not None else None
         found = getattr(self, "found_inf", None)
         keep = None if found is None else (found.reshape(()) == 0)  # device bool: True = step
@@ -128,7 +134,8 @@ class PartialFCSGD(torch.optim.Optimizer):
         return loss
 
     @staticmethod
-    def _dense_update(p, grad, buf, lr, momentum, wd) -> None:
+    def _dense_update(p: torch.Tensor, grad: torch.Tensor, buf: Optional[torch.Tensor], lr: float, momentum: float,
+                      wd: float) -> None:
         """float32/float64, no skip flag: in place, no temporary the size of the shard."""
         if buf is None:
             p.add_(grad, alpha=-lr)
@@ -141,7 +148,8 @@ class PartialFCSGD(torch.optim.Optimizer):
         p.add_(buf, alpha=-lr)
 
     @staticmethod
-    def _sparse_update(p, grad, buf, lr, momentum, wd, keep, chunk_rows) -> None:
+    def _sparse_update(p: torch.Tensor, grad: torch.Tensor, buf: Optional[torch.Tensor], lr: float, momentum: float,
+                       wd: float, keep: Optional[torch.Tensor], chunk_rows: int) -> None:
         rows, values = grad._indices()[0], grad._values()
         if not values.is_contiguous():  # e.g. expanded: rewritten below, so a copy of its own
             values = values.contiguous()
@@ -169,7 +177,9 @@ class PartialFCSGD(torch.optim.Optimizer):
                          keep, noop=noop, same_as=src - a)
 
 
-def _update_rows(p, rows, grad, buf, lr, momentum, wd, keep=None, noop=None, same_as=None) -> None:
+def _update_rows(p: torch.Tensor, rows: Union[slice, torch.Tensor], grad: torch.Tensor, buf: Optional[torch.Tensor],
+                 lr: float, momentum: float, wd: float, keep: Optional[torch.Tensor] = None,
+                 noop: Optional[torch.Tensor] = None, same_as: Optional[torch.Tensor] = None) -> None:
     """SGD on ``p[rows]`` (a slice or an index tensor), math in float32 (or float64).
 
     ``keep`` (0-dim device bool): False leaves the rows as they were (torch.where: a
@@ -184,13 +194,14 @@ def _update_rows(p, rows, grad, buf, lr, momentum, wd, keep=None, noop=None, sam
     w = w_stored.to(wide)
     d = grad.to(wide)
     d = d.add(w, alpha=wd) if wd else d.clone()
+    old: Optional[torch.Tensor] = None
     if buf is not None:
         old = buf.index_select(0, rows) if indexed else buf[rows]
         d.add_(old.to(wide), alpha=momentum)
-        new_buf = d
+    new_buf = d  # the new momentum (when there is one)
     new = w - lr * d
 
-    def store(value, current):
+    def store(value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         if low:
             noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device)
             if same_as is not None:
@@ -201,7 +212,7 @@ def _update_rows(p, rows, grad, buf, lr, momentum, wd, keep=None, noop=None, sam
             skip = ~keep if skip is None else (skip | ~keep)
         return value if skip is None else torch.where(skip, current, value)
 
-    if buf is not None:
+    if buf is not None and old is not None:
         out = store(new_buf, old)
         if indexed:
             buf.index_copy_(0, rows, out)

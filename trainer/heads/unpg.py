@@ -30,7 +30,7 @@ Two ways to compute ``V`` over the global batch (``negatives="global"``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 
@@ -90,7 +90,7 @@ def _quartile_positions(n: torch.Tensor) -> torch.Tensor:
 
 def metric_negatives_lse(
     x_hat: torch.Tensor, labels: torch.Tensor, s: float, wisk: float
-) -> Tuple[torch.Tensor, Dict[str, object]]:
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``V = log sum_{t in K} exp(s t)`` and monitoring statistics (0-dim device tensors).
 
     ``V = -inf`` when there is no negative pair (every label equal): the UNPG term
@@ -121,7 +121,7 @@ def metric_negatives_lse(
         has = n > 0
         zero = t.new_zeros(())
         step = max(1, holes.numel() // _HIST_SAMPLE)
-        stats: Dict[str, object] = {
+        stats: Dict[str, torch.Tensor] = {
             "neg_pairs": n.to(torch.float64),
             "mean_pos_sim": torch.where(pos_mask, t, zero).sum(dtype=torch.float64) / pos_n,  # 0/0: NaN
             "kept": keep.sum().to(torch.float64),
@@ -139,7 +139,8 @@ def metric_negatives_lse(
 
 
 # ------------------------------------------------------------------------------------ sharded
-def owned_pairs(row_start: int, row_stop: int, n_rows: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def owned_pairs(row_start: int, row_stop: int, n_rows: int, device: Optional[torch.device] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Ownership of pairs by rows: row i owns {i, j} iff ``1 <= (j - i) mod N <= h_i``.
 
     ``h_i = (N - 1) // 2``, plus one for ``i < N / 2`` when N is even (the pairs at
@@ -169,15 +170,26 @@ class _KeptLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_hat, band, cols, row_start, lower, upper, max_z, sum_exp, s, chunk_rows):
+    def forward(ctx: Any, x_hat: torch.Tensor, band: torch.Tensor, cols: torch.Tensor, row_start: int,
+                lower: torch.Tensor, upper: torch.Tensor, max_z: torch.Tensor, sum_exp: torch.Tensor, s: float,
+                chunk_rows: int) -> torch.Tensor:
         ctx.save_for_backward(x_hat, band, cols, lower, upper, max_z, sum_exp)
         ctx.row_start, ctx.s, ctx.chunk_rows = row_start, s, chunk_rows
         return (max_z + torch.log(sum_exp.to(max_z.dtype))).detach()
 
     @staticmethod
-    def backward(ctx, grad_v):
-        x_hat, band, cols, lower, upper, max_z, sum_exp = ctx.saved_tensors
-        lo, s = ctx.row_start, ctx.s
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        grad_v = grad_outputs[0]
+        x_hat: torch.Tensor
+        band: torch.Tensor
+        lower: torch.Tensor
+        upper: torch.Tensor
+        max_z: torch.Tensor
+        sum_exp: torch.Tensor
+        x_hat, band, _cols, lower, upper, max_z, sum_exp = ctx.saved_tensors
+        lo: int = ctx.row_start
+        s: float = ctx.s
+        chunk_rows: int = ctx.chunk_rows
         rows, width = band.shape
         n_rows = x_hat.shape[0]
         # No kept pair (V = -inf): nothing to send back (and no 0/0).
@@ -187,8 +199,8 @@ class _KeptLogSumExp(torch.autograd.Function):
         # lo + 1 + a ... (mod N) of x_hat, at most two contiguous pieces (views, no copies).
         grad = torch.zeros_like(x_hat)
         zero = torch.zeros((), dtype=band.dtype, device=band.device)
-        for a in range(0, rows, ctx.chunk_rows):
-            t = band[a : a + ctx.chunk_rows]
+        for a in range(0, rows, chunk_rows):
+            t = band[a : a + chunk_rows]
             c = t.shape[0]
             kept = (t >= lower) & (t <= upper)  # NaN holes compare False
             w = band.new_zeros(c, c - 1 + width)
@@ -201,10 +213,11 @@ class _KeptLogSumExp(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None, None
 
 
-def _wrapped_pieces(start: int, count: int, n_rows: int):
+def _wrapped_pieces(start: int, count: int, n_rows: int) -> List[Tuple[int, int, int]]:
     """Rows ``start, start + 1, ..., start + count - 1`` (mod N) as contiguous pieces
     ``(offset in the run, first row, stop row)``; ``count <= N``."""
-    out, k = [], 0
+    out: List[Tuple[int, int, int]] = []
+    k = 0
     while k < count:
         r0 = (start + k) % n_rows
         r1 = min(n_rows, r0 + count - k)
@@ -223,12 +236,12 @@ def _sample_positions(numel: int, world_size: int) -> Tuple[int, int]:
 def sharded_metric_negatives_lse(
     x_hat: torch.Tensor,
     labels: torch.Tensor,
-    sizes,
+    sizes: Sequence[int],
     s: float,
     wisk: float,
     group: ProcessGroup = None,
     chunk_elements: int = 1 << 20,
-) -> Tuple[torch.Tensor, Dict[str, object]]:
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``V`` over the global batch with this rank computing only the pairs it owns.
 
     ``x_hat [N, D]``: the gathered, L2-normalised global batch (with gradient
@@ -250,7 +263,7 @@ def sharded_metric_negatives_lse(
     n_rows = x_hat.shape[0]
     device, dtype = x_hat.device, x_hat.dtype
     rank, world = world_info(group)
-    sizes = [int(b) for b in sizes]
+    sizes = [int(b) for b in sizes]  # a list from here on
     if len(sizes) != world or sum(sizes) != n_rows:
         raise ValueError(f"rank {rank}: sizes {sizes} do not split the global batch of {n_rows} rows "
                          f"over {world} rank(s)")
@@ -265,13 +278,16 @@ def sharded_metric_negatives_lse(
     cols = (torch.arange(reach, device=device) + lo + 1) % n_rows
     col_labels = _band(labels.index_select(0, cols).unsqueeze(0).expand(count, reach), width)
     ks, h = torch.arange(width, device=device).unsqueeze(0), hi - gi  # k < h_i: owned (not the corner)
-    f64 = {"dtype": torch.float64, "device": device}
+
+    def zero64() -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float64, device=device)
+
     zero = torch.zeros((), dtype=dtype, device=device)
     with torch.no_grad():
         xd = x_hat.detach()
         full = xd[lo : lo + count] @ xd.index_select(0, cols).t()  # [B, B - 1 + width]
         band = _band(full, width)  # band[a, k] = t(lo + a, lo + a + 1 + k mod N)
-        pos_count, pos_sum = torch.zeros((), **f64), torch.zeros((), **f64)
+        pos_count, pos_sum = zero64(), zero64()
         for a in range(0, count, chunk_rows):
             b = min(count, a + chunk_rows)
             t = band[a:b]
@@ -282,7 +298,7 @@ def sharded_metric_negatives_lse(
             pos_sum += torch.where(pos, t, zero).sum(dtype=torch.float64)
             t.masked_fill_(same | ~in_band, float("nan"))
 
-        def quartile_ranks(n):
+        def quartile_ranks(n: torch.Tensor) -> torch.Tensor:
             return torch.stack([n // 4, (3 * n) // 4])  # floor(0.25 n), floor(0.75 n), exactly
 
         (q1, q3), n = order_statistics(band, quartile_ranks, group, chunk_elements)
@@ -291,11 +307,11 @@ def sharded_metric_negatives_lse(
         # Local log-sum-exp of the kept s*t (running max over chunks), then across ranks.
         neg_inf = torch.full((), float("-inf"), dtype=dtype, device=device)
 
-        def finite(m):
+        def finite(m: torch.Tensor) -> torch.Tensor:
             return torch.where(m == float("-inf"), zero, m)
 
-        local_max, local_sum = neg_inf, torch.zeros((), **f64)
-        kept_count, neg_sum = torch.zeros((), **f64), torch.zeros((), **f64)
+        local_max, local_sum = neg_inf, zero64()
+        kept_count, neg_sum = zero64(), zero64()
         for a in range(0, count, chunk_rows):
             t = band[a : a + chunk_rows]
             kept = (t >= lower) & (t <= upper_bound)
@@ -317,7 +333,7 @@ def sharded_metric_negatives_lse(
         sample = all_gather_rows(sample, [_sample_positions(b * width, world)[1] for b in sizes], group)
         has = n > 0
         nan = float("nan")
-        stats: Dict[str, object] = {
+        stats: Dict[str, torch.Tensor] = {
             "neg_pairs": n.to(torch.float64),
             "mean_pos_sim": pos_sim_total / pos_total,  # 0/0: NaN
             "kept": kept_total,
@@ -327,5 +343,6 @@ def sharded_metric_negatives_lse(
             "neg_sims": sample.float(),
         }
     # V = -inf without a kept pair (max_z = -inf, sum_exp = 0): the term is then absent.
-    v = _KeptLogSumExp.apply(x_hat, band, cols, lo, lower, upper_bound, max_z, sum_exp, float(s), chunk_rows)
+    apply = cast(Callable[..., torch.Tensor], _KeptLogSumExp.apply)  # pyright: ignore[reportUnknownMemberType]
+    v = apply(x_hat, band, cols, lo, lower, upper_bound, max_z, sum_exp, float(s), chunk_rows)
     return v, stats
