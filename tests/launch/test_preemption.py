@@ -122,16 +122,26 @@ def test_workers_die_with_their_agent(tmp_path, tiny_dataset):
                 os.kill(w, signal.SIGKILL)
 
 
-def test_sigusr1_through_python_m_launch(tmp_path, tiny_dataset):
-    """SLURM's --signal=B:USR1 path: torchrun (as exec'd by python -m launch) must handle SIGUSR1
-    and forward it (its default signal list lacks it: it would die and orphan its workers)."""
+def _signals_after_two_steps(tmp_path, tiny_dataset, *signals, gap=0.3):
+    """Launch a long run (python -m launch), send ``signals`` to the launcher ``gap`` s apart
+    once two steps are logged; (launcher's exit code, run folder). Its log: tmp_path/a.log."""
     output = tmp_path / "run"
     cfg = tiny_config(tmp_path / "cfg.yaml", tiny_dataset, output, max_steps=LONG, save_every=1000)
     proc, log = _launch(cfg, tmp_path / "a.log")
     with reaped([(proc, log)]):
         _wait_for_steps(output, 2, proc, tmp_path / "a.log")
-        proc.send_signal(signal.SIGUSR1)
+        for i, sig in enumerate(signals):
+            if i:
+                time.sleep(gap)
+            proc.send_signal(sig)
         rc = proc.wait(timeout=240)
+    return rc, output
+
+
+def test_sigusr1_through_python_m_launch(tmp_path, tiny_dataset):
+    """SLURM's --signal=B:USR1 path: torchrun (as exec'd by python -m launch) must handle SIGUSR1
+    and forward it (its default signal list lacks it: it would die and orphan its workers)."""
+    rc, output = _signals_after_two_steps(tmp_path, tiny_dataset, signal.SIGUSR1)
     assert rc == 128 + signal.SIGUSR1, (tmp_path / "a.log").read_text()[-3000:]
     text = (output / "train.log").read_text()
     steps = [s for s, _, _ in step_lines(text)]
@@ -144,15 +154,7 @@ def test_a_second_sigterm_to_the_launcher_does_not_cut_the_save(tmp_path, tiny_d
     """SIGTERM, then SIGTERM again while the workers finish the step and save: the launcher
     does not forward the repeat (torchrun would kill the workers mid-save); the job saves at
     the step reached and exits 143."""
-    output = tmp_path / "run"
-    cfg = tiny_config(tmp_path / "cfg.yaml", tiny_dataset, output, max_steps=LONG, save_every=1000)
-    proc, log = _launch(cfg, tmp_path / "a.log")
-    with reaped([(proc, log)]):
-        _wait_for_steps(output, 2, proc, tmp_path / "a.log")
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=240)
+    rc, output = _signals_after_two_steps(tmp_path, tiny_dataset, signal.SIGTERM, signal.SIGTERM)
     agent = (tmp_path / "a.log").read_text()
     assert rc == 128 + signal.SIGTERM, agent[-3000:]
     assert "SIGTERM again: not forwarded" in agent
