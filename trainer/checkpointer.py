@@ -105,13 +105,20 @@ def resume_mode(cfg: CheckpointConfig) -> str:
     return "auto" if cfg.resume == "none" and is_restart() else cfg.resume
 
 
-def will_resume(cfg: CheckpointConfig, out: Path) -> bool:
-    """Whether setup will load a checkpoint (then it, not ``model.init_from``, sets the weights);
-    before the components (and so the checkpointer) exist."""
+def resume_candidates(cfg: CheckpointConfig, out: Path) -> Optional[List[Path]]:
+    """The checkpoints :meth:`Checkpointer.load` will try, best first, before the components
+    (and so the checkpointer) exist; None when ``checkpoint.resume`` names one that is not
+    there (``load`` reports it)."""
     try:
-        return bool(ckpt.find_resume_candidates(resume_mode(cfg), Path(out) / ckpt.CHECKPOINTS_DIR))
+        return ckpt.find_resume_candidates(resume_mode(cfg), Path(out) / ckpt.CHECKPOINTS_DIR)
     except (FileNotFoundError, OSError):
-        return True  # a named checkpoint that is not there: Checkpointer.load reports it
+        return None
+
+
+def will_resume(candidates: Optional[List[Path]]) -> bool:
+    """Whether setup will load a checkpoint (then it, not ``model.init_from``, sets the weights),
+    from :func:`resume_candidates` (a named checkpoint that is missing counts: ``load`` fails)."""
+    return candidates is None or bool(candidates)
 
 
 def _where(name: str) -> Tuple[str, Optional[str]]:
@@ -289,4 +296,5 @@ class Checkpointer:
         log.warning("%s: configuration changed on resume (checkpoint.allow_config_change=true):\n%s", path, text)
 
 
-__all__ = ["Checkpointer", "LAYOUT", "ResumeError", "Stateful", "move_previous_run", "resume_mode", "will_resume"]
+__all__ = ["Checkpointer", "LAYOUT", "ResumeError", "Stateful", "move_previous_run", "resume_candidates", "resume_mode",
+           "will_resume"]

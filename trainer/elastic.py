@@ -100,18 +100,6 @@ def peek_global_batch(candidates) -> Tuple[Optional[int], str]:
     return None, ""
 
 
-def resume_candidates(cfg, out: Path) -> list:
-    """The checkpoints ``checkpoint.resume`` will try, best first (as the checkpoint manager does)."""
-    from trainer.checkpoint import CHECKPOINTS_DIR, find_resume_candidates
-    from trainer.checkpointer import is_restart
-
-    mode = "auto" if cfg.checkpoint.resume == "none" and is_restart() else cfg.checkpoint.resume
-    try:
-        return find_resume_candidates(mode, Path(out) / CHECKPOINTS_DIR)
-    except (FileNotFoundError, OSError):
-        return []  # a named checkpoint that is not there: resume reports it
-
-
 def grad_accum_for(cfg, world_size: int, candidates, agree: Optional[Callable[[str], list]] = None
                    ) -> Tuple[int, int]:
     """(optim.grad_accum to run with, global batch) at ``world_size``.

@@ -41,7 +41,7 @@ from trainer.build import (
     build_scheduler,
     default_loader_factory,
 )
-from trainer.checkpointer import Checkpointer, ResumeError, is_restart, will_resume
+from trainer.checkpointer import Checkpointer, ResumeError, is_restart, resume_candidates, will_resume
 from trainer.config import Config, to_yaml
 from trainer.data.model_input import to_model_input
 from trainer.guard import StepGuard
@@ -124,13 +124,14 @@ class Trainer:
         # and only for a run that starts at step 0 (a checkpoint wins; a changed init_from on
         # resume is a config-diff error, RESUME_KEYS)
         self.init_info = None
-        if cfg.model.init_from and not will_resume(cfg.checkpoint, self.out):
+        cands = resume_candidates(cfg.checkpoint, self.out)
+        if cfg.model.init_from and not will_resume(cands):
             self.init_info = init_backbone(self.backbone, cfg.model.init_from, cfg.model.init_strict)
         torch.manual_seed(cfg.run.seed + 1 + d.rank)
         self.head, self.head_opt, head_lr = build_head(cfg, self.num_classes, d.device)
         # data.keep_global_batch: the accumulation that keeps the checkpoint's global batch (trainer.elastic);
         # an epoch is counted in global batches, the same at any world size
-        self.accum, global_batch = elastic.grad_accum_for(cfg, d.world_size, elastic.resume_candidates(cfg, self.out))
+        self.accum, global_batch = elastic.grad_accum_for(cfg, d.world_size, cands or [])
         n = getattr(self.loader, "num_images", None)
         self.steps_per_epoch = max(1, int(n) // global_batch if n else len(self.loader) // self.accum)
         self.total_steps = (
