@@ -190,24 +190,21 @@ class RankPlan:
     def block_permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch, 0xB10C]).permutation(self.num_blocks())
 
-    def stream(self, epoch: int) -> np.ndarray:
-        """The whole epoch's stream ``S``: all N image indices in stream order (int64, O(N))."""
-        if not self.shuffle:
-            return self._phys(np.arange(self.n, dtype=np.int64))
-        if self.mode == "global":
-            return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.n).astype(np.int64)
-        return self._phys(self.stream_physical(epoch, 0, self.n))
-
-    def rank_positions(self, epoch: int) -> np.ndarray:
-        """Image indices (into the image list) of this rank in ``epoch``, stream order (int64)."""
-        lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+    def stream(self, epoch: int, lo: int = 0, hi: Optional[int] = None) -> np.ndarray:
+        """Image indices at stream positions [lo, hi) of ``epoch`` (default: the whole epoch's
+        stream ``S``, all N images, O(N)), int64."""
+        hi = self.n if hi is None else hi
         if not self.shuffle:
             return self._phys(np.arange(lo, hi, dtype=np.int64))
         if self.mode == "global":
-            # the same permutation as the former whole-epoch selection (O(N) per rank)
+            # the same permutation as the former whole-epoch selection (O(N) per call)
             perm = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.n)
             return perm[lo:hi].astype(np.int64, copy=False)
         return self._phys(self.stream_physical(epoch, lo, hi))
+
+    def rank_positions(self, epoch: int) -> np.ndarray:
+        """Image indices (into the image list) of this rank in ``epoch``, stream order (int64)."""
+        return self.stream(epoch, self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
 
     def stream_physical(self, epoch: int, lo: int, hi: int) -> np.ndarray:
         """Physical positions (indices into ``order``) of stream positions [lo, hi) of ``epoch``."""
