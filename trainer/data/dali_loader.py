@@ -215,7 +215,7 @@ class DaliFaceLoader(FaceLoaderBase):
         take = batches * batch_size
         if not self.shuffle or take == 0:
             return srt[:take]
-        fill = max(1, min(self.buffer_config, share.size))  # what that segment's loader used
+        fill = self.buffer_for(share.size)  # what that segment's loader used
         try:
             pos = replay_reader(self._tmp, share.size, batch_size, batches, fill,
                                 self._pipeline_seed(epoch, rank, segment), self.num_threads)
@@ -261,7 +261,7 @@ class DaliFaceLoader(FaceLoaderBase):
             device_id = torch.cuda.current_device()
         pipe = _build_pipeline(
             str(self.ds.rec_path), idx, self.batch_size, self.num_threads, device_id,
-            0, 1, self.shuffle, min(self.shuffle_buffer, keys.size),
+            0, 1, self.shuffle, self.buffer_for(keys.size),
             self._pipeline_seed(epoch, self.rank, k),
             self.flip, self.augment, self.image_size,
         )

@@ -44,7 +44,7 @@ class FaceLoaderBase:
         self.shuffle_mode = shuffle_mode
         self.block_bytes = int(block_bytes or plan.DEFAULT_BLOCK_BYTES)
         self.buffer_config = int(shuffle_buffer or DEFAULT_SHUFFLE_BUFFER)  # before clamping to a share
-        self.shuffle_buffer = max(1, min(self.buffer_config, self.per_rank))
+        self.shuffle_buffer = self.buffer_for(self.per_rank)
         self.segments: tuple = ()
         self._seg_cache: Optional[tuple] = None
         offsets = ds.image_offsets
@@ -55,6 +55,12 @@ class FaceLoaderBase:
 
     def __len__(self) -> int:
         return self._len
+
+    def buffer_for(self, share_size: int) -> int:
+        """The shuffle buffer (torch: window; DALI: ``initial_fill``) over a share of
+        ``share_size`` images: the configured size, at most the share. One rule for the
+        loader and for the replay of an earlier segment, so the two draw alike."""
+        return max(1, min(self.buffer_config, share_size))
 
     def set_epoch(self, epoch: int, start_batch: int = 0, segments: Sequence = ()) -> None:
         """Iterate ``epoch`` from batch ``start_batch`` of the current segment; ``segments``:

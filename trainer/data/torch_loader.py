@@ -129,7 +129,7 @@ class TorchFaceLoader(FaceLoaderBase):
         if not (self.shuffle and self.shuffle_mode == "block"):
             return share
         key = [self.seed, epoch, rank, 0xB0FF] if segment == 0 else [self.seed, epoch, rank, segment, 0xB0FF]
-        window = max(1, min(self.buffer_config, share.size))
+        window = self.buffer_for(share.size)
         return plan.window_shuffle(share, window, np.random.default_rng(key))
 
     def epoch_plan(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
