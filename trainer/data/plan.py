@@ -126,9 +126,11 @@ def flips(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0xF11F]).random(n) < 0.5
 
 
-def rank_flips(seed: int, epoch: int, rank: int, n: int) -> np.ndarray:
-    """Flip decisions for the ``n`` images of ``rank`` in ``epoch`` (torch loader)."""
-    return np.random.default_rng([seed, epoch, rank, 0xF11F]).random(n) < 0.5
+def rank_flips(seed: int, epoch: int, rank: int, n: int, segment: int = 0) -> np.ndarray:
+    """Flip decisions for the ``n`` images of ``rank`` in ``epoch`` (torch loader); segment
+    k > 0 of an epoch (a world-size change, :class:`Segment`) draws with k in the seed."""
+    key = [seed, epoch, rank, 0xF11F] if segment == 0 else [seed, epoch, rank, segment, 0xF11F]
+    return np.random.default_rng(key).random(n) < 0.5
 
 
 def physical_order(offsets: np.ndarray) -> np.ndarray:

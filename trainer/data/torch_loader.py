@@ -139,8 +139,7 @@ class TorchFaceLoader(FaceLoaderBase):
         if self._plan_epoch != key:
             share, k = self.segment(epoch)
             pos = self.consumption_order(share, epoch, self.rank, k)
-            fl = (plan.rank_flips(self.seed, epoch, self.rank, share.size) if k == 0 else
-                  np.random.default_rng([self.seed, epoch, self.rank, k, 0xF11F]).random(share.size) < 0.5)
+            fl = plan.rank_flips(self.seed, epoch, self.rank, share.size, k)
             if not self.flip:
                 fl[:] = False
             n = share.size // self.batch_size
