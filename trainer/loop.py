@@ -130,8 +130,9 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + 1 + d.rank)
         self.head, self.head_opt, head_lr = build_head(cfg, self.num_classes, d.device)
         # data.keep_global_batch: the accumulation that keeps the checkpoint's global batch (trainer.elastic);
-        # an epoch is counted in global batches, the same at any world size
-        self.accum, global_batch = elastic.grad_accum_for(cfg, d.world_size, cands or [])
+        # an epoch is counted in global batches, the same at any world size. Rank 0's reading is
+        # used on every rank (grad_accum_for agrees on it), so only rank 0 reads a checkpoint.
+        self.accum, global_batch = elastic.grad_accum_for(cfg, d.world_size, (cands or []) if d.is_main else [])
         n = getattr(self.loader, "num_images", None)
         self.steps_per_epoch = max(1, int(n) // global_batch if n else len(self.loader) // self.accum)
         self.total_steps = (
